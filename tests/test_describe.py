@@ -1,0 +1,337 @@
+"""Describe and score, offline: scorer math, exemplar split, baseline explainer and simulator, resume,
+bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tools.describe import stage
+from tools.describe.exemplars import split_exemplars
+from tools.describe.explainers import explain_baseline, mark_spans, parse_explanation, scale
+from tools.describe.scorers import balanced_accuracy, pearson, score
+from tools.describe.simulators import parse_items, parse_values, simulate_baseline
+from tools.describe.synthetic import fires_after, fires_on, fires_randomly, write_features
+from transformer.config import UserError, compose
+
+RULES = [fires_on(" thou"), fires_randomly(), fires_after(" the"), fires_on(" king")]
+
+
+def make_sae_folder(run_dir: Path, name: str = "l1") -> None:
+    """What tools.top_activations.unit_name looks for to find the SAE's name."""
+    (run_dir / "sae" / name).mkdir(parents=True, exist_ok=True)
+    (run_dir / "sae" / name / "cfg.json").write_text("{}")
+
+
+def make_run(tmp_path: Path, rules=RULES, name: str = "l1", **kw) -> Path:
+    write_features(tmp_path, name, rules, extra={" thou": 0.04}, **kw)
+    make_sae_folder(tmp_path, name)
+    return tmp_path
+
+
+def cfg_for(run_dir: Path, *overrides: str):
+    return compose([f"run_dir={run_dir}", "describe.site=false", *overrides])
+
+
+def read_lines(run_dir: Path, name: str = "l1") -> list[dict]:
+    path = run_dir / "descriptions" / name / "descriptions.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# ---- scorer math on hand inputs -------------------------------------------------------------
+
+
+def test_pearson_hand_values():
+    assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert pearson([0, 0, 1, 1], [0, 1, 0, 1]) == pytest.approx(0.0)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=50), rng.normal(size=50)
+    assert pearson(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1])
+    assert pearson([5, 5, 5], [0, 1, 2]) == 0.0  # constant prediction: no information
+    assert pearson([0, 1, 2], [3, 3, 3]) is None  # constant truth: undefined
+    assert pearson([1], [2]) is None
+
+
+def test_balanced_accuracy_hand_values():
+    # TPR 1/1, TNR 2/3 -> (1 + 2/3) / 2
+    assert balanced_accuracy([True, True, False, False], [True, False, False, False]) == pytest.approx(5 / 6)
+    assert balanced_accuracy([True, False], [False, True]) == 0.0
+    assert balanced_accuracy([True, True], [True, True]) is None  # one class only
+
+
+def test_score_pools_tokens_and_splits_top_from_all():
+    kinds = ["top", "quantile", "random"]
+    true = [[0, 4, 0], [0, 2, 0], [0, 0, 0]]
+    preds = [[0, 10, 0], [0, 0, 0], [0, 0, 10]]
+    s = score(kinds, true, preds, threshold=1.0)
+    assert s["simulation_top"] == pytest.approx(1.0)
+    flat_p = [v for p in preds for v in p]
+    flat_t = [v for t in true for v in t]
+    assert s["simulation_all"] == pytest.approx(np.corrcoef(flat_p, flat_t)[0, 1], abs=1e-4)
+    # top predicted active (right), quantile not (wrong), random predicted active (wrong)
+    assert s["detection"] == pytest.approx(0.5 * (1 / 2 + 0 / 1))
+    # failed contexts are left out rather than scored as zeros
+    s2 = score(kinds, true, [[0, 10, 0], None, [0, 0, 0]], threshold=1.0)
+    assert s2["detection"] == 1.0 and s2["simulation_all"] == pytest.approx(1.0)
+
+
+# ---- exemplar split ---------------------------------------------------------------------------
+
+
+def _ex(ctx: int, m: float) -> dict:
+    return {"ctx": ctx, "start": 0, "pos": 0, "max": m, "tokens": [1], "strs": ["a"], "acts": [m]}
+
+
+def test_split_is_disjoint_by_context():
+    top = [_ex(c, 10 - c * 0.1) for c in range(20)]
+    quantiles = [{"lo": 0, "hi": 1, "examples": [_ex(100, 0.5), _ex(3, 0.5), _ex(101, 0.4), _ex(102, 0.3)]},
+                 {"lo": 1, "hi": 2, "examples": [_ex(200, 1.5), _ex(201, 1.4)]}]
+    random = [_ex(c, 0.0) for c in range(300, 312)] + [_ex(4, 0.0)]
+    split = split_exemplars({"top": top, "quantiles": quantiles, "random": random}, explain_top=10,
+                            score_top=5, explain_per_bin=2, score_per_bin=2, explain_random=2,
+                            score_random=20)
+    seen = {e["ctx"] for e in split.explain + split.background}
+    scored = [e["ctx"] for _, e in split.scoring()]
+    assert seen.isdisjoint(scored)
+    assert [e["ctx"] for e in split.score_top] == [1, 3, 5, 7, 9]  # held-out ranks interleave
+    assert [e["ctx"] for e in split.explain[:10]] == [0, 2, 4, 6, 8, 10, 11, 12, 13, 14]
+    # ctx 3 in a bin is seen by neither side twice; ctx 4 (explained) is dropped from the negatives
+    assert 4 not in scored and split.dropped >= 1
+    assert [e["ctx"] for e in split.score_random] == list(range(302, 312))
+    assert {e["ctx"] for e in split.score_quantile} == {3, 102, 201} - seen
+
+
+def test_stage_never_scores_what_the_explainer_saw(tmp_path, monkeypatch):
+    run_dir = make_run(tmp_path)
+    seen: dict[int, set] = {}
+    real = stage.Describer.run_simulation
+
+    def spy(self, description, split, usage, shuffle_seed):
+        explained = {e["ctx"] for e in split.explain + split.background}
+        scored = {e["ctx"] for _, e in split.scoring()}
+        assert explained.isdisjoint(scored)
+        seen.setdefault(id(split), scored)
+        return real(self, description, split, usage, shuffle_seed)
+
+    monkeypatch.setattr(stage.Describer, "run_simulation", spy)
+    stage.run(cfg_for(run_dir))
+    assert len(seen) == len(RULES)
+
+
+# ---- baseline explainer and simulator --------------------------------------------------------
+
+
+def test_planted_units_described_and_scored(tmp_path):
+    run_dir = make_run(tmp_path)
+    figures = stage.run(cfg_for(run_dir))
+    recs = {r["index"]: r for r in read_lines(run_dir)}
+    thou, rand, after_the = recs[0], recs[1], recs[2]
+    assert '" thou"' in thou["description"]
+    assert thou["tokens"][0]["str"] == " thou" and thou["tokens"][0]["kind"] == "token"
+    assert thou["scores"]["simulation_all"] > 0.9 and thou["scores"]["detection"] > 0.9
+    assert 'after " the"' in after_the["description"] and after_the["scores"]["simulation_all"] > 0.9
+    assert abs(rand["scores"]["simulation_all"]) < 0.3
+    for r in (thou, after_the):  # controls beside the real score are far lower
+        for control in ("random_description", "shuffled_tokens"):
+            assert r["controls"][control]["simulation_all"] < r["scores"]["simulation_all"] - 0.5
+    assert thou["controls"]["random_description"]["from"] != 0
+    summary = json.loads((run_dir / "descriptions/l1/summary.json").read_text())
+    assert summary["described"] == 4 and summary["complete"]
+    assert summary["scores"]["simulation_all"]["mean"] > summary["controls"]["random_description"][
+        "simulation_all"]["mean"]
+    assert figures["described"] == 4 and figures["failed"] == 0 and figures["tokens"] == 0
+    assert figures["simulation_all_mean"] == summary["scores"]["simulation_all"]["mean"]
+    for r in recs.values():
+        assert r["seed"] == 1337 and r["model"] == "baseline" and r["prompt_hash"]
+
+
+def test_lexical_simulator_reading_rules():
+    items = parse_items('Fires on " thou" (8), the token after "of" (3), "sweet love" and "x\\"y" (2.5)')
+    assert items == [("token", " thou", 8.0), ("after", "of", 3.0), ("token", "sweet love", 10.0),
+                     ("token", 'x"y', 2.5)]
+    strs = [" banana", " ana", " of", " sweet", " love", " thou", "ana"]
+    sim = simulate_baseline('"ana" (5), after " of" (3), " sweet love" (7), "thou" (9)', [strs])
+    assert sim.preds == [[0, 5, 0, 3, 7, 9, 5]]  # "ana" is a whole token, not the end of " banana"
+    na = simulate_baseline("tokens about royalty", [strs])
+    assert na.not_applicable and na.preds == [None]
+
+
+def test_baseline_explainer_reports_nothing_for_dead_input():
+    ex = {"ctx": 0, "strs": ["a", "b"], "acts": [0.0, 0.0]}
+    assert not explain_baseline([ex], []).ok
+
+
+def test_llm_prompt_helpers():
+    assert scale([0, 2, 4], 4) == [0, 5, 10]
+    assert mark_spans(["a", " b", " c", " d"], [0, 3, 10, 0]) == "a<< b c>> d"
+    assert parse_explanation("Sure.\nExplanation: the word \"thou\".\n") == 'the word "thou".'
+    assert parse_explanation("**Explanation:** archaic pronouns") == "archaic pronouns"
+    assert parse_explanation("") is None and parse_explanation("I'm sorry, I cannot help") is None
+    assert parse_explanation("[1, 2, 3]") is None
+    assert parse_values("Here: [0, 10, 3.5, 12]", 4) == [0, 10, 3.5, 10]
+    assert "expected 4" in parse_values("[1, 2]", 4)
+    assert "no JSON list" in parse_values("nothing", 2)
+
+
+# ---- resume ------------------------------------------------------------------------------------
+
+
+def test_resume_skips_done_units_and_repairs_partial_line(tmp_path, monkeypatch):
+    run_dir = make_run(tmp_path)
+    stage.run(cfg_for(run_dir, "describe.max_units=2"))
+    first = read_lines(run_dir)
+    assert [r["index"] for r in first] == [0, 1]
+    assert not stage.done(cfg_for(run_dir))
+    path = run_dir / "descriptions/l1/descriptions.jsonl"
+    with open(path, "a") as f:
+        f.write('{"index": 2, "status": "ok", "descr')  # a crash in the middle of a line
+    calls = []
+    real = stage.explain_baseline
+    monkeypatch.setattr(stage, "explain_baseline", lambda *a, **k: calls.append(1) or real(*a, **k))
+    stage.run(cfg_for(run_dir))
+    recs = read_lines(run_dir)
+    assert [r["index"] for r in recs] == [0, 1, 2, 3]
+    assert recs[:2] == first  # untouched
+    assert len(calls) == 2  # only units 2 and 3 were explained
+    assert stage.done(cfg_for(run_dir))
+    calls.clear()
+    stage.run(cfg_for(run_dir))
+    assert calls == [] and len(read_lines(run_dir)) == 4
+    # a config change is not mixed with old results: the old file is kept aside and all units redone
+    assert not stage.done(cfg_for(run_dir, "describe.fire_frac=0.5"))
+    stage.run(cfg_for(run_dir, "describe.fire_frac=0.5"))
+    assert len(calls) == 4 and len(read_lines(run_dir)) == 4
+    assert len(list((run_dir / "descriptions/l1").glob("descriptions.*.jsonl"))) == 1
+
+
+def test_neurons_folder_and_sae_name_resolution(tmp_path):
+    write_features(tmp_path, "neurons", RULES[:2], unit="neuron", extra={" thou": 0.04})
+    figures = stage.run(cfg_for(tmp_path, "features.unit=neuron"))
+    assert figures["described"] == 2
+    assert (tmp_path / "descriptions/neurons/summary.json").is_file()
+    make_sae_folder(tmp_path, "a")
+    make_sae_folder(tmp_path, "b")
+    with pytest.raises(UserError, match="several SAEs"):
+        stage.unit_name(cfg_for(tmp_path, "features.unit=sae"))
+    assert stage.unit_name(cfg_for(tmp_path, "features.unit=sae", "features.sae=b")) == "b"
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+
+def test_missing_features_is_a_clear_error(tmp_path):
+    make_sae_folder(tmp_path)
+    with pytest.raises(UserError, match=r"features not found: .*l1/features\.jsonl"):
+        stage.run(cfg_for(tmp_path))
+
+
+def test_malformed_features_name_the_line(tmp_path):
+    folder = make_run(tmp_path) / "features/l1"
+    lines = (folder / "features.jsonl").read_text().splitlines()
+    (folder / "features.jsonl").write_text(lines[0] + "\n{not json\n")
+    with pytest.raises(UserError, match=r"features\.jsonl:2: not valid JSON"):
+        stage.run(cfg_for(tmp_path))
+    bad = json.loads(lines[0])
+    bad["top"][0]["acts"] = bad["top"][0]["acts"][:-1]
+    (folder / "features.jsonl").write_text(json.dumps(bad) + "\n")
+    with pytest.raises(UserError, match=r"features\.jsonl:1 \(unit 0\): top\[0\]: `strs` and `acts`"):
+        stage.run(cfg_for(tmp_path))
+
+
+def test_too_few_exemplars_is_skipped_with_reason(tmp_path):
+    folder = make_run(tmp_path, rules=RULES[:2]) / "features/l1"
+    lines = [json.loads(x) for x in (folder / "features.jsonl").read_text().splitlines()]
+    lines[0]["top"] = lines[0]["top"][:3]
+    lines[0]["quantiles"] = []
+    lines[1].update(top=[], quantiles=[])  # a dead unit
+    (folder / "features.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    figures = stage.run(cfg_for(tmp_path))
+    recs = read_lines(tmp_path)
+    assert [r["status"] for r in recs] == ["skipped", "skipped"]
+    assert "explanation exemplars" in recs[0]["reason"] and "never fired" in recs[1]["reason"]
+    assert figures["skipped"] == 2 and figures["simulation_all_mean"] is None
+
+
+@pytest.mark.parametrize("override, match", [
+    ("describe.explainer=magic", "describe.explainer"),
+    ("+describe.explainerr=llm", "explainerr"),
+    ("describe.fire_frac=0", "describe.fire_frac"),
+    ("describe.simulator=llm", "describe.model"),
+])
+def test_bad_config_names_the_key(tmp_path, override, match):
+    make_run(tmp_path)
+    with pytest.raises(UserError, match=match):
+        stage.run(cfg_for(tmp_path, override))
+
+
+def test_openai_group_requires_model(tmp_path):
+    make_run(tmp_path)
+    with pytest.raises(UserError, match="model"):
+        stage.run(cfg_for(tmp_path, "describe=openai"))
+
+
+def test_cli_exit_code_and_message(tmp_path):
+    cmd = [sys.executable, "-m", "tools.describe", f"run_dir={tmp_path}", "features.unit=neuron"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "features not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_summary_means_are_means_of_records(tmp_path):
+    run_dir = make_run(tmp_path)
+    stage.run(cfg_for(run_dir))
+    recs = read_lines(run_dir)
+    summary = json.loads((run_dir / "descriptions/l1/summary.json").read_text())
+    vals = [r["scores"]["detection"] for r in recs]
+    assert summary["scores"]["detection"]["mean"] == pytest.approx(sum(vals) / len(vals), abs=1e-4)
+    assert not any(math.isnan(v) for v in vals)
+
+
+def test_site_is_rerendered_with_descriptions(tmp_path, monkeypatch):
+    import tools.html.site as site
+
+    run_dir = make_run(tmp_path)
+    seen = []
+
+    def fake_render(run_dir_arg, name):
+        lines = (Path(run_dir_arg) / "descriptions" / name / "descriptions.jsonl").read_text().splitlines()
+        seen.append((Path(run_dir_arg), name, len(lines)))
+        return Path(run_dir_arg) / "features" / name / "site" / "index.html"
+
+    monkeypatch.setattr(site, "render_site", fake_render)
+    figures = stage.run(cfg_for(run_dir, "describe.site=true"))
+    assert seen == [(run_dir, "l1", len(RULES))]  # called once, after every unit was written
+    assert figures["site"].endswith("index.html")
+
+    def broken(run_dir_arg, name):
+        raise UserError("templates missing")
+
+    monkeypatch.setattr(site, "render_site", broken)
+    assert stage.run(cfg_for(run_dir, "describe.site=true"))["site"] is None  # reported, not fatal
+
+
+def test_streams_features_in_chunks(tmp_path):
+    run_dir = make_run(tmp_path)
+    stage.run(cfg_for(run_dir, "describe.chunk_units=3"))
+    chunked = {r["index"]: r for r in read_lines(run_dir)}
+    stage.run(cfg_for(run_dir, "describe.overwrite=true"))
+    whole = {r["index"]: r for r in read_lines(run_dir)}
+    assert sorted(chunked) == sorted(whole) == list(range(len(RULES)))
+    assert all(chunked[i]["scores"] == whole[i]["scores"] for i in whole)
+    # the first chunk's units draw their random-description control from that chunk only
+    assert chunked[0]["controls"]["random_description"]["from"] in (1, 2)
+
+
+def test_duplicate_unit_index_is_bad_input(tmp_path):
+    folder = make_run(tmp_path, rules=RULES[:1]) / "features/l1"
+    line = (folder / "features.jsonl").read_text()
+    (folder / "features.jsonl").write_text(line + line)
+    with pytest.raises(UserError, match="more than one line"):
+        stage.run(cfg_for(tmp_path))

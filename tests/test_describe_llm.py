@@ -1,0 +1,356 @@
+"""The LLM path end to end against a fake OpenAI chat-completions server on 127.0.0.1.
+
+The server is stdlib http.server in a thread. Its "model" is a tiny lexical one (explains a unit by
+its most common marked span, simulates by quoted tokens) so good descriptions score high; faults
+(429, 5xx, timeouts, garbage bodies and answers, 401) are scripted per request.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import socket
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from tools.describe import stage
+from tools.describe.client import ServerUnreachable
+from tools.describe.synthetic import fires_after, fires_on, fires_randomly, write_features
+from transformer.config import UserError, compose
+
+SECRET = "sk-test-SECRET-4f9a1c77"
+KEY_ENV = "MONOSEMANTIC_TEST_LLM_KEY"
+
+
+class FakeLLM:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.bodies: list[dict] = []
+        self.auth: list[str | None] = []
+        self.inflight = 0
+        self.max_inflight = 0
+        self.faults: list[str] = []  # consumed one per request: 429, 500, timeout, garbage_body
+        self.delay = 0.0
+        self.logprobs = True  # False: ignore the logprobs request; "reject": answer 400
+        self.explain_text: str | None = None
+        self.simulate_text: str | None = None
+        self.require_key = False
+        self.sleep_for_timeout = 1.0
+
+    # -- the "model" --
+    def explain(self, body: dict) -> str:
+        spans = re.findall(r"<<(.*?)>>", body["messages"][1]["content"])
+        word = Counter(spans).most_common(1)[0][0] if spans else "?"
+        return self.explain_text if self.explain_text is not None else \
+            f'Explanation: the token {json.dumps(word)}.'
+
+    def simulate(self, body: dict) -> list[int]:
+        user = body["messages"][1]["content"]
+        desc = re.search(r"Description of the unit: (.*)", user).group(1)
+        quoted = {json.loads(q).strip() for q in re.findall(r'"(?:[^"\\]|\\.)*"', desc)}
+        toks = [json.loads(t) for t in re.findall(r"^\d+\t(\".*\")$", user, flags=re.M)]
+        return [10 if t.strip() in quoted else 0 for t in toks]
+
+    def completion(self, body: dict) -> dict:
+        system = body["messages"][0]["content"]
+        logprobs = None
+        if system.startswith("You are studying"):
+            text = self.explain(body)
+        elif self.simulate_text is not None:
+            text = self.simulate_text
+        else:
+            values = self.simulate(body)
+            text = "[" + ", ".join(map(str, values)) + "]"
+            if body.get("logprobs") and self.logprobs is True:
+                content = [{"token": "[", "logprob": 0.0, "top_logprobs": []}]
+                for i, v in enumerate(values):
+                    other = 0 if v == 10 else 1
+                    content.append({"token": str(v), "logprob": math.log(0.9), "top_logprobs": [
+                        {"token": str(v), "logprob": math.log(0.9)},
+                        {"token": str(other), "logprob": math.log(0.1)}]})
+                    content.append({"token": ", " if i < len(values) - 1 else "]", "logprob": 0.0,
+                                    "top_logprobs": []})
+                logprobs = {"content": content}
+        return {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                "choices": [{"index": 0, "finish_reason": "stop", "logprobs": logprobs,
+                             "message": {"role": "assistant", "content": text}}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
+
+
+def _handler(fake: FakeLLM):
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):  # keep test output quiet
+            pass
+
+        def send(self, status: int, payload: bytes, headers: dict | None = None):
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(payload)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up (timeout test)
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            with fake.lock:
+                fake.bodies.append(body)
+                fake.auth.append(self.headers.get("Authorization"))
+                fault = fake.faults.pop(0) if fake.faults else None
+                fake.inflight += 1
+                fake.max_inflight = max(fake.max_inflight, fake.inflight)
+            try:
+                time.sleep(fake.delay)
+                if fake.require_key and self.headers.get("Authorization") != f"Bearer {SECRET}":
+                    return self.send(401, b'{"error": {"message": "invalid api key"}}')
+                if fault == "429":
+                    return self.send(429, b'{"error": {"message": "slow down"}}', {"Retry-After": "0"})
+                if fault == "500":
+                    return self.send(500, b'{"error": {"message": "boom"}}')
+                if fault == "timeout":
+                    time.sleep(fake.sleep_for_timeout)
+                if fault == "garbage_body":
+                    return self.send(200, b"<html>not json</html>")
+                if body.get("logprobs") and fake.logprobs == "reject":
+                    return self.send(400, b'{"error": {"message": "logprobs is not supported"}}')
+                self.send(200, json.dumps(fake.completion(body)).encode())
+            finally:
+                with fake.lock:
+                    fake.inflight -= 1
+
+    return Handler
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    llm = FakeLLM()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(llm))
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    llm.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    yield llm
+    server.shutdown()
+    server.server_close()
+
+
+RULES = [fires_on(" thou"), fires_randomly(), fires_after(" the")]
+
+
+def llm_cfg(run_dir: Path, url: str, *extra: str):
+    (run_dir / "sae" / "l1").mkdir(parents=True, exist_ok=True)  # how the SAE's name is found
+    (run_dir / "sae" / "l1" / "cfg.json").write_text("{}")
+    return compose([
+        f"run_dir={run_dir}", "describe=openai", "describe.site=false", f"describe.base_url={url}",
+        "describe.model=fake-1", f"describe.api_key_env={KEY_ENV}", "describe.backoff=0.01",
+        "describe.timeout=5", "describe.score_top=3", "describe.score_random=4", "describe.score_per_bin=1",
+        *extra])
+
+
+def records(run_dir: Path) -> dict[int, dict]:
+    path = run_dir / "descriptions/l1/descriptions.jsonl"
+    return {r["index"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def assert_secret_not_written(run_dir: Path):
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), f"API key written to {path}"
+
+
+def test_llm_end_to_end_logprobs_cache_and_key(tmp_path, fake, capsys):
+    write_features(tmp_path, "l1", RULES, extra={" thou": 0.04})
+    figures = stage.run(llm_cfg(tmp_path, fake.url))
+    recs = records(tmp_path)
+    assert [r["status"] for r in recs.values()] == ["ok"] * 3
+    thou = recs[0]
+    assert thou["description"] == 'the token " thou".' and thou["explainer"] == "llm"
+    assert thou["simulator_mode"] == "logprobs" and thou["model"] == "fake-1"
+    assert thou["scores"]["simulation_all"] > 0.9 and thou["scores"]["detection"] == 1.0
+    assert thou["controls"]["shuffled_tokens"]["simulation_all"] < 0.5
+    n_requests = len(fake.bodies)
+    assert figures["llm_calls"] == n_requests and figures["tokens"] == 15 * n_requests
+    assert all(body.get("top_logprobs") == 5 for body in fake.bodies if "logprobs" in body)
+    assert all(a == f"Bearer {SECRET}" for a in fake.auth)  # the key was used ...
+    summary = json.loads((tmp_path / "descriptions/l1/summary.json").read_text())
+    assert summary["usage"]["prompt_tokens"] == 10 * n_requests
+    assert summary["simulator_modes"] == {"logprobs": 3}
+    cache = list((tmp_path / "descriptions/l1/cache").rglob("*.json"))
+    assert len(cache) == n_requests
+    # a rerun from scratch costs nothing: every answer comes from the disk cache
+    figures2 = stage.run(llm_cfg(tmp_path, fake.url, "describe.overwrite=true"))
+    assert len(fake.bodies) == n_requests and figures2["llm_calls"] == 0
+    assert {i: r["scores"] for i, r in records(tmp_path).items()} == {i: r["scores"] for i, r in recs.items()}
+    # identical requests (same description, same context) are answered once, also across units
+    usage2 = json.loads((tmp_path / "descriptions/l1/summary.json").read_text())["usage"]
+    assert usage2["cached"] == summary["usage"]["calls"] + summary["usage"]["cached"] and usage2["calls"] == 0
+    out = capsys.readouterr()
+    assert SECRET not in out.out + out.err  # ... and never printed or written
+    assert_secret_not_written(tmp_path)
+
+
+def test_retries_on_429_500_timeout_and_garbage_body(tmp_path, fake):
+    write_features(tmp_path, "l1", RULES[:1], extra={" thou": 0.04})
+    fake.faults = ["429", "500", "timeout", "garbage_body", "429"]
+    fake.sleep_for_timeout = 1.5
+    figures = stage.run(llm_cfg(tmp_path, fake.url, "describe.timeout=0.5", "describe.max_retries=5",
+                                "describe.concurrency=1", "describe.controls=false"))
+    rec = records(tmp_path)[0]
+    assert rec["status"] == "ok" and rec["scores"]["simulation_all"] > 0.9
+    assert rec["usage"]["retries"] == 5
+    assert figures["llm_calls"] == len(fake.bodies) - 5
+
+
+def test_malformed_answers_are_failures_with_raw_text(tmp_path, fake):
+    write_features(tmp_path, "l1", RULES[:2], extra={" thou": 0.04})
+    fake.simulate_text = "I think the unit likes old English."
+    figures = stage.run(llm_cfg(tmp_path, fake.url, "describe.controls=false"))
+    recs = records(tmp_path)
+    assert {r["status"] for r in recs.values()} == {"failed"}
+    assert "no JSON list" in recs[0]["reason"] and recs[0]["raw"] == fake.simulate_text
+    assert recs[0]["scores"] is None and figures["failed"] == 2 and figures["simulation_all_mean"] is None
+    # unusable answers are not cached: once the server behaves, retry_failed redoes just those units
+    fake.simulate_text = None
+    n = len(fake.bodies)
+    figures = stage.run(llm_cfg(tmp_path, fake.url, "describe.controls=false", "describe.retry_failed=true"))
+    assert figures["described"] == 2 and len(fake.bodies) > n
+    assert records(tmp_path)[0]["scores"]["simulation_all"] > 0.9
+    assert len((tmp_path / "descriptions/l1/descriptions.jsonl").read_text().splitlines()) == 2
+    # an explainer answer with no sentence is a failure too, recorded before any simulation
+    fake.explain_text = "Explanation:   "
+    stage.run(llm_cfg(tmp_path, fake.url, "describe.overwrite=true", "describe.controls=false",
+                      "describe.temperature=0.5"))
+    rec = records(tmp_path)[0]
+    assert rec["status"] == "failed" and "no usable sentence" in rec["reason"]
+    assert rec["raw"] == "Explanation:   "
+
+
+def test_garbage_body_after_all_retries_is_a_unit_failure(tmp_path, fake):
+    write_features(tmp_path, "l1", RULES[:1], extra={" thou": 0.04})
+    fake.faults = ["garbage_body"] * 3
+    stage.run(llm_cfg(tmp_path, fake.url, "describe.max_retries=2", "describe.controls=false"))
+    rec = records(tmp_path)[0]
+    assert rec["status"] == "failed" and "not a chat completion" in rec["reason"]
+    assert rec["raw"] == "<html>not json</html>"
+
+
+def test_lexical_simulator_cannot_read_prose_counts_as_failure(tmp_path, fake):
+    write_features(tmp_path, "l1", RULES[:1], extra={" thou": 0.04})
+    fake.explain_text = "Explanation: archaic second-person pronouns."
+    figures = stage.run(llm_cfg(tmp_path, fake.url, "describe.simulator=baseline"))
+    rec = records(tmp_path)[0]
+    assert rec["status"] == "failed" and "no quoted token" in rec["reason"]
+    assert figures["failed"] == 1 and figures["simulation_all_mean"] is None
+
+
+@pytest.mark.parametrize("mode", [False, "reject"])
+def test_json_fallback_without_logprobs(tmp_path, fake, mode):
+    write_features(tmp_path, "l1", RULES[:1], extra={" thou": 0.04})
+    fake.logprobs = mode
+    stage.run(llm_cfg(tmp_path, fake.url, "describe.controls=false"))
+    rec = records(tmp_path)[0]
+    assert rec["status"] == "ok" and rec["simulator_mode"] == "json"
+    assert rec["scores"]["simulation_all"] > 0.9
+
+
+def test_bounded_concurrency(tmp_path, fake):
+    write_features(tmp_path, "l1", RULES + [fires_on(" king"), fires_on(" lord")], extra={" thou": 0.04})
+    fake.delay = 0.05
+    stage.run(llm_cfg(tmp_path, fake.url, "describe.concurrency=3", "describe.controls=false",
+                      "describe.score_random=1", "describe.score_top=2", "describe.score_per_bin=0"))
+    assert 2 <= fake.max_inflight <= 3
+    assert len(records(tmp_path)) == 5
+
+
+def _dead_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_server_keeps_done_units(tmp_path, fake):
+    write_features(tmp_path, "l1", RULES, extra={" thou": 0.04})
+    stage.run(llm_cfg(tmp_path, fake.url, "describe.max_units=1", "describe.controls=false"))
+    done = records(tmp_path)
+    dead = f"http://127.0.0.1:{_dead_port()}/v1"
+    with pytest.raises(ServerUnreachable, match=r"after 2 attempts.*1 finished units are kept"):
+        stage.run(llm_cfg(tmp_path, dead, "describe.max_retries=1", "describe.controls=false"))
+    assert records(tmp_path) == done
+    summary = json.loads((tmp_path / "descriptions/l1/summary.json").read_text())
+    assert summary["complete"] is False and summary["pending"] == 2
+    # the server is back: the rerun finishes only the missing units
+    n = len(fake.bodies)
+    stage.run(llm_cfg(tmp_path, fake.url, "describe.controls=false"))
+    assert len(records(tmp_path)) == 3 and records(tmp_path)[0] == done[0] and len(fake.bodies) > n
+
+
+def test_api_key_missing_or_rejected(tmp_path, fake, monkeypatch):
+    write_features(tmp_path, "l1", RULES[:1], extra={" thou": 0.04})
+    monkeypatch.delenv(KEY_ENV)
+    # OpenAI itself always needs a key: refused before any request is made
+    with pytest.raises(UserError, match=KEY_ENV):
+        stage.run(llm_cfg(tmp_path, "null"))
+    fake.require_key = True
+    with pytest.raises(UserError, match=rf"HTTP 401.*set the environment variable \${KEY_ENV}"):
+        stage.run(llm_cfg(tmp_path, fake.url))
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    stage.run(llm_cfg(tmp_path, fake.url, "describe.controls=false"))
+    assert records(tmp_path)[0]["status"] == "ok"
+    assert_secret_not_written(tmp_path)
+
+
+def test_cli_run_writes_no_key_anywhere(tmp_path, fake):
+    """The command line adds Hydra's logs under run_dir; the key must not reach those either."""
+    import os
+    import subprocess
+    import sys
+
+    write_features(tmp_path, "l1", RULES[:1], extra={" thou": 0.04})
+    llm_cfg(tmp_path, fake.url)  # creates the SAE folder the name is resolved from
+    cmd = [sys.executable, "-m", "tools.describe", f"run_dir={tmp_path}", "describe=openai",
+           f"describe.base_url={fake.url}", "describe.model=fake-1", f"describe.api_key_env={KEY_ENV}",
+           "describe.site=false", "describe.controls=false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "describe: 1 described" in proc.stdout
+    assert SECRET not in proc.stdout + proc.stderr
+    assert any((tmp_path / "logs").rglob("config.yaml"))
+    assert_secret_not_written(tmp_path)
+    assert all(a == f"Bearer {SECRET}" for a in fake.auth)
+
+
+def test_candidates_are_chosen_on_explanation_exemplars(tmp_path, fake, monkeypatch):
+    write_features(tmp_path, "l1", RULES[:1], extra={" thou": 0.04})
+    answers = {0: 'Explanation: the token " king".', 1: 'Explanation: the token " thou".'}
+    real = fake.explain
+    monkeypatch.setattr(fake, "explain", lambda body: answers.get(body.get("seed") - 1337) or real(body))
+    held_out: list[set] = []
+    real_sim = stage.Describer.simulate
+
+    def spy(self, description, contexts, usage):
+        held_out.append({tuple(c) for c in contexts})
+        return real_sim(self, description, contexts, usage)
+
+    monkeypatch.setattr(stage.Describer, "simulate", spy)
+    stage.run(llm_cfg(tmp_path, fake.url, "describe.candidates=2", "describe.controls=false"))
+    rec = records(tmp_path)[0]
+    assert rec["description"] == 'the token " thou".'
+    assert [c["description"] for c in rec["candidates"]] == ['the token " king".', 'the token " thou".']
+    assert rec["candidates"][1]["selection_score"] > rec["candidates"][0]["selection_score"]
+    assert {b.get("seed") for b in fake.bodies if b["messages"][0]["content"].startswith("You are")} == \
+        {1337, 1338}
+    # selection simulated the explanation exemplars only; the final scoring ran on other contexts
+    selection, final = held_out[0] | held_out[1], held_out[2]
+    assert selection.isdisjoint(final)

@@ -1,0 +1,250 @@
+"""The feature site in a real browser (Debian chromium via playwright), opened from file://.
+
+Checks: no console or page errors, no request leaves file:, sorting / filtering / search change the
+rows, arrow keys navigate, keyboard-only token inspection, planted hostile corpus text shows as
+text and runs nothing, a multi-byte character split over tokens renders whole. Screenshots of each
+page go to the test's tmp dir.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from tools.html.site import embed_json, render_site
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run", "--disable-sync"]
+HOSTILE_DESC = '<img src=x onerror="window.__pwned=9"> fires on </script> & "quotes" \u202eevil'
+SHOWN_DESC = HOSTILE_DESC.replace("\u202e", "<U+202E>")  # the bidi override is shown, not obeyed
+
+
+def test_embed_json_escapes_markup():
+    s = embed_json({"a": "</script><!-- & \u2028"})
+    assert "<" not in s and ">" not in s and "&" not in s and "\u2028" not in s
+    assert json.loads(s) == {"a": "</script><!-- & \u2028"}
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    from test_top_activations import make_run, overrides
+
+    from tools import top_activations as ta
+    from transformer.config import compose
+
+    root = tmp_path_factory.mktemp("site")
+    run_dir, data_dir = make_run(root)
+    ta.run(compose(overrides(run_dir, data_dir)))
+    # descriptions as the describe stage writes them (one hostile), then the re-render it does
+    desc_dir = run_dir / "descriptions" / "tiny_sae"
+    desc_dir.mkdir(parents=True)
+    lines = [{"index": i, "status": "ok", "description": f"token pattern {i}", "explainer": "baseline",
+              "scores": {"simulation_all": round(0.9 - i / 100, 3), "detection": 0.5}} for i in range(10)]
+    lines[3]["description"] = HOSTILE_DESC
+    lines.append({"index": 12, "status": "failed", "description": None, "reason": "bad json", "scores": {}})
+    (desc_dir / "descriptions.jsonl").write_text(
+        "".join(json.dumps(x) + "\n" for x in lines) + '{"index": 13, "trunc', encoding="utf-8")
+    index = render_site(run_dir, "tiny_sae")
+    feats = run_dir / "features" / "tiny_sae" / "features.jsonl"
+    recs = [json.loads(x) for x in feats.open(encoding="utf-8")]
+    return index, recs
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.skip("needs Debian chromium at /usr/bin/chromium")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        yield b
+        b.close()
+
+
+class Watch:
+    """A page with every console message, page error and request recorded."""
+
+    def __init__(self, browser):
+        self.page = browser.new_page(viewport={"width": 1280, "height": 900})
+        self.console: list[str] = []
+        self.errors: list[str] = []
+        self.requests: list[str] = []
+        self.page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"))
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("request", lambda r: self.requests.append(r.url))
+
+    def clean(self) -> None:
+        assert not self.errors, self.errors
+        assert not [c for c in self.console if c.startswith(("error", "warning"))], self.console
+        assert all(u.startswith("file:") for u in self.requests), self.requests
+        assert self.page.evaluate("typeof window.__pwned") == "undefined"
+
+
+def _rows(page) -> list[str]:
+    return page.eval_on_selector_all("#rows tr td:first-child", "els => els.map(e => e.textContent)")
+
+
+def test_index_sort_filter_search(site, browser, tmp_path):
+    index, recs = site
+    w = Watch(browser)
+    page = w.page
+    page.goto(index.as_uri())
+    page.screenshot(path=str(tmp_path / "index.png"), full_page=True)
+    assert _rows(page)[:3] == ["0", "1", "2"] and len(_rows(page)) == 64
+    assert "64 features (62 alive, 2 dead)" in page.text_content("#summary")
+    assert page.locator("svg.hist rect").count() > 0  # the density histogram
+    assert "explained_variance" in page.text_content("#metrics")
+    # sort by density: descending first, then ascending on a second click
+    by_density = sorted(recs, key=lambda r: (-r["density"], r["index"]))
+    page.click("th button[data-sort='1']")
+    assert _rows(page)[0] == str(by_density[0]["index"])
+    page.click("th button[data-sort='1']")
+    assert _rows(page)[0] in {"62", "63"}  # the dead ones
+    # sort by score: described units first, best first
+    page.click("th button[data-sort='6']")
+    assert _rows(page)[:2] == ["0", "1"]
+    # class filter and density range
+    page.select_option("#klass", "dead")
+    assert sorted(_rows(page)) == ["62", "63"]
+    page.select_option("#klass", "all")
+    page.fill("#dmin", "0")  # log10 density >= 0: nothing
+    assert _rows(page) == [] and "no unit matches" in page.text_content("#status")
+    page.fill("#dmin", "")
+    # search over descriptions and top tokens
+    page.fill("#search", "token pattern 7")
+    assert _rows(page) == ["7"]
+    page.fill("#search", "onerror")  # the hostile description is searchable text
+    assert _rows(page) == ["3"]
+    cell = page.text_content("#rows tr td.descr")
+    assert cell == SHOWN_DESC
+    assert page.locator("img").count() == 0
+    page.fill("#search", "")
+    page.select_option("#pagesize", "50")
+    assert len(_rows(page)) == 50
+    page.click("#nextpage")
+    assert len(_rows(page)) == 14
+    page.screenshot(path=str(tmp_path / "index_page2.png"))
+    w.clean()
+
+
+def _hostile_unit(recs) -> int:
+    for r in recs:
+        if any("</script>" in "".join(e["strs"]) for e in r["top"]) and r["index"] + 1 < 62:
+            return r["index"]
+    raise AssertionError("no feature shows the planted context among its top examples")
+
+
+def test_feature_page_hostile_text_is_inert(site, browser, tmp_path):
+    index, recs = site
+    u = _hostile_unit(recs)
+    w = Watch(browser)
+    page = w.page
+    page.goto((index.parent / "feature" / f"{u}.html").as_uri())
+    page.screenshot(path=str(tmp_path / f"feature_{u}.png"), full_page=True)
+    body = page.text_content("#top")
+    assert '</script><script>window.__pwned=1</script>' in body
+    assert '<img src=x onerror="window.__pwned=2">' in body
+    assert '"><svg onload="window.__pwned=3">' in body
+    assert "<U+200B>" in body and "<U+202E>" in body  # zero-width and RTL override made visible
+    assert "x" * 100 in body  # the very long line is there
+    assert "↵→tab" in body  # newline and tab visible
+    assert page.locator("img").count() == 0 and page.locator("#top svg").count() == 0
+    assert page.locator("script").count() == 2  # the JSON data and site.js, nothing injected
+    # the split multi-byte characters render whole, each on the token completing it
+    toks = page.eval_on_selector_all("#top .ex:first-child .tok", "els => els.map(e => e.textContent)")
+    assert {"日", "本", "語", "🎉"} <= set(toks)
+    assert "日本語" in body and "�" not in "".join(toks[toks.index("日") - 1: toks.index("🎉") + 1])
+    # special token marked
+    assert page.locator("#top .tok.special").first.text_content() == "<|endoftext|>"
+    size = (index.parent / "feature" / f"{u}.html").stat().st_size
+    assert size < 200_000, size
+    w.clean()
+
+
+def test_feature_page_keyboard_and_description(site, browser, tmp_path):
+    index, recs = site
+    w = Watch(browser)
+    page = w.page
+    page.goto((index.parent / "feature" / "3.html").as_uri())
+    page.screenshot(path=str(tmp_path / "feature_3.png"))
+    assert page.text_content("#desc .description") == SHOWN_DESC
+    assert "simulation_all 0.87" in page.text_content("#desc .scores")
+    assert page.locator("img").count() == 0
+    assert page.locator("svg.hist rect").count() == len(recs[3]["hist"]["counts"])
+    assert page.locator("#logits-pos tr").count() == 10
+    n_quant = sum(len(q["examples"]) for q in recs[3]["quantiles"])
+    assert page.locator("#quantiles .ex").count() == n_quant
+    assert page.locator("#top .ex").count() == len(recs[3]["top"])
+    # keyboard only: Tab reaches an example; arrows then move between its tokens
+    for _ in range(20):
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.classList.contains('ex')"):
+            break
+    else:
+        raise AssertionError("Tab never reached an example")
+    first = page.text_content("#detail")
+    assert re.search(r"id \d+ · bytes [0-9a-f ]+|special · activation", first), first
+    page.keyboard.press("ArrowRight")
+    second = page.text_content("#detail")
+    assert second != first and "activation" in second
+    assert page.url.endswith("/3.html")  # arrows inside an example do not leave the page
+    page.keyboard.press("Escape")
+    page.evaluate("document.activeElement.blur()")
+    page.keyboard.press("ArrowRight")
+    page.wait_for_url(re.compile(r"/4\.html$"))
+    page.keyboard.press("ArrowLeft")
+    page.wait_for_url(re.compile(r"/3\.html$"))
+    page.keyboard.press("ArrowLeft")
+    page.wait_for_url(re.compile(r"/2\.html$"))
+    w.clean()
+    # the failed description shows its status, a dead unit says it never fired
+    page.goto((index.parent / "feature" / "12.html").as_uri())
+    assert "failed" in page.text_content("#desc")
+    page.goto((index.parent / "feature" / "63.html").as_uri())
+    page.screenshot(path=str(tmp_path / "feature_dead.png"))
+    assert "never fired" in page.text_content("#top")
+    assert page.get_attribute("#next", "aria-disabled") == "true"
+    page.keyboard.press("ArrowRight")  # nothing after the last unit
+    assert page.url.endswith("/63.html")
+    w.clean()
+
+
+def test_index_with_16k_features_stays_responsive(browser, tmp_path):
+    """16,384 units: the index embeds them all but draws one page of rows at a time."""
+    import time
+
+    from transformer.files import write_json
+
+    n = 16384
+    feat_dir = tmp_path / "run" / "features" / "big"
+    feat_dir.mkdir(parents=True)
+    with open(feat_dir / "features.jsonl", "w", encoding="utf-8") as fh:
+        for i in range(n):
+            d = 0.0 if i % 7 == 0 else 10 ** (-1 - (i % 50) / 10)
+            rec = {"index": i, "density": d, "max_act": (i % 97) / 10, "mean_act": 0.1,
+                   "hist": {"edges": [], "counts": []},
+                   "logits": {"pos": [{"id": 262, "str": " the", "value": 0.5}], "neg": []},
+                   "top": [], "quantiles": [], "random": []}
+            fh.write(json.dumps(rec) + "\n")
+    write_json(feat_dir / "meta.json", {"format": "monosemantic.features/1", "unit": "sae", "name": "big",
+                                        "n_units": n, "tokens_scanned": 1000, "alive": n - n // 7 - 1,
+                                        "dead": n // 7 + 1, "config": {"pages": [0]},
+                                        "density_log10_histogram": {"edges": [-3, -2, -1], "counts": [5, 9]}})
+    index = render_site(tmp_path / "run", "big")
+    assert index.stat().st_size < 4_000_000
+    w = Watch(browser)
+    page = w.page
+    t0 = time.perf_counter()
+    page.goto(index.as_uri())
+    assert len(_rows(page)) == 100
+    page.click("th button[data-sort='2']")
+    assert _rows(page)[0] == "96"  # the largest max act (9.6) with the lowest index
+    page.select_option("#klass", "dead")
+    assert "of 2341 matching" in page.text_content("#status")
+    assert time.perf_counter() - t0 < 10
+    page.screenshot(path=str(tmp_path / "index_16k.png"))
+    w.clean()

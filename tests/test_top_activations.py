@@ -1,0 +1,322 @@
+"""The top-activation pass against brute force on a tiny random GPT + SAE, and its bad-input errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from autoencoder.sae import SAEModelConfig, build_sae, load_sae, save_sae
+from tools import top_activations as ta
+from transformer.config import UserError, compose
+from transformer.model import GPT, GPTConfig, load_model, save_model
+from transformer.tokenizer import get_encoding
+
+T = 64
+HOSTILE = (
+    '</script><script>window.__pwned=1</script> <img src=x onerror="window.__pwned=2"> '
+    '"><svg onload="window.__pwned=3"> 日本語 🎉 zero\u200bwidth \u202eRTL override\u202c '
+    + "x" * 400 + "\n\ttab & <b>bold</b>"
+)
+DEAD = (-2, -1)  # SAE features made dead in the fixture (the last two)
+
+
+def make_run(root: Path, n_features: int = 64, seed: int = 0) -> tuple[Path, Path]:
+    """A tiny random GPT, a val.bin of random tokens with the hostile text planted, a random SAE."""
+    torch.manual_seed(seed)
+    run_dir, data_dir = root / "run", root / "data"
+    model = GPT(GPTConfig(block_size=T, n_embd=32, n_head=2, vocab_size=50304))
+    save_model(model, run_dir / "transformer")
+    enc = get_encoding()
+    planted = enc.encode(HOSTILE) + [50256]
+    rng = np.random.default_rng(seed)
+    noise = lambda n: rng.integers(0, 50257, n)  # noqa: E731
+    toks = np.concatenate([noise(T * 30), np.tile(planted, 4), noise(T * 20)])
+    (data_dir / "tiny").mkdir(parents=True, exist_ok=True)
+    toks.astype(np.uint16).tofile(data_dir / "tiny" / "val.bin")
+    sae = build_sae(SAEModelConfig(architecture="standard", d_in=model.config.d_mlp, d_sae=n_features))
+    with torch.no_grad():
+        sae.b_enc.fill_(-0.05)
+        sae.b_enc[list(DEAD)] = -100.0
+    save_sae(sae, run_dir / "sae" / "tiny_sae", extra={"metrics": {"l0": 3.5, "explained_variance": 0.5}})
+    return run_dir, data_dir
+
+
+def overrides(run_dir: Path, data_dir: Path, *extra: str) -> list[str]:
+    return [f"run_dir={run_dir}", f"data_dir={data_dir}", "data.name=tiny", "device=cpu",
+            "features.batch_tokens=640", "wandb.mode=disabled", *extra]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, Path]:
+    return make_run(tmp_path_factory.mktemp("ta"))
+
+
+@pytest.fixture(scope="module")
+def sae_run(tiny):
+    run_dir, data_dir = tiny
+    cfg = compose(overrides(run_dir, data_dir))
+    result = ta.run(cfg)
+    return cfg, result
+
+
+def _records(run_dir: Path, name: str) -> list[dict]:
+    lines = (run_dir / "features" / name / "features.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def _all_acts(run_dir: Path, data_dir: Path, unit: str) -> tuple[torch.Tensor, np.ndarray]:
+    model = load_model(run_dir / "transformer")
+    toks = np.fromfile(data_dir / "tiny" / "val.bin", dtype=np.uint16).astype(np.int64)
+    n = len(toks) // T
+    x = model.mlp_acts(torch.from_numpy(toks[: n * T]).view(n, T), 0)
+    if unit == "neuron":
+        return x, toks
+    with torch.no_grad():
+        return load_sae(run_dir / "sae" / "tiny_sae").encode(x), toks
+
+
+def _check_against_brute_force(recs: list[dict], f: torch.Tensor, toks: np.ndarray, n_random: int) -> None:
+    n_ctx = f.shape[0]
+    shown = possible = 0
+    for r in recs:
+        u = r["index"]
+        fu = f[..., u].double()
+        firing = fu > 0
+        assert r["density"] == pytest.approx(firing.double().mean().item(), abs=1e-12)
+        assert r["max_act"] == pytest.approx(max(fu.max().item(), 0.0), abs=1e-5)
+        if firing.any():
+            assert r["mean_act"] == pytest.approx(fu[firing].mean().item(), rel=1e-4)
+        assert sum(r["hist"]["counts"]) == int(firing.sum())
+        # top-k: the k contexts with the largest max activation (as a multiset of values)
+        cmax = fu.max(1).values
+        want = sorted(cmax[cmax > 0].tolist(), reverse=True)[:20]
+        got = sorted((cmax[e["ctx"]].item() for e in r["top"]), reverse=True)
+        assert got == pytest.approx(want, abs=1e-5)
+        assert len({e["ctx"] for e in r["top"]}) == len(r["top"])  # distinct contexts
+        for e in r["top"]:
+            assert e["acts"][e["pos"]] == pytest.approx(cmax[e["ctx"]].item(), abs=1e-4)
+        examples = r["top"] + [e for q in r["quantiles"] for e in q["examples"]] + r["random"]
+        for e in examples:
+            c, s, n = e["ctx"], e["start"], len(e["tokens"])
+            assert n == len(e["strs"]) == len(e["acts"]) == min(2 * 32 + 1, T)
+            assert 0 <= s and s + n <= T
+            assert e["tokens"] == toks[c * T + s: c * T + s + n].tolist()
+            assert np.allclose(e["acts"], fu[c, s:s + n].numpy(), atol=2e-4)
+            assert e["max"] == pytest.approx(max(e["acts"]), abs=1e-4)
+        for e in r["random"]:
+            assert cmax[e["ctx"]] <= 0  # negatives: the unit is silent in the whole context
+        n_silent = int((cmax <= 0).sum())
+        assert len(r["random"]) == min(n_random, n_silent)
+        assert len({e["ctx"] for e in r["random"]}) == len(r["random"])
+        # quantile bins: equal width over (0, max], each example's token inside its bin
+        if r["max_act"] > 0:
+            qs = r["quantiles"]
+            assert len(qs) == 10
+            assert qs[0]["lo"] == 0 and qs[-1]["hi"] == pytest.approx(r["max_act"], rel=1e-5)
+            for q in qs:
+                inbin = ((fu > q["lo"]) & (fu <= q["hi"] + 1e-6)).sum().item()
+                # a histogram bin straddling a bin edge may hold only samples from its other side
+                assert len(q["examples"]) <= min(5, inbin)
+                shown, possible = shown + len(q["examples"]), possible + min(5, inbin)
+                for e in q["examples"]:
+                    assert q["lo"] - 1e-4 < e["acts"][e["pos"]] <= q["hi"] + 1e-4
+        else:
+            assert r["top"] == [] and r["quantiles"] == [] and r["hist"]["counts"] == []
+    assert len(recs) == f.shape[-1] and [r["index"] for r in recs] == list(range(f.shape[-1]))
+    assert n_ctx > 0 and shown >= 0.9 * possible, (shown, possible)
+
+
+def test_sae_features_match_brute_force(tiny, sae_run):
+    run_dir, data_dir = tiny
+    cfg, result = sae_run
+    assert result["name"] == "tiny_sae" and result["units"] == 64
+    assert result["alive"] == 64 - len(DEAD)
+    assert Path(result["site"]).is_file()
+    f, toks = _all_acts(run_dir, data_dir, "sae")
+    recs = _records(run_dir, "tiny_sae")
+    _check_against_brute_force(recs, f, toks, n_random=20)
+    for u in (62, 63):
+        assert recs[u]["density"] == 0 and recs[u]["top"] == [] and len(recs[u]["random"]) == 20
+    meta = json.loads((run_dir / "features" / "tiny_sae" / "meta.json").read_text())
+    assert meta["unit"] == "sae" and meta["n_units"] == 64 and meta["tokens_scanned"] == f.shape[0] * T
+    assert meta["sae_metrics"] == {"l0": 3.5, "explained_variance": 0.5}
+    assert meta["bins"]["kind"] == "equal-width"
+    assert sum(meta["density_log10_histogram"]["counts"]) == 64 - len(DEAD)
+
+
+def test_contract_fields(tiny, sae_run):
+    """The keys docs/formats.md pins (the describe stage reads them)."""
+    rec = _records(tiny[0], "tiny_sae")[0]
+    assert set(rec) >= {"index", "density", "max_act", "mean_act", "hist", "logits", "top", "quantiles",
+                        "random"}
+    assert set(rec["hist"]) == {"edges", "counts"}
+    assert len(rec["hist"]["edges"]) == len(rec["hist"]["counts"]) + 1
+    assert {"id", "str", "value"} == set(rec["logits"]["pos"][0]) == set(rec["logits"]["neg"][0])
+    assert len(rec["logits"]["pos"]) == len(rec["logits"]["neg"]) == 10
+    assert set(rec["quantiles"][0]) >= {"lo", "hi", "examples"}
+    assert set(rec["top"][0]) == {"ctx", "start", "pos", "max", "tokens", "strs", "acts"}
+
+
+def test_logit_effects_match_brute_force(tiny, sae_run):
+    run_dir, _ = tiny
+    model = load_model(run_dir / "transformer")
+    sae = load_sae(run_dir / "sae" / "tiny_sae")
+    with torch.no_grad():
+        full = (sae.W_dec @ model.transformer.h[0].mlp.c_proj.weight.t()) * model.transformer.ln_f.weight
+        full = full @ model.lm_head.weight[:50257].t()
+    for rec in _records(run_dir, "tiny_sae")[:8]:
+        row = full[rec["index"]]
+        top = row.topk(10)
+        bottom = row.topk(10, largest=False)
+        assert [e["id"] for e in rec["logits"]["pos"]] == top.indices.tolist()
+        assert [e["id"] for e in rec["logits"]["neg"]] == bottom.indices.tolist()
+        assert [e["value"] for e in rec["logits"]["pos"]] == pytest.approx(top.values.tolist(), abs=1e-5)
+
+
+def test_neurons_match_brute_force(tiny, sae_run):
+    run_dir, data_dir = tiny
+    cfg = compose(overrides(run_dir, data_dir, "features.unit=neuron", "features.n_random=5"))
+    assert ta.unit_name(cfg) == "neurons"
+    result = ta.run(cfg)
+    assert result["name"] == "neurons" and result["units"] == 128
+    f, toks = _all_acts(run_dir, data_dir, "neuron")
+    recs = _records(run_dir, "neurons")
+    assert [r["index"] for r in recs] == list(range(128))
+    _check_against_brute_force(recs[:40], f[..., :40], toks, n_random=5)  # a subset keeps this quick
+    model = load_model(run_dir / "transformer")
+    with torch.no_grad():
+        w = model.transformer.h[0].mlp.c_proj.weight[:, 7] * model.transformer.ln_f.weight
+        logits = model.lm_head.weight[:50257] @ w
+    assert [e["id"] for e in recs[7]["logits"]["pos"]] == logits.topk(10).indices.tolist()
+
+
+def test_done_tracks_config_and_inputs(tiny, sae_run):
+    run_dir, data_dir = tiny
+    cfg, _ = sae_run
+    assert ta.done(cfg)
+    assert not ta.done(compose(overrides(run_dir, data_dir, "features.top_k=5")))
+    assert not ta.done(compose(overrides(run_dir, data_dir, "seed=7")))
+    # a rerun of a finished config only rebuilds the site
+    before = (run_dir / "features" / "tiny_sae" / "features.jsonl").stat().st_mtime_ns
+    ta.run(cfg)
+    assert (run_dir / "features" / "tiny_sae" / "features.jsonl").stat().st_mtime_ns == before
+
+
+def _synthetic_scan(f: torch.Tensor, batch: int, **kw) -> ta.ScanState:
+    st = ta.ScanState(f.shape[-1], kw.get("k", 4), kw.get("m", 5), kw.get("n_random", 3), "cpu", seed=0)
+    for c0 in range(0, f.shape[0], batch):
+        st.update(f[c0:c0 + batch], c0)
+    return st
+
+
+def test_state_is_exact_and_batch_invariant():
+    """Counts, sums, max, top-k and the (re-binned) histogram do not depend on batching; the
+    histogram equals numpy's over the final equal-width edges even as the range doubles."""
+    g = torch.Generator().manual_seed(0)
+    n_ctx, F = 40, 6
+    f = torch.relu(torch.randn(n_ctx, 16, F, generator=g))
+    f *= torch.exp2(torch.arange(n_ctx, dtype=torch.float32) / 4)[:, None, None]  # growing max: R doubles
+    a, b = _synthetic_scan(f, 1), _synthetic_scan(f, n_ctx)
+    for key in ("maxv", "scale", "hist", "top_v", "top_c", "top_p"):
+        assert torch.equal(a.tensors[key], b.tensors[key]), key
+    assert torch.equal(a.count, (f > 0).sum((0, 1)))
+    cmax, carg = f.max(1)
+    assert torch.equal(a.top_p, carg.t().gather(1, a.top_c))  # where each top context's max is
+    assert torch.allclose(a.total, b.total)
+    for u in range(F):
+        vals = f[..., u][f[..., u] > 0].numpy()
+        R = float(a.scale[u])
+        assert vals.max() <= R < 2 * vals.max()
+        want = np.histogram(vals, bins=np.linspace(0, R, ta.HIST_BINS + 1))[0]
+        assert np.array_equal(a.hist[u].numpy(), want)
+
+
+def test_state_size_does_not_grow_with_tokens():
+    g = torch.Generator().manual_seed(1)
+    small = _synthetic_scan(torch.relu(torch.randn(4, 16, 8, generator=g)), 2)
+    large = _synthetic_scan(torch.relu(torch.randn(200, 16, 8, generator=g)), 2)
+    size = lambda st: sum(t.numel() for t in st.tensors.values())  # noqa: E731
+    assert size(small) == size(large)
+
+
+def test_quantile_samples_are_uniform_within_bins():
+    """Examples lie in their bins, and the per-bin token counts estimated from the samples match."""
+    g = torch.Generator().manual_seed(2)
+    n_ctx, F = 300, 2
+    f = torch.relu(torch.randn(n_ctx, 32, F, generator=g)) ** 2  # skewed: most mass in low bins
+    st = _synthetic_scan(f, 16, k=5, m=5)
+    arrays = st.numpy()
+    rng = np.random.default_rng(0)
+    for u in range(F):
+        fu = f[..., u]
+        picks = ta.quantile_picks(arrays, u, 10, 5, set(), rng)
+        assert len(picks) == 10
+        for lo, hi, est, chosen in picks:
+            true = int(((fu > lo) & (fu <= hi + 1e-7)).sum())
+            assert len(chosen) == min(5, true)
+            for c, p in chosen:
+                assert lo < float(fu[c, p]) <= hi + 1e-6
+            if true >= 50:
+                assert abs(est - true) <= 0.15 * true, (lo, hi, est, true)
+        # uniformity: across many draws, the lowest bin's picks have about the bin's mean value
+        lo, hi = picks[0][0], picks[0][1]
+        inbin = fu[(fu > lo) & (fu <= hi)]
+        draws = [float(fu[c, p]) for _ in range(40)
+                 for c, p in ta.quantile_picks(arrays, u, 10, 5, set(), rng)[0][3]]
+        assert abs(np.mean(draws) - inbin.mean().item()) < 0.2 * (hi - lo)
+
+
+def test_bad_inputs_are_user_errors(tiny, tmp_path):
+    run_dir, data_dir = tiny
+    with pytest.raises(UserError, match="features.unit"):
+        ta.run(compose(overrides(run_dir, data_dir, "features.unit=both")))
+    with pytest.raises(UserError, match="test.bin"):
+        ta.run(compose(overrides(run_dir, data_dir, "features.split=test")))
+    with pytest.raises(UserError, match="features.pages"):
+        ta.run(compose(overrides(run_dir, data_dir, "features.pages=[3,64]")))
+    with pytest.raises(UserError, match="nope"):
+        ta.unit_name(compose(overrides(run_dir, data_dir, "features.sae=nope")))
+    with pytest.raises(UserError, match="features"):
+        ta.run(compose(overrides(run_dir, data_dir, "+features.topk=3")))
+    # a second SAE: the name must be chosen; one with the wrong d_in is refused
+    other = tmp_path / "run"
+    make_run(tmp_path, n_features=8)
+    wrong = build_sae(SAEModelConfig(architecture="standard", d_in=64, d_sae=8))
+    save_sae(wrong, other / "sae" / "wrong_d_in")
+    with pytest.raises(UserError, match="several SAEs.*tiny_sae.*wrong_d_in"):
+        ta.unit_name(compose(overrides(other, tmp_path / "data")))
+    with pytest.raises(UserError, match="d_in=64"):
+        ta.run(compose(overrides(other, tmp_path / "data", "features.sae=wrong_d_in")))
+    empty = tmp_path / "empty"
+    with pytest.raises(UserError, match="no SAE found"):
+        ta.unit_name(compose(overrides(empty, tmp_path / "data")))
+
+
+def test_pages_subset_and_resumable_site(tmp_path):
+    run_dir, data_dir = make_run(tmp_path, n_features=16)
+    cfg = compose(overrides(run_dir, data_dir, "features.pages=[2,5,9]", "features.unit_chunk=5"))
+    ta.run(cfg)
+    site = run_dir / "features" / "tiny_sae" / "site"
+    assert sorted(p.name for p in (site / "feature").iterdir()) == ["2.html", "5.html", "9.html"]
+    # a site deleted after the scan is rebuilt without rescanning
+    import shutil
+
+    shutil.rmtree(site)
+    assert not ta.done(cfg)
+    before = (run_dir / "features" / "tiny_sae" / "features.jsonl").stat().st_mtime_ns
+    ta.run(cfg)
+    assert (site / "index.html").is_file() and ta.done(cfg)
+    assert (run_dir / "features" / "tiny_sae" / "features.jsonl").stat().st_mtime_ns == before
+    # other pages: no rescan, the site follows
+    cfg2 = compose(overrides(run_dir, data_dir, "features.pages=[0]"))
+    assert not ta.done(cfg2)
+    ta.run(cfg2)
+    assert ta.done(cfg2) and not ta.done(cfg)
+    assert [p.name for p in (site / "feature").iterdir()] == ["0.html"]
+    assert (run_dir / "features" / "tiny_sae" / "features.jsonl").stat().st_mtime_ns == before
+    assert math.isfinite(json.loads((run_dir / "features" / "tiny_sae" / "meta.json").read_text())["alive"])

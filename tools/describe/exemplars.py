@@ -1,0 +1,90 @@
+"""Split a unit's exemplars into what the explainer sees and what it is scored on.
+
+Scoring on contexts the explainer saw inflates scores (delphi's defaults put 10-20 of 40 scoring
+examples in the explainer's prompt), so the two sets here are disjoint by context index: a
+scoring window whose `ctx` also appears among the explanation windows is dropped, even when the
+windows themselves do not overlap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+Example = dict[str, Any]
+
+
+@dataclass
+class Split:
+    explain: list[Example]  # firing contexts shown to the explainer (top first, then quantile bins)
+    background: list[Example]  # non-firing contexts the explainer may use as background
+    score_top: list[Example]  # held-out top contexts
+    score_quantile: list[Example]  # held-out quantile-bin contexts
+    score_random: list[Example]  # held-out non-firing contexts (negatives)
+    dropped: int = 0  # scoring windows dropped because the explainer saw their context
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def score_firing(self) -> list[Example]:
+        return self.score_top + self.score_quantile
+
+    def scoring(self) -> list[tuple[str, Example]]:
+        """Every scoring context with its kind, in a fixed order."""
+        return (
+            [("top", e) for e in self.score_top]
+            + [("quantile", e) for e in self.score_quantile]
+            + [("random", e) for e in self.score_random]
+        )
+
+
+def check_example(ex: Any, where: str) -> Example:
+    """An Example as docs/formats.md pins it; anything else is bad input naming the place."""
+    if not isinstance(ex, dict):
+        raise ValueError(f"{where}: expected an object, got {type(ex).__name__}")
+    for key in ("ctx", "strs", "acts"):
+        if key not in ex:
+            raise ValueError(f"{where}: missing key `{key}`")
+    strs, acts = ex["strs"], ex["acts"]
+    if not isinstance(strs, list) or not all(isinstance(s, str) for s in strs):
+        raise ValueError(f"{where}: `strs` must be a list of strings")
+    if not isinstance(acts, list) or not all(isinstance(a, (int, float)) for a in acts):
+        raise ValueError(f"{where}: `acts` must be a list of numbers")
+    if len(strs) != len(acts) or not strs:
+        raise ValueError(f"{where}: `strs` and `acts` must be non-empty and of equal length "
+                         f"(got {len(strs)} and {len(acts)})")
+    return ex
+
+
+def split_exemplars(
+    record: dict[str, Any],
+    *,
+    explain_top: int,
+    score_top: int,
+    explain_per_bin: int,
+    score_per_bin: int,
+    explain_random: int,
+    score_random: int,
+) -> Split:
+    """Deterministic split: top contexts alternate (scoring takes ranks 1, 3, 5, ... so it is not
+    left with only the weakest), each quantile bin alternates the same way, and random
+    contexts go first to background, the rest to scoring."""
+    top = list(record.get("top") or [])
+    bins = [b.get("examples") or [] for b in (record.get("quantiles") or [])]
+    rand = list(record.get("random") or [])
+
+    s_top = top[1::2][:score_top]
+    chosen = {id(e) for e in s_top}
+    e_top = [e for e in top if id(e) not in chosen][:explain_top]
+    e_q: list[Example] = []
+    s_q: list[Example] = []
+    for examples in bins:
+        e_q += examples[0::2][:explain_per_bin]
+        s_q += examples[1::2][:score_per_bin]
+    background = rand[:explain_random]
+    s_rand = rand[explain_random:][:score_random]
+
+    explain = e_top + e_q
+    seen = {e["ctx"] for e in explain} | {e["ctx"] for e in background}
+    kept = [[e for e in group if e["ctx"] not in seen] for group in (s_top, s_q, s_rand)]
+    dropped = len(s_top) + len(s_q) + len(s_rand) - sum(len(g) for g in kept)
+    return Split(explain, background, kept[0], kept[1], kept[2], dropped)

@@ -1,0 +1,72 @@
+"""Scores of a simulation against the true activations of held-out contexts.
+
+Simulation score (Bills et al. 2023): Pearson correlation of simulated and true activations pooled
+over every token of the scoring contexts, signed; `simulation_top` over held-out top contexts only,
+`simulation_all` over top + quantile + random contexts. Detection: balanced accuracy of "does this
+context activate the unit?", predicted as "some simulated activation >= threshold", over firing
+(top, quantile) and non-firing (random) contexts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+SCORES = ("simulation_all", "simulation_top", "detection")
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Correlation; 0.0 when the prediction is constant (it carries no information about y),
+    None when y is constant or there are fewer than two points (undefined)."""
+    a = np.asarray(x, dtype=np.float64)
+    b = np.asarray(y, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"pearson: shapes differ {a.shape} vs {b.shape}")
+    if a.size < 2 or np.ptp(b) == 0:
+        return None
+    if np.ptp(a) == 0:
+        return 0.0
+    a = a - a.mean()
+    b = b - b.mean()
+    return float(np.dot(a, b) / math.sqrt(float(np.dot(a, a)) * float(np.dot(b, b))))
+
+
+def balanced_accuracy(pred: Sequence[bool], truth: Sequence[bool]) -> float | None:
+    """Mean of the true-positive and true-negative rates; None unless both classes are present."""
+    if len(pred) != len(truth):
+        raise ValueError("balanced_accuracy: lengths differ")
+    pos = [p for p, t in zip(pred, truth, strict=True) if t]
+    neg = [p for p, t in zip(pred, truth, strict=True) if not t]
+    if not pos or not neg:
+        return None
+    return 0.5 * (sum(pos) / len(pos) + sum(not p for p in neg) / len(neg))
+
+
+def score(
+    kinds: Sequence[str],
+    true_acts: Sequence[Sequence[float]],
+    preds: Sequence[Sequence[float] | None],
+    *,
+    threshold: float,
+) -> dict[str, Any]:
+    """All scores for one simulation; contexts whose prediction is None are left out."""
+    keep = [i for i, p in enumerate(preds) if p is not None]
+    if not keep:
+        return {k: None for k in SCORES}
+
+    def pooled(which: set[str]) -> float | None:
+        idx = [i for i in keep if kinds[i] in which]
+        if not idx:
+            return None
+        x = [v for i in idx for v in preds[i]]  # type: ignore[union-attr]
+        y = [v for i in idx for v in true_acts[i]]
+        return pearson(x, y)
+
+    detect = balanced_accuracy([max(preds[i]) >= threshold for i in keep],  # type: ignore[arg-type]
+                               [kinds[i] != "random" for i in keep])
+    out = {"simulation_all": pooled({"top", "quantile", "random"}), "simulation_top": pooled({"top"}),
+           "detection": detect}
+    return {k: (round(v, 4) if v is not None else None) for k, v in out.items()}

@@ -1,0 +1,278 @@
+"""The static feature browser: `site/index.html` plus one page per unit, opened from `file://`.
+
+Everything from the corpus (token text, descriptions) is untrusted. It reaches the page only as
+JSON inside `<script type="application/json">` with `<`, `>`, `&` (and U+2028/9) escaped, and the
+page's one script (`static/site.js`) puts it into the DOM with `textContent` only. Numbers-only
+markup (the histograms' SVG) is built here. A Content-Security-Policy meta tag allows scripts and
+styles only from the site's own files and forbids every network load.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+from string import Template
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from transformer.config import UserError
+from transformer.files import read_json
+
+HERE = Path(__file__).resolve().parent
+TEMPLATES = HERE / "templates"
+STATIC = HERE / "static"
+# 'self' and file: cover the site's own css/js under file://; nothing else loads, nothing inline runs.
+CSP = ("default-src 'none'; script-src 'self' file:; style-src 'self' file:; img-src data:; "
+       "connect-src 'none'; font-src 'none'; media-src 'none'; object-src 'none'; frame-src 'none'; "
+       "base-uri 'none'; form-action 'none'")
+ULTRA_LOW = 1e-5  # density below which a live unit counts as "ultra-low" in the index filter
+
+
+def embed_json(obj: Any) -> str:
+    """JSON safe inside a <script> element: no `<`, `>`, `&` or line separators survive literally."""
+    s = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
+                    ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        s = s.replace(ch, esc)
+    return s
+
+
+def _num(x: float) -> str:
+    if x == 0:
+        return "0"
+    if abs(x) >= 1000 or abs(x) < 0.01:
+        return f"{x:.2g}"
+    return f"{x:.3g}"
+
+
+def svg_histogram(edges: list[float], counts: list[int], *, label: str, title: str,
+                  width: int = 560, height: int = 150, log_x_label: bool = False) -> str:
+    """A bar chart as inline SVG from numbers only (so no escaping of corpus text is involved)."""
+    if not counts or not edges:
+        return '<p class="muted">no data</p>'
+    pad_l, pad_b, pad_t = 44, 30, 8
+    w, h = width - pad_l - 8, height - pad_b - pad_t
+    top = max(counts) or 1
+    bw = w / len(counts)
+    parts = [f'<svg class="hist" role="img" viewBox="0 0 {width} {height}" width="{width}" '
+             f'height="{height}" aria-label="{html.escape(title)}">', f"<title>{html.escape(title)}</title>"]
+    for i, c in enumerate(counts):
+        bh = h * c / top
+        x, y = pad_l + i * bw, pad_t + h - bh
+        lo, hi = edges[i], edges[i + 1]
+        parts.append(f'<rect x="{x:.2f}" y="{y:.2f}" width="{max(bw - 1, 0.5):.2f}" height="{bh:.2f}" '
+                     f'fill="#e07b00"><title>{_num(lo)} to {_num(hi)}: {c}</title></rect>')
+    axis_y = pad_t + h
+    parts.append(f'<line x1="{pad_l}" y1="{axis_y}" x2="{pad_l + w}" y2="{axis_y}" stroke="#555"/>')
+    parts.append(f'<text x="{pad_l - 4}" y="{pad_t + 10}" text-anchor="end" class="tick">{top}</text>')
+    parts.append(f'<text x="{pad_l - 4}" y="{axis_y}" text-anchor="end" class="tick">0</text>')
+    for frac, anchor in ((0, "start"), (0.5, "middle"), (1, "end")):
+        v = edges[0] + frac * (edges[-1] - edges[0])
+        txt = f"10^{v:.2g}" if log_x_label else _num(v)
+        parts.append(f'<text x="{pad_l + frac * w:.1f}" y="{axis_y + 14}" text-anchor="{anchor}" '
+                     f'class="tick">{txt}</text>')
+    parts.append(f'<text x="{pad_l + w / 2:.1f}" y="{height - 2}" text-anchor="middle" '
+                 f'class="axis">{html.escape(label)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _density_svg(meta: dict) -> str:
+    h = meta.get("density_log10_histogram") or {}
+    edges, counts = h.get("edges") or [], h.get("counts") or []
+    nz = [i for i, c in enumerate(counts) if c]
+    if not nz:
+        return '<p class="muted">no unit fired</p>'
+    a, b = max(0, nz[0] - 1), min(len(counts), nz[-1] + 2)
+    return svg_histogram(edges[a:b + 1], counts[a:b], label="log10 feature density (alive units)",
+                         title="Histogram of log10 feature density", log_x_label=True)
+
+
+def _read_descriptions(run_dir: Path, name: str) -> dict[int, dict]:
+    path = run_dir / "descriptions" / name / "descriptions.jsonl"
+    out: dict[int, dict] = {}
+    if not path.is_file():
+        return out
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            try:
+                rec = json.loads(line)
+                out[int(rec["index"])] = rec  # later lines win (a rerun appends)
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut by an interrupted append: skip it, the rest still show
+    return out
+
+
+def _desc_view(d: dict | None) -> dict | None:
+    if not d:
+        return None
+    scores = d.get("scores") if isinstance(d.get("scores"), dict) else {}
+    from tools.tokens import visible
+
+    clean = {str(k): v for k, v in scores.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    # model output is as untrusted as the corpus: bidi overrides and controls shown, not obeyed
+    view = {k: visible(str(d.get(k) or "")) for k in ("status", "description", "explainer", "reason")}
+    return {**view, "scores": clean}
+
+
+def _alone(s: str) -> str:
+    """A token shown out of context (logit tables, index cells): a whitespace-only token would be
+    invisible there, so its spaces show as ␣."""
+    from tools.tokens import visible
+
+    v = visible(s)
+    return v.replace(" ", "␣") if not v.strip() else v
+
+
+def _example(ex: dict, vocab: dict[int, str], text) -> dict:
+    from tools.tokens import visible
+
+    ids = [int(t) for t in ex.get("tokens", [])]
+    for t in ids:
+        if t not in vocab:
+            vocab[t] = text.hex_bytes(t)
+    return {"c": ex.get("ctx"), "p": ex.get("pos"), "t": ids, "s": [visible(s) for s in ex.get("strs", [])],
+            "a": [0 if a == 0 else a for a in ex.get("acts", [])]}
+
+
+def _top_tokens(rec: dict, n: int = 3) -> list[str]:
+
+    c = Counter()
+    for ex in rec.get("top", []):
+        p, strs = ex.get("pos"), ex.get("strs", [])
+        if isinstance(p, int) and 0 <= p < len(strs):
+            c[_alone(strs[p])] += 1
+    return [s for s, _ in c.most_common(n)]
+
+
+def _page(rec: dict, meta: dict, desc: dict | None, prev: int | None, nxt: int | None, text) -> dict:
+
+    vocab: dict[int, str] = {}
+    logits = {side: [[_alone(e.get("str", "")), e.get("value"), e.get("id")]
+                     for e in (rec.get("logits") or {}).get(side, [])] for side in ("pos", "neg")}
+    for side in logits.values():
+        for row in side:
+            if isinstance(row[2], int) and row[2] not in vocab:
+                vocab[row[2]] = text.hex_bytes(row[2])
+    return {
+        "index": rec["index"], "n_units": meta.get("n_units"), "unit": meta.get("unit"),
+        "name": meta.get("name"), "prev": prev, "next": nxt,
+        "density": rec.get("density"), "max_act": rec.get("max_act"), "mean_act": rec.get("mean_act"),
+        "tokens_scanned": meta.get("tokens_scanned"), "desc": _desc_view(desc), "logits": logits,
+        "top": [_example(e, vocab, text) for e in rec.get("top", [])],
+        "quantiles": [{"lo": q.get("lo"), "hi": q.get("hi"), "count": q.get("count"),
+                       "examples": [_example(e, vocab, text) for e in q.get("examples", [])]}
+                      for q in rec.get("quantiles", [])],
+        "random": [_example(e, vocab, text) for e in rec.get("random", [])],
+        "vocab": {str(k): v for k, v in vocab.items()},
+    }
+
+
+def _fill(template: str, **values: str) -> str:
+    page = Template((TEMPLATES / template).read_text(encoding="utf-8"))
+    return page.substitute(csp=html.escape(CSP), **values)
+
+
+def _iter_features(path: Path):
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{n} is not valid JSON ({e}); rerun tools.top_activations") from e
+
+
+def render_site(run_dir: Path, name: str) -> Path:
+    """(Re)build `run_dir/features/<name>/site/` from features.jsonl + meta.json (+ descriptions).
+
+    Built in a temporary folder and swapped in whole, so a reader never sees a half-written site.
+    Returns the path of index.html.
+    """
+    from tools.tokens import TokenText
+
+    run_dir = Path(run_dir)
+    feat_dir = run_dir / "features" / name
+    meta = read_json(feat_dir / "meta.json", "features meta")
+    feats = feat_dir / "features.jsonl"
+    if not feats.is_file():
+        raise UserError(f"{feats} not found (run tools.top_activations)")
+    descs = _read_descriptions(run_dir, name)
+    pages = (meta.get("config") or {}).get("pages")
+    n_units = int(meta.get("n_units", 0))
+    rendered = sorted(set(range(n_units)) if pages is None else {int(p) for p in pages if 0 <= p < n_units})
+    order = {u: i for i, u in enumerate(rendered)}
+    text = TokenText()
+    site = feat_dir / "site"
+    tmp = feat_dir / f".site.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "feature").mkdir(parents=True)
+    (tmp / "static").mkdir()
+    for f in ("site.css", "site.js"):
+        shutil.copyfile(STATIC / f, tmp / "static" / f)
+    title_name = html.escape(str(meta.get("name", name)))
+    rows = []
+    for rec in tqdm(_iter_features(feats), total=n_units, desc="pages", unit="page", leave=False):
+        u = int(rec["index"])
+        d = _desc_view(descs.get(u))
+        has_page = u in order
+        score = (d or {}).get("scores", {}).get("simulation_all")
+        rows.append([u, rec.get("density", 0.0), rec.get("max_act", 0.0), _top_tokens(rec),
+                     visible_logits(rec), (d or {}).get("description", ""), score,
+                     (d or {}).get("status", ""), 1 if has_page else 0])
+        if not has_page:
+            continue
+        i = order[u]
+        prev = rendered[i - 1] if i > 0 else None
+        nxt = rendered[i + 1] if i + 1 < len(rendered) else None
+        data = _page(rec, meta, descs.get(u), prev, nxt, text)
+        hist = rec.get("hist") or {}
+        svg = svg_histogram(hist.get("edges") or [], hist.get("counts") or [], label="activation",
+                            title=f"Activation histogram of unit {u} (firing tokens)")
+        page = _fill("feature.html", title=f"{'Neuron' if meta.get('unit') == 'neuron' else 'Feature'} {u}"
+                     f" · {title_name}", data=embed_json(data), hist_svg=svg)
+        (tmp / "feature" / f"{u}.html").write_text(page, encoding="utf-8")
+    index_data = {"name": meta.get("name", name), "unit": meta.get("unit"), "n_units": n_units,
+                  "tokens_scanned": meta.get("tokens_scanned"), "contexts": meta.get("contexts"),
+                  "split": meta.get("split"), "alive": meta.get("alive"), "dead": meta.get("dead"),
+                  "sae_metrics": _flat_metrics(meta.get("sae_metrics")), "ultra_low": ULTRA_LOW,
+                  "bins": meta.get("bins"), "described": sum(1 for r in rows if r[7] == "ok"),
+                  "rows": rows}
+    index = _fill("index.html", title=f"Features · {title_name}", data=embed_json(index_data),
+                  density_svg=_density_svg(meta))
+    (tmp / "index.html").write_text(index, encoding="utf-8")
+    old = feat_dir / f".site.old-{os.getpid()}"
+    if site.exists():
+        os.replace(site, old)
+    os.replace(tmp, site)
+    if old.exists():
+        shutil.rmtree(old)
+    return site / "index.html"
+
+
+def visible_logits(rec: dict, n: int = 3) -> list[str]:
+
+    return [_alone(e.get("str", "")) for e in (rec.get("logits") or {}).get("pos", [])[:n]]
+
+
+def _flat_metrics(m: Any) -> dict[str, float]:
+    """Numeric SAE metrics, nested keys joined with '.', for the index's summary table."""
+    out: dict[str, float] = {}
+
+    def walk(prefix: str, v: Any) -> None:
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), x)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[prefix] = v
+
+    walk("", m or {})
+    return dict(list(out.items())[:40])

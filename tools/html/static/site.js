@@ -1,0 +1,274 @@
+// The feature browser's only script. Corpus text arrives as JSON in <script type="application/json">
+// and enters the DOM through textContent (never innerHTML), so it always shows as inert text.
+(function () {
+  "use strict";
+  var data = JSON.parse(document.getElementById("data").textContent);
+
+  function el(tag, cls, text) {
+    var e = document.createElement(tag);
+    if (cls) e.className = cls;
+    if (text !== undefined && text !== null) e.textContent = String(text);
+    return e;
+  }
+  function fmt(x, digits) {
+    if (x === null || x === undefined || typeof x !== "number") return "-";
+    if (x === 0) return "0";
+    var a = Math.abs(x);
+    if (a < 1e-3 || a >= 1e4) return x.toExponential(digits === undefined ? 2 : digits - 1);
+    return x.toPrecision(digits === undefined ? 3 : digits).replace(/\.?0+$/, "");
+  }
+  function typing(ev) {
+    var t = ev.target;
+    return t && (t.tagName === "INPUT" || t.tagName === "SELECT" || t.tagName === "TEXTAREA");
+  }
+
+  // ---- index ----------------------------------------------------------------------------------
+  function index() {
+    // [index, density, max act, [top tokens], [top logits], description, score, status, has page]
+    var rows = data.rows;
+    var view = rows.slice();
+    var sortCol = 0, sortDir = 1, page = 0;
+    var q = {search: "", klass: "all", dmin: null, dmax: null, size: 100};
+    var unitWord = data.unit === "neuron" ? "neurons" : "features";
+    document.getElementById("summary").textContent =
+      data.n_units + " " + unitWord + " (" + data.alive + " alive, " + data.dead + " dead) over " +
+      (data.tokens_scanned || 0).toLocaleString("en") + " tokens of the " + (data.split || "?") + " split; " +
+      data.described + " described. Ultra-low density: below " + data.ultra_low + ".";
+    document.getElementById("dead-note").textContent = data.dead + " dead units are not in the histogram.";
+    var mt = document.querySelector("#metrics tbody");
+    var keys = Object.keys(data.sae_metrics || {});
+    if (!keys.length) mt.appendChild(el("tr")).appendChild(el("td", "muted", "none (neurons or no metrics)"));
+    keys.forEach(function (k) {
+      var tr = el("tr");
+      tr.appendChild(el("th", null, k));
+      tr.appendChild(el("td", "num", fmt(data.sae_metrics[k], 4)));
+      mt.appendChild(tr);
+    });
+
+    function chips(list) {
+      var td = el("td", "toks");
+      list.forEach(function (t) { td.appendChild(el("span", "chip", t)); });
+      return td;
+    }
+    function klassOf(r) {
+      if (r[1] <= 0) return "dead";
+      return r[1] < data.ultra_low ? "ultralow" : "alive";
+    }
+    function apply() {
+      var s = q.search.toLowerCase();
+      view = rows.filter(function (r) {
+        var k = klassOf(r);
+        if (q.klass === "dead" && k !== "dead") return false;
+        if (q.klass === "alive" && k === "dead") return false;
+        if (q.klass === "ultralow" && k !== "ultralow") return false;
+        var ld = r[1] > 0 ? Math.log10(r[1]) : -Infinity;
+        if (q.dmin !== null && ld < q.dmin) return false;
+        if (q.dmax !== null && ld > q.dmax) return false;
+        if (s && (r[3].join("\u0000") + "\u0000" + r[4].join("\u0000") + "\u0000" + r[5])
+            .toLowerCase().indexOf(s) < 0 &&
+            String(r[0]) !== s) return false;
+        return true;
+      });
+      view.sort(function (a, b) {
+        var x = a[sortCol], y = b[sortCol];
+        if (x === null || x === "") return 1;
+        if (y === null || y === "") return -1;
+        if (x < y) return -sortDir;
+        if (x > y) return sortDir;
+        return a[0] - b[0];
+      });
+      page = Math.min(page, Math.max(0, Math.ceil(view.length / q.size) - 1));
+      draw();
+    }
+    function draw() {
+      var tbody = document.getElementById("rows");
+      var frag = document.createDocumentFragment();
+      var start = page * q.size, end = Math.min(view.length, start + q.size);
+      for (var i = start; i < end; i++) {
+        var r = view[i], tr = el("tr", klassOf(r));
+        var td = el("td", "num");
+        if (r[8]) {
+          var a = el("a", null, String(r[0]));
+          a.href = "feature/" + r[0] + ".html";
+          td.appendChild(a);
+        } else td.textContent = String(r[0]);
+        tr.appendChild(td);
+        tr.appendChild(el("td", "num", fmt(r[1])));
+        tr.appendChild(el("td", "num", fmt(r[2])));
+        tr.appendChild(chips(r[3]));
+        tr.appendChild(chips(r[4]));
+        tr.appendChild(el("td", "descr", r[5] || (r[7] && r[7] !== "ok" ? "(" + r[7] + ")" : "")));
+        tr.appendChild(el("td", "num", fmt(r[6], 2)));
+        frag.appendChild(tr);
+      }
+      tbody.replaceChildren(frag);
+      var pages = Math.max(1, Math.ceil(view.length / q.size));
+      document.getElementById("pageinfo").textContent = "page " + (page + 1) + " of " + pages;
+      document.getElementById("status").textContent = view.length ?
+        "showing " + (start + 1) + "–" + end + " of " + view.length + " matching (" + rows.length + " in all)" :
+        "no unit matches";
+      document.getElementById("prevpage").disabled = page === 0;
+      document.getElementById("nextpage").disabled = page >= pages - 1;
+      document.querySelectorAll("th button").forEach(function (b) {
+        var on = Number(b.dataset.sort) === sortCol;
+        b.parentNode.setAttribute("aria-sort", on ? (sortDir > 0 ? "ascending" : "descending") : "none");
+      });
+    }
+    function num(id) {
+      var v = document.getElementById(id).value;
+      return v === "" || isNaN(Number(v)) ? null : Number(v);
+    }
+    function onControls() {
+      q.search = document.getElementById("search").value.trim();
+      q.klass = document.getElementById("klass").value;
+      q.dmin = num("dmin");
+      q.dmax = num("dmax");
+      q.size = Number(document.getElementById("pagesize").value) || 100;
+      page = 0;
+      apply();
+    }
+    ["search", "dmin", "dmax"].forEach(function (id) {
+      document.getElementById(id).addEventListener("input", onControls);
+    });
+    ["klass", "pagesize"].forEach(function (id) {
+      document.getElementById(id).addEventListener("change", onControls);
+    });
+    document.getElementById("controls").addEventListener("submit", function (ev) { ev.preventDefault(); });
+    document.querySelectorAll("th button").forEach(function (b) {
+      b.addEventListener("click", function () {
+        var c = Number(b.dataset.sort);
+        // numbers start descending (strongest first) except the index; text starts ascending
+        if (c === sortCol) sortDir = -sortDir;
+        else { sortCol = c; sortDir = (c === 0 || c === 5) ? 1 : -1; }
+        apply();
+      });
+    });
+    document.getElementById("prevpage").addEventListener("click", function () { page--; draw(); });
+    document.getElementById("nextpage").addEventListener("click", function () { page++; draw(); });
+    document.addEventListener("keydown", function (ev) {
+      if (typing(ev) || ev.altKey || ev.ctrlKey || ev.metaKey) return;
+      if (ev.key === "/") { ev.preventDefault(); document.getElementById("search").focus(); }
+    });
+    apply();
+  }
+
+  // ---- feature page -------------------------------------------------------------------------
+  function feature() {
+    var maxAct = data.max_act > 0 ? data.max_act : 1;
+    var detail = document.getElementById("detail");
+    var word = data.unit === "neuron" ? "Neuron " : "Feature ";
+    document.getElementById("heading").textContent = word + data.index + " of " + data.n_units +
+      " · " + data.name;
+    document.getElementById("stats").textContent = "density " + fmt(data.density) + " · max act " +
+      fmt(data.max_act) + " · mean act (firing) " + fmt(data.mean_act) + " · " +
+      (data.tokens_scanned || 0).toLocaleString("en") + " tokens scanned";
+    var d = data.desc, box = document.getElementById("desc");
+    if (d) {
+      box.appendChild(el("p", "description", d.description || "(" + d.status + (d.reason ? ": " + d.reason : "") + ")"));
+      var sc = Object.keys(d.scores || {});
+      if (sc.length) {
+        box.appendChild(el("p", "scores", sc.map(function (k) { return k + " " + fmt(d.scores[k], 3); }).join(" · ")));
+      }
+      if (d.explainer) box.appendChild(el("p", "muted small", "explainer: " + d.explainer));
+    } else box.appendChild(el("p", "muted", "No description yet (run tools.describe)."));
+
+    ["prev", "next"].forEach(function (k) {
+      var a = document.getElementById(k);
+      if (data[k] === null || data[k] === undefined) { a.removeAttribute("href"); a.setAttribute("aria-disabled", "true"); }
+      else a.href = data[k] + ".html";
+    });
+
+    ["pos", "neg"].forEach(function (side) {
+      var tb = document.querySelector("#logits-" + side + " tbody");
+      data.logits[side].forEach(function (row) {
+        var tr = el("tr");
+        var t = el("td", "tok-cell");
+        t.appendChild(el("span", "tok logit-tok", row[0]));
+        t.title = "token " + row[2] + " · bytes " + (data.vocab[row[2]] || "");
+        tr.appendChild(t);
+        tr.appendChild(el("td", "num", fmt(row[1])));
+        tb.appendChild(tr);
+      });
+    });
+
+    function shade(a) {
+      if (a > 0) return "rgba(255,128,0," + Math.min(1, a / maxAct).toFixed(3) + ")";
+      if (a < 0) return "rgba(60,120,255," + Math.min(0.6, -a / maxAct * 4).toFixed(3) + ")";
+      return "";
+    }
+    function describeTok(ex, i) {
+      var id = ex.t[i];
+      return "token " + (i + 1) + "/" + ex.t.length + " · “" + ex.s[i] + "” · id " + id + " · bytes " +
+        (data.vocab[id] || "") + " · activation " + fmt(ex.a[i], 4);
+    }
+    function example(ex) {
+      var row = el("div", "ex");
+      row.tabIndex = 0;
+      row.setAttribute("role", "group");
+      row.setAttribute("aria-label", "context " + ex.c + ", max activation " + fmt(Math.max.apply(null, ex.a)) +
+        "; arrow keys move between tokens");
+      var spans = [];
+      for (var i = 0; i < ex.t.length; i++) {
+        var special = data.vocab[ex.t[i]] === "special";
+        var s = el("span", "tok" + (special ? " special" : "") + (ex.s[i] === "" ? " empty" : "") +
+          (i === ex.p ? " hit" : ""), ex.s[i]);
+        var bg = shade(ex.a[i]);
+        if (bg) s.style.backgroundColor = bg;
+        s.title = describeTok(ex, i);
+        s.dataset.i = String(i);
+        spans.push(s);
+        row.appendChild(s);
+      }
+      var cur = -1;
+      function activate(i) {
+        if (cur >= 0) spans[cur].classList.remove("active");
+        cur = Math.max(0, Math.min(spans.length - 1, i));
+        spans[cur].classList.add("active");
+        detail.textContent = describeTok(ex, cur);
+      }
+      row.addEventListener("focus", function () { activate(cur >= 0 ? cur : ex.p || 0); });
+      row.addEventListener("blur", function () { if (cur >= 0) spans[cur].classList.remove("active"); });
+      row.addEventListener("mouseover", function (ev) {
+        var i = ev.target && ev.target.dataset ? ev.target.dataset.i : undefined;
+        if (i !== undefined) detail.textContent = describeTok(ex, Number(i));
+      });
+      row.addEventListener("keydown", function (ev) {
+        var step = {ArrowLeft: -1, ArrowRight: 1}[ev.key];
+        if (step) { activate(cur + step); ev.preventDefault(); ev.stopPropagation(); }
+        else if (ev.key === "Home") { activate(0); ev.preventDefault(); }
+        else if (ev.key === "End") { activate(spans.length - 1); ev.preventDefault(); }
+      });
+      return row;
+    }
+    function fill(id, list, empty) {
+      var box = document.getElementById(id);
+      if (!list.length) box.appendChild(el("p", "muted", empty));
+      list.forEach(function (ex) { box.appendChild(example(ex)); });
+    }
+    fill("top", data.top, "This unit never fired on the scanned tokens.");
+    var qbox = document.getElementById("quantiles");
+    document.getElementById("bins-note").textContent = "(equal-width over (0, max act]; examples drawn uniformly within a bin)";
+    if (!data.quantiles.length) qbox.appendChild(el("p", "muted", "No firing tokens."));
+    data.quantiles.slice().reverse().forEach(function (q) {
+      var sec = el("div", "bin");
+      sec.appendChild(el("h3", null, "activation " + fmt(q.lo) + " – " + fmt(q.hi) +
+        (q.count !== undefined ? " · ≈" + q.count + " firing tokens" : "")));
+      var box = el("div", "examples");
+      if (!q.examples.length) box.appendChild(el("p", "muted", "none"));
+      q.examples.forEach(function (ex) { box.appendChild(example(ex)); });
+      sec.appendChild(box);
+      qbox.appendChild(sec);
+    });
+    fill("random", data.random, "This unit fires in every scanned context.");
+
+    document.addEventListener("keydown", function (ev) {
+      if (typing(ev) || ev.altKey || ev.ctrlKey || ev.metaKey || ev.shiftKey) return;
+      var k = {ArrowLeft: "prev", ArrowRight: "next"}[ev.key];
+      if (!k) return;
+      var a = document.getElementById(k);
+      if (a.hasAttribute("href")) { ev.preventDefault(); window.location.href = a.href; }
+    });
+  }
+
+  if (document.body.dataset.page === "index") index(); else feature();
+})();
