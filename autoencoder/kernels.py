@@ -1,0 +1,184 @@
+"""A training forward/backward for the L1 (ReLU) SAE that exploits the ReLU's zeros.
+
+    f = ReLU((x − b_dec) W_enc + b_enc);   x̂ = f W_dec + b_dec
+
+At trained sparsity (L0 ~ 32 of thousands of features) almost every entry of f is zero, yet the
+plain autograd step spends 5 of its 6 GEMMs (decoder forward, both decoder gradients, the
+encoder-weight gradient, the input gradient that b_dec needs) multiplying those zeros. Only the
+encoder forward is inherently dense. `l1_sae_forward` keeps that one GEMM and does the rest on
+the active (row, feature) pairs, the way the TopK kernels of OpenAI (`sparse_autoencoder/
+kernels.py`, Gao et al. 2024) and EleutherAI's `sparsify` do, but with a data-dependent number of
+active features per row:
+
+* decoder forward: an `embedding_bag` over each row's active features, weighted by f (a CSR
+  sparse-dense product);
+* ∂L/∂pre only where f > 0: the decoder part `g · W_dec[c]` as a sampled dense-dense product
+  (`torch.sparse.sampled_addmm`, SDDMM), plus the incoming ∂L/∂f gathered at those positions;
+* ∂W_enc = x̄ᵀ·(sparse ∂pre) and ∂W_dec = fᵀ·g as `embedding_bag`s grouped by feature;
+* ∂b_dec through x̄ without the input-gradient GEMM: −W_enc·(∂b_enc), since x̄ = x − b_dec
+  enters every row identically.
+
+When f is dense (a fresh SAE fires on about half its features) the same function runs dense
+GEMMs instead, still skipping the input-gradient GEMM (5 GEMMs where autograd runs 6), in-place
+where it can. `mode="auto"` (the default) picks per batch from the measured density; see
+`sparse_benefit` for the rule and where its threshold comes from. Results equal the dense
+formula up to float summation order (tests/test_kernels.py checks values and all gradients).
+
+On CUDA the default is the plain autograd formula (cuBLAS GEMMs under autocast are fast and the
+sparse ops sync the host for `nonzero`); `mode="sparse"` / `"fused"` still run there, in fp32
+under autocast (not yet timed or tested on a GPU).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+
+MODES = ("auto", "sparse", "fused", "reference")
+
+# Largest density L0 / d_sae at which `auto` takes the sparse path. `python -m tools.bench.sae_step
+# --crossover` times both paths (forward + backward) over densities. On the shared, overloaded
+# 2-core dev machine (fp32, d_in 512, batch 4096, 4096 features; two runs, noisy) the sparse path
+# was 1.6-2.9x faster up to 8%, 1.35x at 12% and about even at 20%. Half the break-even keeps a margin
+# for machines whose GEMMs are relatively faster than their gathers. Trained L1 SAEs sit far below
+# (L0 32 of 4096 = 0.8%), fresh ones far above (~50%).
+SPARSE_MAX_DENSITY = 0.1
+# rows sampled to estimate the batch's density before choosing the path (rows are shuffled)
+_DENSITY_SAMPLE_ROWS = 256
+# forward calls per path taken ("sparse", "fused", "reference"): diagnostics for benches and logs
+path_counts: Counter[str] = Counter()
+
+
+def sparse_benefit(l0: float, d_sae: int, device: str | torch.device = "cpu") -> bool:
+    """True when the sparse path is expected to beat dense GEMMs for this mean L0 (the rule `auto`
+    applies per batch).
+
+    The sparse path's cost grows with the active pairs (B·L0·d_in, at gather/scatter speed), the
+    dense one with B·d_sae·d_in at GEMM speed, so the break-even is a density L0 / d_sae, not an
+    L0; `SPARSE_MAX_DENSITY` says where it was measured. On CUDA: never (module docstring).
+    """
+    if torch.device(device).type != "cpu" or d_sae <= 0:
+        return False
+    return l0 / d_sae < SPARSE_MAX_DENSITY
+
+
+def l1_sae_forward(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor,
+                   b_dec: torch.Tensor, mode: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(x̂, f) of the L1 SAE for a batch `x [B, d_in]`, differentiable w.r.t. all four parameters
+    (and x). `mode`: "auto" (sparse or fused per batch on CPU, reference on CUDA), "sparse",
+    "fused" (dense GEMMs, 5 instead of 6), or "reference" (plain autograd)."""
+    if mode not in MODES:
+        raise ValueError(f"l1_sae_forward mode must be one of {MODES}, not {mode!r}")
+    if x.dim() != 2:
+        raise ValueError(f"l1_sae_forward expects x of shape [batch, d_in], got {tuple(x.shape)}")
+    if mode == "auto" and x.device.type != "cpu":
+        mode = "reference"
+    if mode == "reference":
+        path_counts["reference"] += 1
+        f = F.relu((x - b_dec) @ W_enc + b_enc)
+        return f @ W_dec + b_dec, f
+    return _apply(x, W_enc, b_enc, W_dec, b_dec, mode)
+
+
+@torch.compiler.disable  # data-dependent shapes (nonzero) and a host-side choice: run eagerly
+def _apply(x, W_enc, b_enc, W_dec, b_dec, mode):
+    return _L1SAE.apply(x, W_enc, b_enc, W_dec, b_dec, mode)
+
+
+def _active_pairs(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row-major (row, feature) indices of f's nonzeros and the CSR row pointer [B + 1]."""
+    nz = f.nonzero()
+    rows, cols = nz[:, 0].contiguous(), nz[:, 1].contiguous()
+    crow = torch.zeros(f.shape[0] + 1, dtype=torch.long, device=f.device)
+    torch.cumsum(torch.bincount(rows, minlength=f.shape[0]), 0, out=crow[1:])
+    return rows, cols, crow
+
+
+class _L1SAE(torch.autograd.Function):
+    # under CUDA autocast, run in fp32: the backward's hand-written ops would otherwise mix dtypes
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, mode):  # type: ignore[override]
+        xbar = x - b_dec
+        f = torch.addmm(b_enc, xbar, W_enc).relu_()
+        if mode == "auto":
+            sample = f[:_DENSITY_SAMPLE_ROWS]
+            density = sample.count_nonzero().item() / max(1, sample.numel())
+            mode = "sparse" if density < SPARSE_MAX_DENSITY else "fused"
+        ctx.mode = mode
+        path_counts[mode] += 1
+        ctx.set_materialize_grads(False)  # an unused f must not cost a dense zero gradient
+        if mode == "fused":
+            x_hat = torch.addmm(b_dec, f, W_dec)
+            ctx.save_for_backward(xbar, f, W_enc, W_dec)
+            return x_hat, f
+        rows, cols, crow = _active_pairs(f)
+        vals = f[rows, cols]
+        x_hat = F.embedding_bag(cols, W_dec, crow, mode="sum", per_sample_weights=vals,
+                                include_last_offset=True)
+        x_hat += b_dec
+        ctx.shape = f.shape
+        ctx.save_for_backward(xbar, rows, cols, crow, vals, W_enc, W_dec)
+        return x_hat, f
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, g, G):  # type: ignore[override]
+        need_x = ctx.needs_input_grad[0]
+        if ctx.mode == "fused":
+            xbar, f, W_enc, W_dec = ctx.saved_tensors
+            return (*_fused_backward(g, G, xbar, f, W_enc, W_dec, need_x), None)
+        xbar, rows, cols, crow, vals, W_enc, W_dec = ctx.saved_tensors
+        return (*_sparse_backward(g, G, xbar, rows, cols, crow, vals, W_enc, W_dec, ctx.shape, need_x),
+                None)
+
+
+def _fused_backward(g, G, xbar, f, W_enc, W_dec, need_x):
+    B, d_sae = f.shape
+    if g is None:
+        g = xbar.new_zeros(B, W_dec.shape[1])
+    if G is None:
+        gpre = g @ W_dec.t()
+    else:
+        gpre = torch.addmm(G, g, W_dec.t())  # G may be a broadcast view (e.g. from a sum): fine
+    gpre.masked_fill_(f == 0, 0)  # ReLU'(0) = 0, as autograd's threshold_backward
+    g_W_enc = xbar.t() @ gpre
+    g_b_enc = gpre.sum(0)
+    g_W_dec = f.t() @ g
+    g_b_dec = g.sum(0) - W_enc @ g_b_enc
+    g_x = gpre @ W_enc.t() if need_x else None
+    return g_x, g_W_enc, g_b_enc, g_W_dec, g_b_dec
+
+
+def _sparse_backward(g, G, xbar, rows, cols, crow, vals, W_enc, W_dec, shape, need_x):
+    B, d_sae = shape
+    d_in = xbar.shape[1]
+    if g is None:
+        g = xbar.new_zeros(B, d_in)
+    # ∂L/∂pre at the active pairs: the incoming ∂L/∂f there + g[r] · W_dec[c] (an SDDMM)
+    gpre = G[rows, cols] if G is not None else vals.new_zeros(vals.shape)
+    if vals.numel():
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": the op used is tested here
+            warnings.simplefilter("ignore", UserWarning)
+            pattern = torch.sparse_csr_tensor(crow, cols, gpre, (B, d_sae), check_invariants=False)
+        gpre = torch.sparse.sampled_addmm(pattern, g, W_dec.t()).values()
+    # group the pairs by feature for the weight gradients (∂W = Σ over that feature's rows)
+    # int32 keys sort faster (and dodged a pathologically slow 2-thread int64 sort seen once)
+    cols_sorted, order = torch.sort(cols.to(torch.int32), stable=True)
+    fptr = torch.zeros(d_sae + 1, dtype=torch.long, device=cols.device)
+    torch.cumsum(torch.bincount(cols_sorted, minlength=d_sae), 0, out=fptr[1:])
+    rows_by_f, gpre_by_f = rows[order], gpre[order]
+    g_W_enc = F.embedding_bag(rows_by_f, xbar, fptr, mode="sum", per_sample_weights=gpre_by_f,
+                              include_last_offset=True).t()
+    g_W_dec = F.embedding_bag(rows_by_f, g, fptr, mode="sum", per_sample_weights=vals[order],
+                              include_last_offset=True)
+    g_b_enc = torch.zeros(d_sae, dtype=gpre.dtype, device=gpre.device).index_add_(0, cols, gpre)
+    g_b_dec = g.sum(0) - W_enc @ g_b_enc
+    g_x = None
+    if need_x:
+        g_x = F.embedding_bag(cols, W_enc.t().contiguous(), crow, mode="sum", per_sample_weights=gpre,
+                              include_last_offset=True)
+    return g_x, g_W_enc, g_b_enc, g_W_dec, g_b_dec
