@@ -164,10 +164,24 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, mlp_edit: MlpEdit | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits [B, T, vocab] and, with targets, the mean cross-entropy (targets -1 ignored)."""
-        logits = self.lm_head(self.residual(idx, mlp_edit))
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, mlp_edit: MlpEdit | None = None,
+        return_logits: bool = True, loss_chunk: int = 1024,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Logits [B, T, vocab] and, with targets, the mean cross-entropy (targets -1 ignored).
+
+        `return_logits=False` (with targets) returns `(None, loss)` from the chunked unembedding +
+        cross-entropy of `transformer.lm_loss`, which never holds the full logits: the training path.
+        """
+        x = self.residual(idx, mlp_edit)
+        if targets is not None and not return_logits:
+            from transformer.lm_loss import linear_cross_entropy
+
+            dev = x.device.type
+            cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+            with torch.autocast(dev, enabled=False):
+                return None, linear_cross_entropy(x, self.lm_head.weight, targets, chunk=loss_chunk,
+                                                  compute_dtype=cd)
+        logits = self.lm_head(x)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(
@@ -229,7 +243,10 @@ def load_model(directory: Path, device: str | torch.device = "cpu") -> GPT:
         raise UserError(f"{directory / 'config.json'}: bad `model` section ({e})") from e
     model = GPT(cfg)
     state = load_file(str(weights))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatch: weights from another config
+        raise UserError(f"{weights} does not match config.json ({str(e).splitlines()[-1].strip()})") from e
     missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
         raise UserError(f"{weights} does not match config.json: missing {missing}, unexpected {unexpected}")
