@@ -120,21 +120,22 @@ def summary_table(results: dict[str, Any], run_dir: Path) -> str:
         rows.append(("  loss recovered", _fmt(sae.get("loss_recovered"))))
     for key in sorted(k for k in results if k.startswith("describe/")):
         d = results[key]
-        counts = f"{_fmt(d.get('described'))} / {_fmt(d.get('failed'))}"
-        rows.append((f"{key}: units described / failed", counts))
+        counts = f"{_fmt(d.get('described'))} / {_fmt(d.get('failed'))} / {_fmt(d.get('skipped'))}"
+        rows.append((f"{key}: units described / failed / skipped", counts))
         for score in ("simulation_all", "simulation_top", "detection"):
-            if score in d.get("mean", {}):
-                ctrl = d.get("controls", {})
-                rows.append((
-                    f"  mean {score} (random-description / shuffled controls)",
-                    f"{_fmt(d['mean'][score])} ({_fmt(ctrl.get('random_description', {}).get(score))} / "
-                    f"{_fmt(ctrl.get('shuffled', {}).get(score))})",
-                ))
+            if d.get(f"{score}_mean") is not None:
+                controls = (f"{_fmt(d.get(f'{score}_random_description_mean'))} / "
+                            f"{_fmt(d.get(f'{score}_shuffled_tokens_mean'))}")
+                rows.append((f"  mean {score} (controls: random description / shuffled)",
+                             f"{_fmt(d[f'{score}_mean'])} ({controls})"))
+        if d.get("tokens"):
+            rows.append(("  LLM tokens used", _fmt(d["tokens"])))
     for key, res in results.items():
         rows.append((f"wall time: {key} (s)", _fmt(res.get("seconds"), 1)))
-    sites = [res["site"] for res in results.values() if isinstance(res, dict) and res.get("site")]
-    for site in sites:
-        rows.append(("feature browser", site))
+    total = sum(res.get("seconds") or 0.0 for res in results.values())
+    rows.append(("wall time: all stages run so far (s)", _fmt(total, 1)))
+    sites = dict.fromkeys(res["site"] for res in results.values() if res.get("site"))
+    rows += [("feature browser", site) for site in sites]
     width = max(len(r[0]) for r in rows)
     lines = [f"| {'figure'.ljust(width)} | value |", f"|{'-' * (width + 2)}|-------|"]
     lines += [f"| {name.ljust(width)} | {value} |" for name, value in rows]
