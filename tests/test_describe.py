@@ -15,9 +15,9 @@ import pytest
 from tools.describe import stage
 from tools.describe.exemplars import split_exemplars
 from tools.describe.explainers import explain_baseline, mark_spans, parse_explanation, scale
-from tools.describe.scorers import balanced_accuracy, pearson, score
+from tools.describe.scorers import active_labels, balanced_accuracy, pearson, score
 from tools.describe.simulators import parse_items, parse_values, simulate_baseline
-from tools.describe.synthetic import fires_after, fires_on, fires_randomly, write_features
+from tools.describe.synthetic import fires_after, fires_on, fires_randomly, gelu_like_on, write_features
 from transformer.config import UserError, compose
 
 RULES = [fires_on(" thou"), fires_randomly(), fires_after(" the"), fires_on(" king")]
@@ -80,6 +80,20 @@ def test_score_pools_tokens_and_splits_top_from_all():
     # failed contexts are left out rather than scored as zeros
     s2 = score(kinds, true, [[0, 10, 0], None, [0, 0, 0]], threshold=1.0)
     assert s2["detection"] == 1.0 and s2["simulation_all"] == pytest.approx(1.0)
+
+
+def test_detection_label_is_relative_to_the_unit_max():
+    """A context "activates" the unit when its max > negative_frac x max_act, whatever its kind: a
+    GELU neuron's background (-0.1 .. 0.3) is inactive, a weak quantile context of an SAE feature too."""
+    true = [[0.2, 5.0, -0.1], [0.3, 0.1, -0.1], [0.1, 0.2, 0.25]]
+    assert active_labels(true, 5.0, 0.1) == [True, False, False]
+    assert active_labels(true, 5.0, 0.0) == [True, True, True]  # "ever > 0": a GELU unit has no negatives
+    assert active_labels([[0.0, 0.0]], 0.0, 0.1) == [False]
+    kinds = ["top", "quantile", "random"]
+    preds = [[0, 10, 0], [0, 0, 0], [0, 0, 0]]
+    assert score(kinds, true, preds, threshold=1.0)["detection"] == pytest.approx(0.75)  # by kind
+    s = score(kinds, true, preds, threshold=1.0, active=active_labels(true, 5.0, 0.1))
+    assert s["detection"] == 1.0  # the quantile context is below the threshold: predicted inactive is right
 
 
 # ---- exemplar split ---------------------------------------------------------------------------
@@ -335,3 +349,52 @@ def test_duplicate_unit_index_is_bad_input(tmp_path):
     (folder / "features.jsonl").write_text(line + line)
     with pytest.raises(UserError, match="more than one line"):
         stage.run(cfg_for(tmp_path))
+
+
+def test_gelu_like_neuron_gets_negatives_and_a_detection_score(tmp_path):
+    """A neuron that is never exactly 0 (small values everywhere, large on " thou") has negatives
+    under the relative threshold, is described and gets a high detection score; the controls are lower."""
+    rules = [gelu_like_on(" thou"), fires_on(" king"), fires_after(" the")]
+    folder = write_features(tmp_path, "neurons", rules, unit="neuron", extra={" thou": 0.04})
+    units = [json.loads(x) for x in (folder / "features.jsonl").read_text().splitlines()]
+    gelu = units[0]
+    assert len(gelu["random"]) == 20 and all(max(e["acts"]) > 0 for e in gelu["random"])  # never silent
+    assert all(max(e["acts"]) <= 0.1 * gelu["max_act"] for e in gelu["random"])
+    figures = stage.run(cfg_for(tmp_path, "features.unit=neuron"))
+    assert figures["described"] == 3
+    rec = {r["index"]: r for r in read_lines(tmp_path, "neurons")}[0]
+    assert '" thou"' in rec["description"] and rec["exemplars"]["score_random"] >= 2
+    s = rec["scores"]
+    assert s["detection"] is not None and s["detection"] > 0.9 and s["simulation_all"] > 0.8
+    control = rec["controls"]["random_description"]
+    assert control["detection"] is None or control["detection"] < s["detection"] - 0.3
+    assert control["simulation_all"] < s["simulation_all"] - 0.5
+    summary = json.loads((tmp_path / "descriptions/neurons/summary.json").read_text())
+    assert summary["negative_frac"] == 0.1 and summary["scores"]["detection"]["n"] == 3
+
+
+def test_negative_frac_from_meta_and_units_without_negatives_are_skipped(tmp_path):
+    """negative_frac=0 is the old rule (negatives never fire): the GELU-like neuron then has none
+    and is skipped with describe.min_score_random=2, or scored without detection by default;
+    a meta.json without the key means 0.1."""
+    write_features(tmp_path, "neurons", [gelu_like_on(" thou")], unit="neuron", extra={" thou": 0.04},
+                   negative_frac=0.0)
+    stage.run(cfg_for(tmp_path, "features.unit=neuron", "describe.min_score_random=2"))
+    rec = read_lines(tmp_path, "neurons")[0]
+    assert rec["status"] == "skipped" and "non-firing contexts" in rec["reason"]
+    assert json.loads((tmp_path / "descriptions/neurons/summary.json").read_text())["negative_frac"] == 0.0
+    # by default (min_score_random=0) it is still described and simulated, with no detection score
+    stage.run(cfg_for(tmp_path, "features.unit=neuron"))
+    rec = read_lines(tmp_path, "neurons")[0]
+    assert rec["status"] == "ok" and rec["scores"]["detection"] is None
+    assert rec["scores"]["simulation_top"] > 0.8
+    write_features(tmp_path, "neurons", [gelu_like_on(" thou")], unit="neuron", extra={" thou": 0.04},
+                   negative_frac=None)
+    assert not stage.done(cfg_for(tmp_path, "features.unit=neuron"))
+    stage.run(cfg_for(tmp_path, "features.unit=neuron"))
+    assert read_lines(tmp_path, "neurons")[0]["status"] == "ok"
+    assert json.loads((tmp_path / "descriptions/neurons/summary.json").read_text())["negative_frac"] == 0.1
+    meta = tmp_path / "features/neurons/meta.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "negative_frac": 2}))
+    with pytest.raises(UserError, match="negative_frac"):
+        stage.run(cfg_for(tmp_path, "features.unit=neuron"))

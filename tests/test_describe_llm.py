@@ -269,7 +269,8 @@ def test_bounded_concurrency(tmp_path, fake):
     write_features(tmp_path, "l1", RULES + [fires_on(" king"), fires_on(" lord")], extra={" thou": 0.04})
     fake.delay = 0.05
     stage.run(llm_cfg(tmp_path, fake.url, "describe.concurrency=3", "describe.controls=false",
-                      "describe.score_random=1", "describe.score_top=2", "describe.score_per_bin=0"))
+                      "describe.score_random=1", "describe.min_score_random=1", "describe.score_top=2",
+                      "describe.score_per_bin=0"))
     assert 2 <= fake.max_inflight <= 3
     assert len(records(tmp_path)) == 5
 

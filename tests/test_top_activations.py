@@ -22,6 +22,10 @@ HOSTILE = (
     '"><svg onload="window.__pwned=3"> 日本語 🎉 zero\u200bwidth \u202eRTL override\u202c '
     + "x" * 400 + "\n\ttab & <b>bold</b>"
 )
+# features.negative_frac in the neuron test: a random GPT's neurons are unselective (on these random
+# tokens no context stays below 0.1 x a neuron's max, ~12% stay below 0.5), so a higher threshold
+# exercises the candidate top-up for most neurons
+NEURON_FRAC = 0.5
 DEAD = (-2, -1)  # SAE features made dead in the fixture (the last two)
 
 
@@ -80,8 +84,11 @@ def _all_acts(run_dir: Path, data_dir: Path, unit: str) -> tuple[torch.Tensor, n
         return load_sae(run_dir / "sae" / "tiny_sae").encode(x), toks
 
 
-def _check_against_brute_force(recs: list[dict], f: torch.Tensor, toks: np.ndarray, n_random: int) -> None:
+def _check_against_brute_force(recs: list[dict], f: torch.Tensor, toks: np.ndarray, n_random: int,
+                               cand: np.ndarray, frac: float = 0.1) -> int:
     n_ctx = f.shape[0]
+    cand_set = set(cand.tolist())
+    topped_up = 0
     shown = possible = 0
     for r in recs:
         u = r["index"]
@@ -108,11 +115,19 @@ def _check_against_brute_force(recs: list[dict], f: torch.Tensor, toks: np.ndarr
             assert e["tokens"] == toks[c * T + s: c * T + s + n].tolist()
             assert np.allclose(e["acts"], fu[c, s:s + n].numpy(), atol=2e-4)
             assert e["max"] == pytest.approx(max(e["acts"]), abs=1e-4)
-        for e in r["random"]:
-            assert cmax[e["ctx"]] <= 0  # negatives: the unit is silent in the whole context
-        n_silent = int((cmax <= 0).sum())
-        assert len(r["random"]) == min(n_random, n_silent)
+        # negatives: max over the whole context <= frac x max_act; never-firing contexts come first
+        # (sampled over the whole scan), then candidate contexts under the threshold
+        thr = frac * max(fu.max().item(), 0.0)
+        silent = cmax <= 0
+        under = [c for c in cand_set if 0 < cmax[c] <= thr + 1e-6]
+        n_silent = int(silent.sum())
+        assert len(r["random"]) == min(n_random, n_silent + len(under))
         assert len({e["ctx"] for e in r["random"]}) == len(r["random"])
+        assert sum(bool(silent[e["ctx"]]) for e in r["random"]) == min(n_random, n_silent)
+        for e in r["random"]:
+            assert cmax[e["ctx"]] <= thr + 1e-6
+            assert silent[e["ctx"]] or e["ctx"] in cand_set
+        topped_up += sum(not bool(silent[e["ctx"]]) for e in r["random"])
         # quantile bins: equal width over (0, max], each example's token inside its bin
         if r["max_act"] > 0:
             qs = r["quantiles"]
@@ -129,6 +144,7 @@ def _check_against_brute_force(recs: list[dict], f: torch.Tensor, toks: np.ndarr
             assert r["top"] == [] and r["quantiles"] == [] and r["hist"]["counts"] == []
     assert len(recs) == f.shape[-1] and [r["index"] for r in recs] == list(range(f.shape[-1]))
     assert n_ctx > 0 and shown >= 0.9 * possible, (shown, possible)
+    return topped_up
 
 
 def test_sae_features_match_brute_force(tiny, sae_run):
@@ -139,10 +155,12 @@ def test_sae_features_match_brute_force(tiny, sae_run):
     assert Path(result["site"]).is_file()
     f, toks = _all_acts(run_dir, data_dir, "sae")
     recs = _records(run_dir, "tiny_sae")
-    _check_against_brute_force(recs, f, toks, n_random=20)
+    meta = json.loads((run_dir / "features" / "tiny_sae" / "meta.json").read_text())
+    cand = ta.candidate_contexts(f.shape[0], meta["negative_candidates"], int(cfg.seed))
+    _check_against_brute_force(recs, f, toks, n_random=20, cand=cand)
     for u in (62, 63):
         assert recs[u]["density"] == 0 and recs[u]["top"] == [] and len(recs[u]["random"]) == 20
-    meta = json.loads((run_dir / "features" / "tiny_sae" / "meta.json").read_text())
+    assert meta["negative_frac"] == 0.1 and "never fires" in meta["negatives"]
     assert meta["unit"] == "sae" and meta["n_units"] == 64 and meta["tokens_scanned"] == f.shape[0] * T
     assert meta["sae_metrics"] == {"l0": 3.5, "explained_variance": 0.5}
     assert meta["bins"]["kind"] == "equal-width"
@@ -180,14 +198,25 @@ def test_logit_effects_match_brute_force(tiny, sae_run):
 
 def test_neurons_match_brute_force(tiny, sae_run):
     run_dir, data_dir = tiny
-    cfg = compose(overrides(run_dir, data_dir, "features.unit=neuron", "features.n_random=5"))
+    # fewer candidates than contexts, so the brute force checks the candidate sample is respected
+    cfg = compose(overrides(run_dir, data_dir, "features.unit=neuron", "features.n_random=5",
+                            "features.negative_candidates=30", f"features.negative_frac={NEURON_FRAC}"))
     assert ta.unit_name(cfg) == "neurons"
     result = ta.run(cfg)
     assert result["name"] == "neurons" and result["units"] == 128
     f, toks = _all_acts(run_dir, data_dir, "neuron")
     recs = _records(run_dir, "neurons")
     assert [r["index"] for r in recs] == list(range(128))
-    _check_against_brute_force(recs[:40], f[..., :40], toks, n_random=5)  # a subset keeps this quick
+    meta = json.loads((run_dir / "features" / "neurons" / "meta.json").read_text())
+    assert meta["negative_frac"] == NEURON_FRAC and meta["negative_candidates"] == 30
+    cand = ta.candidate_contexts(f.shape[0], 30, int(cfg.seed))
+    assert len(cand) == 30 and len(set(cand.tolist())) == 30
+    # a subset keeps this quick; GELU neurons are almost never <= 0 over a whole context, so their
+    # negatives are candidates under the threshold
+    topped_up = _check_against_brute_force(recs[:40], f[..., :40], toks, n_random=5, cand=cand,
+                                           frac=NEURON_FRAC)
+    assert topped_up > 0
+    assert sum(len(r["random"]) > 0 for r in recs) > 64, "most neurons should get negatives"
     model = load_model(run_dir / "transformer")
     with torch.no_grad():
         w = model.transformer.h[0].mlp.c_proj.weight[:, 7] * model.transformer.ln_f.weight
@@ -208,7 +237,8 @@ def test_done_tracks_config_and_inputs(tiny, sae_run):
 
 
 def _synthetic_scan(f: torch.Tensor, batch: int, **kw) -> ta.ScanState:
-    st = ta.ScanState(f.shape[-1], kw.get("k", 4), kw.get("m", 5), kw.get("n_random", 3), "cpu", seed=0)
+    st = ta.ScanState(f.shape[-1], kw.get("k", 4), kw.get("m", 5), kw.get("n_random", 3), "cpu", seed=0,
+                      n_ctx=f.shape[0], candidates=kw.get("candidates", 8))
     for c0 in range(0, f.shape[0], batch):
         st.update(f[c0:c0 + batch], c0)
     return st
@@ -222,10 +252,13 @@ def test_state_is_exact_and_batch_invariant():
     f = torch.relu(torch.randn(n_ctx, 16, F, generator=g))
     f *= torch.exp2(torch.arange(n_ctx, dtype=torch.float32) / 4)[:, None, None]  # growing max: R doubles
     a, b = _synthetic_scan(f, 1), _synthetic_scan(f, n_ctx)
-    for key in ("maxv", "scale", "hist", "top_v", "top_c", "top_p"):
+    for key in ("maxv", "scale", "hist", "top_v", "top_c", "top_p", "cand_ctx", "cand_max"):
         assert torch.equal(a.tensors[key], b.tensors[key]), key
     assert torch.equal(a.count, (f > 0).sum((0, 1)))
     cmax, carg = f.max(1)
+    # the candidate negatives' table: each sampled context's max per unit
+    assert torch.equal(a.cand_ctx, torch.from_numpy(ta.candidate_contexts(n_ctx, 8, 0)))
+    assert torch.equal(a.cand_max, cmax[a.cand_ctx])
     assert torch.equal(a.top_p, carg.t().gather(1, a.top_c))  # where each top context's max is
     assert torch.allclose(a.total, b.total)
     for u in range(F):
@@ -320,3 +353,20 @@ def test_pages_subset_and_resumable_site(tmp_path):
     assert [p.name for p in (site / "feature").iterdir()] == ["0.html"]
     assert (run_dir / "features" / "tiny_sae" / "features.jsonl").stat().st_mtime_ns == before
     assert math.isfinite(json.loads((run_dir / "features" / "tiny_sae" / "meta.json").read_text())["alive"])
+
+
+def test_top_up_negatives_leave_other_units_unchanged(tmp_path):
+    """Without candidates, negatives are only never-firing contexts (the earlier rule); with them, a
+    unit short of n_random gets extra negatives appended, and every other example stays the same."""
+    run_dir, data_dir = make_run(tmp_path, n_features=16)
+    ta.run(compose(overrides(run_dir, data_dir, "features.negative_candidates=0", "features.pages=[0]")))
+    before = _records(run_dir, "tiny_sae")
+    ta.run(compose(overrides(run_dir, data_dir, "features.pages=[0]", "features.negative_frac=0.3")))
+    after = _records(run_dir, "tiny_sae")
+    changed = 0
+    for x, y in zip(before, after, strict=True):
+        assert {k: v for k, v in x.items() if k != "random"} == {k: v for k, v in y.items() if k != "random"}
+        assert y["random"][:len(x["random"])] == x["random"]
+        changed += len(y["random"]) > len(x["random"])
+        assert len(y["random"]) == 20 or len(x["random"]) < 20
+    assert changed > 0

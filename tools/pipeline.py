@@ -17,6 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from tools.html.sweep import render_sweep_index
 from transformer.config import stage_main, typed
 from transformer.files import read_json, write_json
 
@@ -94,6 +95,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             write_json(state_path, state)
         if stage.module == "autoencoder.train":
             sae_names[stage.key] = results[stage.key]["name"]
+    if pcfg.sweep_l1_coeffs:
+        saes = [{**results[slot], "l1_coeff": coeff, **{
+            k: v for k, v in results.get(f"describe/{slot}", {}).items() if k == "simulation_all_mean"}}
+            for slot, coeff in ((f"sae/{i}", c) for i, c in enumerate(pcfg.sweep_l1_coeffs))]
+        results["sweep"] = {"site": str(render_sweep_index(run_dir, saes))}
     table = summary_table(results, run_dir)
     (run_dir / "summary.md").write_text(table + "\n", encoding="utf-8")
     print(table)

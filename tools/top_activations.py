@@ -12,7 +12,12 @@ size does not grow with the tokens scanned:
   (0, max_act] (as in Anthropic 2023's activation intervals); each example is drawn uniformly from
   the firing tokens whose activation falls in the bin (weights = bin count / sampled, so partially
   covered histogram bins are not over-represented), preferring contexts not already shown;
-* a uniform sample of contexts where the unit never fires (negatives for scoring);
+* negatives for scoring, contexts where the unit stays at or below `negative_frac` x its own
+  final max activation: a uniform sample of the contexts where it never fires (kept per unit, over
+  the whole scan; an SAE feature's usual negatives), topped up at the end from a uniform sample of
+  candidate contexts shared by all units, whose per-context max of every unit is kept ([candidates
+  x units]), since the threshold is known only once the pass is over. A GELU neuron is almost never
+  <= 0 over a whole context, so its negatives come from the candidates;
 * density (fraction of tokens with activation > 0) and the mean activation over firing tokens.
 
 Windows (`window` tokens each side, shifted to stay inside the context so every window has the
@@ -43,6 +48,9 @@ from transformer.files import atomic_path, config_hash, read_json, sha256_file, 
 FORMAT_META = "monosemantic.features/1"
 HIST_BINS = 64  # internal histogram resolution (see the module docstring)
 UNITS = ("sae", "neuron")
+NEGATIVES = ("contexts whose max activation is <= {frac} x the unit's max_act: first a uniform sample of "
+             "the contexts where the unit never fires (> 0 nowhere), then, if fewer than n_random, random "
+             "contexts under the threshold among {cand} candidate contexts sampled uniformly up front")
 
 
 @dataclass
@@ -57,7 +65,9 @@ class FeaturesConfig:
     top_k: int = 20  # top contexts per unit, by max activation
     bins: int = 10  # equal-width activation bins over (0, max_act]
     per_bin: int = 5  # examples per bin
-    n_random: int = 20  # random contexts where the unit does not fire
+    n_random: int = 20  # random negative contexts (max activation <= negative_frac x the unit's max)
+    negative_frac: float = 0.1  # a context is a negative when its max is <= this x the unit's max_act
+    negative_candidates: int = 512  # contexts sampled up front whose per-unit max is kept (top-up negatives)
     window: int = 32  # tokens on each side of the hit
     logit_k: int = 10  # top positive and negative logit effects
     unit_chunk: int = 1024  # units whose examples are built together (bounds memory)
@@ -70,12 +80,14 @@ class FeaturesConfig:
         for key in ("batch_tokens", "top_k", "bins", "per_bin", "logit_k", "unit_chunk"):
             if getattr(self, key) < 1:
                 raise UserError(f"features.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("n_random", "window", "layer"):
+        for key in ("n_random", "window", "layer", "negative_candidates"):
             if getattr(self, key) < 0:
                 raise UserError(f"features.{key} must be >= 0, got {getattr(self, key)}")
         for key in ("contexts", "context_len"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise UserError(f"features.{key} must be >= 1 or null, got {getattr(self, key)}")
+        if not 0 <= self.negative_frac < 1:
+            raise UserError(f"features.negative_frac must be in [0, 1), got {self.negative_frac}")
         if self.dtype not in ("float32", "bfloat16"):
             raise UserError(f"features.dtype must be float32 or bfloat16, not {self.dtype!r}")
         return self
@@ -124,6 +136,8 @@ class ScanState:
     device: str
     seed: int
     nonneg: bool = False  # activations are never negative (SAE features): skips the f > 0 pass
+    n_ctx: int = 0  # contexts the scan will see (candidates are drawn from 0 .. n_ctx - 1)
+    candidates: int = 0  # candidate negative contexts whose per-unit max is kept
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -142,7 +156,12 @@ class ScanState:
             res_tok=torch.zeros(F * G * m, dtype=torch.int64, device=dev),  # ctx * T + pos
             neg_key=torch.full((F, self.n_random), inf, device=dev),
             neg_c=torch.full((F, self.n_random), -1, dtype=torch.int64, device=dev),
+            # candidate negatives: fixed-size rows (unused ones have ctx -1), O(candidates x units)
+            cand_ctx=torch.full((self.candidates,), -1, dtype=torch.int64, device=dev),
+            cand_max=torch.zeros(self.candidates, F, device=dev),
         )
+        self._cand = candidate_contexts(self.n_ctx, self.candidates, self.seed)
+        self.tensors["cand_ctx"][:len(self._cand)] = torch.from_numpy(self._cand).to(dev)
         self.gen = torch.Generator(device=dev).manual_seed(self.seed)
 
     def __getattr__(self, name: str) -> torch.Tensor:
@@ -184,6 +203,11 @@ class ScanState:
                 kept = s["neg_c"][neg].gather(1, ni.clamp(max=n - 1))
                 s["neg_c"][neg] = torch.where(ni >= n, ni - n + ctx0, kept)
                 s["neg_key"][neg] = nk
+        # candidate negatives in this batch: keep their per-unit max (the threshold is known at the end)
+        i0, i1 = np.searchsorted(self._cand, [ctx0, ctx0 + B])
+        if i1 > i0:
+            rows_c = torch.from_numpy(self._cand[i0:i1] - ctx0).to(f.device)
+            s["cand_max"][i0:i1] = cmax.index_select(0, rows_c)
         # firing tokens: counts, sums, histogram, per-bin samples
         flat = f.view(-1)
         # an SAE's f is >= 0, so its nonzeros are its firing tokens (one pass fewer than f > 0)
@@ -267,7 +291,37 @@ class ScanState:
         out = {k: v.cpu().numpy() for k, v in self.tensors.items()}
         out["count"] = self.count.cpu().numpy()
         out["T"] = np.array(getattr(self, "T", 1))
+        out["seed"] = np.array(self.seed)
         return out
+
+
+def candidate_contexts(n_ctx: int, n: int, seed: int) -> np.ndarray:
+    """A uniform sample (without replacement, sorted) of min(n, n_ctx) context indices; Floyd's
+    algorithm in numpy's choice keeps this O(n), not O(n_ctx)."""
+    n = min(n, n_ctx)
+    if n <= 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.sort(np.random.default_rng([seed, 1]).choice(n_ctx, size=n, replace=False)).astype(np.int64)
+
+
+def pick_negatives(st: dict[str, np.ndarray], u: int, n_random: int, frac: float,
+                   rng: np.random.Generator) -> tuple[list[int], list[int]]:
+    """Up to n_random contexts whose max is <= frac x the unit's max_act: (never-firing contexts
+    sampled over the whole scan, uniform among those; then, if fewer, random candidate contexts
+    under the threshold, uniform among the candidates that qualify, drawn with `rng`)."""
+    if n_random == 0:
+        return [], []
+    negs = [int(c) for c in st["neg_c"][u][np.isfinite(st["neg_key"][u])]]
+    need = n_random - len(negs)
+    extra: list[int] = []
+    if need > 0 and st["cand_ctx"].size:
+        thr = frac * max(float(st["maxv"][u]), 0.0)
+        ok = (st["cand_ctx"] >= 0) & (st["cand_max"][:, u] <= thr)
+        taken = set(negs)
+        pool = np.array([c for c in st["cand_ctx"][ok].tolist() if c not in taken], dtype=np.int64)
+        if pool.size:
+            extra = [int(c) for c in rng.choice(pool, size=min(need, pool.size), replace=False)]
+    return negs, extra
 
 
 # ---- choosing the examples ------------------------------------------------------------------------
@@ -523,7 +577,8 @@ def scan(inp: Inputs, fc: FeaturesConfig, seed: int, device: str) -> tuple[ScanS
     """One pass over the contexts; returns the state and the tokens/s of the pass."""
     acts = UnitActs(inp, fc.dtype)
     state = ScanState(inp.n_units, min(fc.top_k, inp.n_ctx), fc.per_bin, fc.n_random, device, seed,
-                      nonneg=inp.sae is not None)
+                      nonneg=inp.sae is not None, n_ctx=inp.n_ctx,
+                      candidates=fc.negative_candidates if fc.n_random else 0)
     B = max(1, fc.batch_tokens // inp.T)
     t0 = time.perf_counter()
     bar = tqdm(range(0, inp.n_ctx, B), desc=f"scan ({inp.n_units} units)", unit="batch", leave=False)
@@ -583,6 +638,8 @@ def scan_and_write(cfg: DictConfig, fc: FeaturesConfig, name: str, inp: Inputs, 
         "bins": {"kind": "equal-width", "n": fc.bins, "per_bin": fc.per_bin,
                  "over": "(0, max_act] of firing-token activations; examples uniform within a bin"},
         "n_random": fc.n_random, "layer": inp.layer,
+        "negatives": NEGATIVES.format(frac=fc.negative_frac, cand=min(fc.negative_candidates, inp.n_ctx)),
+        "negative_frac": fc.negative_frac, "negative_candidates": min(fc.negative_candidates, inp.n_ctx),
         "hook_name": f"blocks.{inp.layer}.mlp.hook_post",
         "sae_metrics": _sae_metrics(cfg, name) if fc.unit == "sae" else None,
         "density_log10_histogram": {"edges": [float(e) for e in edges],
@@ -623,8 +680,11 @@ def plan_examples(st: dict[str, np.ndarray], u: int, fc: FeaturesConfig, inp: In
     fired = st["top_v"][u] > 0
     top = [(int(c), int(p)) for c, p in zip(st["top_c"][u][fired], st["top_p"][u][fired], strict=True)]
     q = quantile_picks(st, u, fc.bins, fc.per_bin, {c for c, _ in top}, rng)
-    negs = st["neg_c"][u][np.isfinite(st["neg_key"][u])] if fc.n_random else np.array([], dtype=np.int64)
-    rand = [(int(c), int(rng.integers(inp.T))) for c in negs]
+    # top-ups draw from their own per-unit stream, so units that need none (most SAE features) get
+    # exactly the examples they got before negatives were topped up
+    top_up = np.random.default_rng([int(st["seed"]), 2, u])
+    negs, extra = pick_negatives(st, u, fc.n_random, fc.negative_frac, top_up)
+    rand = [(c, int(rng.integers(inp.T))) for c in negs] + [(c, int(top_up.integers(inp.T))) for c in extra]
     return Plan(u, top, q, rand)
 
 

@@ -23,6 +23,7 @@ class Split:
     score_random: list[Example]  # held-out non-firing contexts (negatives)
     dropped: int = 0  # scoring windows dropped because the explainer saw their context
     notes: list[str] = field(default_factory=list)
+    max_act: float | None = None  # the unit's max activation over the scan (for the detection label)
 
     @property
     def score_firing(self) -> list[Example]:
@@ -87,4 +88,6 @@ def split_exemplars(
     seen = {e["ctx"] for e in explain} | {e["ctx"] for e in background}
     kept = [[e for e in group if e["ctx"] not in seen] for group in (s_top, s_q, s_rand)]
     dropped = len(s_top) + len(s_q) + len(s_rand) - sum(len(g) for g in kept)
-    return Split(explain, background, kept[0], kept[1], kept[2], dropped)
+    max_act = record.get("max_act")
+    return Split(explain, background, kept[0], kept[1], kept[2], dropped,
+                 max_act=float(max_act) if isinstance(max_act, (int, float)) else None)

@@ -3,8 +3,10 @@
 Simulation score (Bills et al. 2023): Pearson correlation of simulated and true activations pooled
 over every token of the scoring contexts, signed; `simulation_top` over held-out top contexts only,
 `simulation_all` over top + quantile + random contexts. Detection: balanced accuracy of "does this
-context activate the unit?", predicted as "some simulated activation >= threshold", over firing
-(top, quantile) and non-firing (random) contexts.
+context activate the unit?", predicted as "some simulated activation >= threshold". The true label
+is relative to the unit's own scale (`active_labels`): the context's max activation > negative_frac x
+the unit's max_act, the rule the features stage picks its negatives by, so SAE features (exactly
+0 when silent) and GELU neurons (rarely exactly 0) are labelled alike.
 """
 
 from __future__ import annotations
@@ -45,14 +47,22 @@ def balanced_accuracy(pred: Sequence[bool], truth: Sequence[bool]) -> float | No
     return 0.5 * (sum(pos) / len(pos) + sum(not p for p in neg) / len(neg))
 
 
+def active_labels(true_acts: Sequence[Sequence[float]], max_act: float, negative_frac: float) -> list[bool]:
+    """Whether each context activates the unit: its max activation > negative_frac x max_act."""
+    thr = negative_frac * max(max_act, 0.0)
+    return [max(a) > thr for a in true_acts]
+
+
 def score(
     kinds: Sequence[str],
     true_acts: Sequence[Sequence[float]],
     preds: Sequence[Sequence[float] | None],
     *,
     threshold: float,
+    active: Sequence[bool] | None = None,
 ) -> dict[str, Any]:
-    """All scores for one simulation; contexts whose prediction is None are left out."""
+    """All scores for one simulation; contexts whose prediction is None are left out. `active`: the
+    true detection label per context (default: every non-random context is active)."""
     keep = [i for i, p in enumerate(preds) if p is not None]
     if not keep:
         return {k: None for k in SCORES}
@@ -65,8 +75,8 @@ def score(
         y = [v for i in idx for v in true_acts[i]]
         return pearson(x, y)
 
-    detect = balanced_accuracy([max(preds[i]) >= threshold for i in keep],  # type: ignore[arg-type]
-                               [kinds[i] != "random" for i in keep])
+    truth = [kinds[i] != "random" for i in keep] if active is None else [bool(active[i]) for i in keep]
+    detect = balanced_accuracy([max(preds[i]) >= threshold for i in keep], truth)  # type: ignore[arg-type]
     out = {"simulation_all": pooled({"top", "quantile", "random"}), "simulation_top": pooled({"top"}),
            "detection": detect}
     return {k: (round(v, 4) if v is not None else None) for k, v in out.items()}

@@ -37,13 +37,14 @@ from tools.describe.records import (
     rewrite_records,
     scan_indices,
 )
-from tools.describe.scorers import SCORES, score
+from tools.describe.scorers import SCORES, active_labels, score
 from tools.describe.simulators import LLMSimulator, Simulation, simulate_baseline
 from transformer.config import UserError, stage_main, typed
 from transformer.files import config_hash, read_json, sha256_file, write_json
 
 FORMAT = "monosemantic.descriptions/1"
 CONTROLS = ("random_description", "shuffled_tokens")
+DEFAULT_NEGATIVE_FRAC = 0.1  # features meta.json without `negative_frac` (older scans)
 
 
 @dataclass
@@ -60,7 +61,9 @@ class DescribeConfig:
     score_random: int = 10
     min_explain: int = 3  # fewer explanation exemplars than this -> unit skipped
     min_score_firing: int = 2
-    min_score_random: int = 0  # 0: still score units with no non-firing contexts (detection is then None)
+    # fewer held-out negatives -> unit skipped; 0 keeps units without negatives (no detection score):
+    # GELU neurons rarely stay below negative_frac x max over a whole context
+    min_score_random: int = 0
     # baseline explainer
     fire_frac: float = 0.3  # a position is "active" at >= this fraction of the unit's max activation
     min_count: int = 2
@@ -144,8 +147,10 @@ def unit_name(cfg: DictConfig) -> str:
 
 
 class Describer:
-    def __init__(self, dc: DescribeConfig, client: ChatClient | None, config_hash_: str):
+    def __init__(self, dc: DescribeConfig, client: ChatClient | None, config_hash_: str,
+                 negative_frac: float = DEFAULT_NEGATIVE_FRAC):
         self.dc, self.client, self.config_hash = dc, client, config_hash_
+        self.negative_frac = negative_frac
         self.llm_sim = LLMSimulator(client, top_logprobs=dc.top_logprobs) if dc.simulator == "llm" else None
 
     def split(self, unit: dict[str, Any]) -> Split:
@@ -223,7 +228,10 @@ class Describer:
         failed = sum(p is None for p in sim.preds)
         if sim.not_applicable or failed * 2 > len(contexts):
             return None, sim
-        return score(kinds, acts, sim.preds, threshold=self.dc.detection_threshold), sim
+        # "activates the unit": the features stage's negative rule, relative to the unit's max
+        max_act = split.max_act if split.max_act is not None else max(max(a) for a in acts)
+        active = active_labels(acts, max_act, self.negative_frac)
+        return score(kinds, acts, sim.preds, threshold=self.dc.detection_threshold, active=active), sim
 
     def score_unit(self, index: int, split: Split, expl: Explanation, other: tuple[int, str] | None,
                    usage: Usage) -> dict[str, Any]:
@@ -344,9 +352,21 @@ def _paths(cfg: DictConfig) -> tuple[str, Path, Path]:
     return name, run_dir / "features" / name, run_dir / "descriptions" / name
 
 
-def _config_hash(dc: DescribeConfig, features: Path) -> str:
+def negative_frac(meta: dict[str, Any]) -> float:
+    """The features stage's negative threshold (relative to each unit's max), from its meta.json."""
+    v = meta.get("negative_frac", DEFAULT_NEGATIVE_FRAC)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < 1:
+        raise UserError(f"features meta.json: `negative_frac` must be a number in [0, 1), got {v!r}")
+    return float(v)
+
+
+def _features_meta(feats_dir: Path) -> dict[str, Any]:
+    return read_json(feats_dir / "meta.json", "features meta") if (feats_dir / "meta.json").is_file() else {}
+
+
+def _config_hash(dc: DescribeConfig, features: Path, neg_frac: float = DEFAULT_NEGATIVE_FRAC) -> str:
     fields = asdict(dc)
-    return config_hash({"describe": {k: fields[k] for k in _RESULT_KEYS},
+    return config_hash({"describe": {k: fields[k] for k in _RESULT_KEYS}, "negative_frac": neg_frac,
                         "features": sha256_file(features) if features.is_file() else None})
 
 
@@ -360,8 +380,12 @@ def done(cfg: DictConfig) -> bool:
         summary = read_json(summary_path, "descriptions summary")
     except UserError:
         return False
+    try:
+        neg_frac = negative_frac(_features_meta(feats))
+    except UserError:
+        return False
     return (summary.get("complete") is True and summary.get("config_hash") == _config_hash(
-        dc, feats / "features.jsonl") and summary.get("max_units") == dc.max_units)
+        dc, feats / "features.jsonl", neg_frac) and summary.get("max_units") == dc.max_units)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -369,8 +393,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     name, feats_dir, out = _paths(cfg)
     feats = features_path(feats_dir)
     indices = scan_indices(feats, dc.max_units)
-    meta = read_json(feats_dir / "meta.json", "features meta") if (feats_dir / "meta.json").is_file() else {}
-    chash = _config_hash(dc, feats)
+    meta = _features_meta(feats_dir)
+    neg_frac = negative_frac(meta)
+    chash = _config_hash(dc, feats, neg_frac)
     path = out / "descriptions.jsonl"
     out.mkdir(parents=True, exist_ok=True)
     if dc.overwrite and path.exists():
@@ -395,7 +420,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             client = ChatClient(base_url=dc.base_url, model=str(dc.model), api_key_env=dc.api_key_env,
                                 timeout=dc.timeout, max_retries=dc.max_retries, backoff=dc.backoff,
                                 concurrency=dc.concurrency, cache_dir=out / "cache" if dc.cache else None)
-        describer = Describer(dc, client, chash)
+        describer = Describer(dc, client, chash, neg_frac)
         writer = RecordWriter(path)
         workers = dc.concurrency if client is not None else 1
         chunk: list[dict[str, Any]] = []
@@ -418,6 +443,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                "unit": meta.get("unit") or OmegaConf.select(cfg, "features.unit", default="sae"),
                "explainer": dc.explainer, "simulator": dc.simulator,
                "model": dc.model if uses_llm(dc) else "baseline", "seed": dc.seed, "max_units": dc.max_units,
+               "negative_frac": neg_frac,
                "config_hash": chash, **summarize(final, len(indices))}
     summary["usage_this_run"] = client.usage.as_dict() if client else {}
     write_json(out / "summary.json", summary)

@@ -3,7 +3,9 @@
 Each unit is a rule over token strings (fires on " thou"; fires on the token after " the"; fires
 at random), applied to random word sequences; the records are built the way docs/formats.md says
 the features stage builds them (top contexts, quantile bins of the max activation, non-firing
-random contexts), so a describer that works here has not been tuned to one feature.
+random contexts), so a describer that works here has not been tuned to one feature. Negatives
+follow the features stage's rule: contexts whose max is <= negative_frac x the unit's max, so a
+GELU-like neuron (small nonzero values everywhere) gets them too.
 """
 
 from __future__ import annotations
@@ -40,6 +42,14 @@ def fires_randomly(p: float = 0.03) -> Rule:
     return rule
 
 
+def gelu_like_on(word: str) -> Rule:
+    """A GELU neuron's profile: small negative/positive values on every token (never exactly 0),
+    large on `word`."""
+    def rule(strs: list[str], rng: np.random.Generator) -> list[float]:
+        return [float(rng.uniform(3, 6)) if s == word else float(rng.uniform(-0.17, 0.3)) for s in strs]
+    return rule
+
+
 def contexts(n: int, length: int, seed: int, extra: dict[str, float] | None = None) -> list[list[str]]:
     """Random word sequences; `extra` raises the frequency of given words (e.g. {" thou": 0.05})."""
     rng = np.random.default_rng(seed)
@@ -52,7 +62,8 @@ def contexts(n: int, length: int, seed: int, extra: dict[str, float] | None = No
 
 
 def unit_record(index: int, ctxs: list[list[str]], rule: Rule, seed: int, *, top_k: int = 20,
-                bins: int = 3, per_bin: int = 4, n_random: int = 20) -> dict[str, Any]:
+                bins: int = 3, per_bin: int = 4, n_random: int = 20, negative_frac: float = 0.1
+                ) -> dict[str, Any]:
     rng = np.random.default_rng([seed, index])
     acts = [rule(strs, rng) for strs in ctxs]
 
@@ -71,7 +82,8 @@ def unit_record(index: int, ctxs: list[list[str]], rule: Rule, seed: int, *, top
             inside = [c for c in firing if lo < maxes[c] <= hi]
             pick = rng.permutation(inside)[:per_bin] if inside else []
             quantiles.append({"lo": float(lo), "hi": float(hi), "examples": [example(int(c)) for c in pick]})
-    silent = [c for c in range(len(ctxs)) if maxes[c] <= 0]
+    thr = negative_frac * max(float(maxes.max()), 0.0)
+    silent = [c for c in range(len(ctxs)) if maxes[c] <= thr]
     random_ex = [example(int(c)) for c in rng.permutation(silent)[:n_random]]
     positive = np.concatenate([np.array(a)[np.array(a) > 0] for a in acts]) if firing else np.zeros(0)
     n_tokens = sum(len(a) for a in acts)
@@ -82,15 +94,20 @@ def unit_record(index: int, ctxs: list[list[str]], rule: Rule, seed: int, *, top
 
 
 def write_features(run_dir: str | Path, name: str, rules: list[Rule], *, n_ctx: int = 300, length: int = 24,
-                   seed: int = 0, extra: dict[str, float] | None = None, unit: str = "sae") -> Path:
-    """Write run_dir/features/<name>/{features.jsonl,meta.json} for the given rules; returns the folder."""
+                   seed: int = 0, extra: dict[str, float] | None = None, unit: str = "sae",
+                   negative_frac: float | None = 0.1) -> Path:
+    """Write run_dir/features/<name>/{features.jsonl,meta.json} for the given rules; returns the folder.
+    negative_frac=None writes a meta.json without the key (as older scans did; describe assumes 0.1)."""
     ctxs = contexts(n_ctx, length, seed, extra)
     folder = Path(run_dir) / "features" / name
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "features.jsonl", "w", encoding="utf-8") as f:
         for i, rule in enumerate(rules):
-            f.write(json.dumps(unit_record(i, ctxs, rule, seed)) + "\n")
+            frac = 0.1 if negative_frac is None else negative_frac
+            f.write(json.dumps(unit_record(i, ctxs, rule, seed, negative_frac=frac)) + "\n")
     meta = {"format": "monosemantic.features_meta/1", "unit": unit, "name": name, "n_units": len(rules),
             "split": "val", "contexts": n_ctx, "tokens_scanned": n_ctx * length, "window": length}
+    if negative_frac is not None:
+        meta["negative_frac"] = negative_frac
     (folder / "meta.json").write_text(json.dumps(meta, indent=2))
     return folder

@@ -1,0 +1,48 @@
+"""End to end: the demo pipeline at reduced size, its summary's figures, and a rerun that skips."""
+
+import math
+
+from tools import pipeline
+from transformer.config import compose
+
+SMALL = [
+    "transformer.max_steps=100", "transformer.eval_interval=50", "transformer.checkpoint_interval=50",
+    "activations.contexts=512", "activations.val_contexts=128",
+    "sae.n_features=1024", "sae.steps=300", "sae.resample_steps=[150]", "sae.resample_window=100",
+    "sae.eval_every=150", "sae.checkpoint_every=150",
+    "features.contexts=128", "describe.max_units=256",
+    "pipeline.sweep_l1_coeffs=[0.5,1.0]",
+]
+
+
+def test_demo_pipeline_end_to_end(tmp_path, capsys):
+    cfg = compose(["preset=demo", f"run_dir={tmp_path / 'run'}", f"data_dir={tmp_path / 'data'}", *SMALL])
+    results = pipeline.run(cfg)
+    out = capsys.readouterr().out
+
+    lm = results["transformer"]
+    assert lm["val_loss"] < lm["unigram_entropy_nats"] - 0.3, lm
+    for slot in ("sae/0", "sae/1"):
+        sae = results[slot]
+        for key in ("l0", "explained_variance", "dead_fraction", "loss_recovered"):
+            assert math.isfinite(sae[key]), (slot, key, sae[key])
+        assert 0 < sae["loss_recovered"] <= 1.05 and sae["l0"] > 0 and sae["explained_variance"] > 0
+    # a larger L1 coefficient gives a sparser dictionary
+    assert results["sae/1"]["l0"] < results["sae/0"]["l0"]
+    for key in ("describe/sae/0", "describe/neurons"):
+        d = results[key]
+        assert d["described"] > 0
+        assert d["simulation_all_mean"] > d["simulation_all_random_description_mean"] + 0.1, d
+    run = tmp_path / "run"
+    for name in (results["sae/0"]["name"], results["sae/1"]["name"], "neurons"):
+        assert (run / "features" / name / "site" / "index.html").is_file()
+        assert (run / "descriptions" / name / "descriptions.jsonl").is_file()
+    assert (run / "sweep" / "index.html").is_file()
+    assert "| LM val loss" in out and (run / "summary.md").read_text().startswith("| figure")
+
+    # A rerun finds every stage complete for this config and skips it.
+    again = pipeline.run(cfg)
+    out = capsys.readouterr().out
+    n_stages = len(pipeline.plan(cfg, pipeline.PipelineConfig(sweep_l1_coeffs=[0.5, 1.0])))
+    assert out.count("complete, skipped") == n_stages, out
+    assert again["transformer"] == results["transformer"]
