@@ -6,6 +6,9 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_DISABLE_GIT", "true")
@@ -13,3 +16,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `from wandb_readback import read_offline_run`
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread is much faster than a thread pool on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,14 +20,7 @@ from autoencoder.sae import (
 from autoencoder.train import SAETrainConfig, make_optimizer, make_step
 from transformer.config import UserError
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is much faster than a thread pool on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def l1_sae(d_in=2, d_sae=2, kernel="dense") -> L1SAE:

@@ -10,14 +10,7 @@ from autoencoder.resample import load_resample_set, resample_dead
 from autoencoder.sae import L1SAE, SAEModelConfig
 from transformer.config import UserError
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is much faster than a thread pool on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trained_sae_and_adam(d_in=4, d_sae=6):
