@@ -133,7 +133,7 @@ def summary_table(results: dict[str, Any], run_dir: Path) -> str:
                 controls = (f"{_fmt(d.get(f'{score}_random_description_mean'))} / "
                             f"{_fmt(d.get(f'{score}_shuffled_tokens_mean'))}")
                 rows.append((f"  mean {score} (controls: random description / shuffled)",
-                             f"{_fmt(d[f'{score}_mean'])} ({controls})"))
+                             f"{_fmt(d[f'{score}_mean'])} ({controls}), n={_fmt(d.get(f'{score}_n'))}"))
         if d.get("tokens"):
             rows.append(("  LLM tokens used", _fmt(d["tokens"])))
     for key, res in results.items():

@@ -334,6 +334,7 @@ def flat_figures(summary: dict[str, Any]) -> dict[str, Any]:
     for k in SCORES:
         out[f"{k}_mean"] = summary["scores"][k]["mean"]
         out[f"{k}_median"] = summary["scores"][k]["median"]
+        out[f"{k}_n"] = summary["scores"][k]["n"]
         for c in CONTROLS:
             out[f"{k}_{c}_mean"] = summary["controls"][c][k]["mean"]
     u = summary["usage"]
