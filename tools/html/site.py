@@ -175,9 +175,12 @@ def _page(rec: dict, meta: dict, desc: dict | None, prev: int | None, nxt: int |
     }
 
 
-def _fill(template: str, **values: str) -> str:
+def _fill(template: str, *, title: str, static: str = "", **values: str) -> str:
+    """A page from `template` and the shared `head.html`; `static` is the path up to the site root."""
+    head = Template((TEMPLATES / "head.html").read_text(encoding="utf-8"))
+    head_html = head.substitute(csp=html.escape(CSP), title=title, static=static)
     page = Template((TEMPLATES / template).read_text(encoding="utf-8"))
-    return page.substitute(csp=html.escape(CSP), **values)
+    return page.substitute(head=head_html, title=title, **values)
 
 
 def _iter_features(path: Path):
@@ -238,7 +241,7 @@ def render_site(run_dir: Path, name: str) -> Path:
         svg = svg_histogram(hist.get("edges") or [], hist.get("counts") or [], label="activation",
                             title=f"Activation histogram of unit {u} (firing tokens)")
         page = _fill("feature.html", title=f"{'Neuron' if meta.get('unit') == 'neuron' else 'Feature'} {u}"
-                     f" · {title_name}", data=embed_json(data), hist_svg=svg)
+                     f" · {title_name}", static="../", data=embed_json(data), hist_svg=svg)
         (tmp / "feature" / f"{u}.html").write_text(page, encoding="utf-8")
     index_data = {"name": meta.get("name", name), "unit": meta.get("unit"), "n_units": n_units,
                   "tokens_scanned": meta.get("tokens_scanned"), "contexts": meta.get("contexts"),

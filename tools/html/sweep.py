@@ -20,7 +20,7 @@ def _scatter(points: list[tuple[float, float, str]], width: int = 560, height: i
     points = [(x, y, label) for x, y, label in points if x > 0 and math.isfinite(x) and math.isfinite(y)]
     if not points:
         return '<p class="muted">no finished SAE to plot</p>'
-    pad_l, pad_r, pad_t, pad_b = 50, 20, 10, 36
+    pad_l, pad_r, pad_t, pad_b = 50, 60, 20, 36
     lx = [math.log10(x) for x, _, _ in points]
     ys = [y for _, y, _ in points]
     x0, x1 = min(lx) - 0.1, max(lx) + 0.1
