@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tools.html.sweep import render_sweep_index
 from transformer.config import stage_main, typed
-from transformer.files import read_json, write_json
+from transformer.files import atomic_path, read_json, write_json
 
 
 @dataclass
@@ -96,12 +96,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if stage.module == "autoencoder.train":
             sae_names[stage.key] = results[stage.key]["name"]
     if pcfg.sweep_l1_coeffs:
-        saes = [{**results[slot], "l1_coeff": coeff, **{
-            k: v for k, v in results.get(f"describe/{slot}", {}).items() if k == "simulation_all_mean"}}
-            for slot, coeff in ((f"sae/{i}", c) for i, c in enumerate(pcfg.sweep_l1_coeffs))]
+        saes = []
+        for i, coeff in enumerate(pcfg.sweep_l1_coeffs):
+            described = results.get(f"describe/sae/{i}", {})
+            saes.append({**results[f"sae/{i}"], "l1_coeff": coeff,
+                         "simulation_all_mean": described.get("simulation_all_mean")})
         results["sweep"] = {"site": str(render_sweep_index(run_dir, saes))}
-    table = summary_table(results, run_dir)
-    (run_dir / "summary.md").write_text(table + "\n", encoding="utf-8")
+    table = summary_table(results)
+    with atomic_path(run_dir / "summary.md") as tmp:
+        tmp.write_text(table + "\n", encoding="utf-8")
     print(table)
     return results
 
@@ -112,7 +115,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return "-" if value is None else str(value)
 
 
-def summary_table(results: dict[str, Any], run_dir: Path) -> str:
+def summary_table(results: dict[str, Any]) -> str:
     """A Markdown table of the figures that matter, from the stages' summaries."""
     rows: list[tuple[str, str]] = []
     lm = results.get("transformer", {})

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tools.bench.report import print_figures
+
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -96,8 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     finally:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
-    for k, v in figures.items():
-        print(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+    print_figures(figures)
     return figures
 
 

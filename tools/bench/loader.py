@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tools.bench.report import print_figures
+
 
 def rss_mb() -> tuple[float, float]:
     """(current, peak) resident set size in MB, from /proc (Linux)."""
@@ -166,8 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     finally:
         if temp:
             shutil.rmtree(directory, ignore_errors=True)
-    for k, v in figures.items():
-        print(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+    print_figures(figures)
     return figures
 
 
