@@ -1,0 +1,183 @@
+"""Pass-1 and pass-2 machinery of activation generation: the context plan, the scatter of rows into
+bucket files with checkpoints, and the per-bucket shuffle into shards (autoencoder.generate drives it).
+
+Everything is a function of the seed (contexts, positions, scatter, permutations), so a killed run
+resumes to the same bytes, and the shards of several hook points generated together hold their rows
+in the same order (row i of every hook's shards is the same token).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from autoencoder import shards
+from transformer.config import UserError
+from transformer.files import read_json, write_json
+
+SPLITS = ("train", "val")
+CHUNK = 1024  # contexts drawn per RNG stream, so the sample does not depend on batch size or ranks
+WORK_FORMAT = "monosemantic.activations-work/1"
+
+
+class ContextPlan:
+    """Start offsets and kept positions of every context, from per-chunk RNG streams."""
+
+    def __init__(self, seed: int, split: str, n_tokens: int, context_len: int, per_context: int):
+        self.seed, self.split_id = seed, SPLITS.index(split)
+        self.n_tokens, self.L, self.T = n_tokens, context_len, per_context
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _chunk(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if k not in self._cache:
+            rng = np.random.default_rng([self.seed, self.split_id, 1, k])
+            starts = rng.integers(0, self.n_tokens - self.L + 1, size=CHUNK, dtype=np.int64)
+            keys = rng.random((CHUNK, self.L), dtype=np.float32)
+            # T distinct positions per context, uniformly: the T smallest of L random keys
+            pos = keys.argsort(axis=1) if self.T == self.L else np.argpartition(keys, self.T - 1, axis=1)
+            self._cache = {k: (starts, pos[:, : self.T].astype(np.int64))}
+        return self._cache[k]
+
+    def get(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        starts, pos = [], []
+        c = lo
+        while c < hi:
+            k, i = divmod(c, CHUNK)
+            n = min(hi - c, CHUNK - i)
+            s, p = self._chunk(k)
+            starts.append(s[i:i + n])
+            pos.append(p[i:i + n])
+            c += n
+        return np.concatenate(starts), np.concatenate(pos)
+
+
+def resample_indices(seed: int, split: str, total_rows: int, n: int) -> np.ndarray:
+    """Sorted global row ids of the resampling subset: uniform, without replacement."""
+    if n <= 0:
+        return np.zeros(0, np.int64)
+    rng = np.random.default_rng([seed, SPLITS.index(split), 2])
+    return np.sort(rng.choice(total_rows, size=min(n, total_rows), replace=False)).astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------ pass 1
+
+
+class Scatter:
+    """Pass 1 on one rank: rows -> random bucket files, plus this rank's part of the resample set."""
+
+    def __init__(self, work: Path, key: str, n_shards: int, d_in: int, budget_bytes: int,
+                 res_ids: np.ndarray, seed: int, split: str, rank: int):
+        self.work, self.key, self.S, self.d = work, key, n_shards, d_in
+        self.budget, self.res_ids = budget_bytes, res_ids
+        self.seed, self.split_id, self.rank = seed, SPLITS.index(split), rank
+        self.buffers: list[list[np.ndarray]] = [[] for _ in range(n_shards)]
+        self.buffered = 0
+        self.progress_path = work / "progress.json"
+        state = read_json(self.progress_path) if self.progress_path.is_file() else None
+        if state is None or state.get("key") != key:
+            if work.exists():
+                shutil.rmtree(work)
+            work.mkdir(parents=True)
+            state = {"format": WORK_FORMAT, "key": key, "pass": 1, "batches": 0,
+                     "bucket_rows": [0] * n_shards, "shards": {}}
+        self.state = state
+        self.bucket_rows = list(state["bucket_rows"])
+        if state["pass"] == 1:
+            for k, rows in enumerate(self.bucket_rows):  # drop anything written after the checkpoint
+                p = self.bucket(k)
+                want = rows * d_in * 2
+                if want == 0:
+                    p.unlink(missing_ok=True)
+                    continue
+                if not p.is_file() or p.stat().st_size < want:
+                    raise UserError(f"{p}: shorter than its checkpoint ({want} bytes); "
+                                    f"delete {work} to restart")
+                os.truncate(p, want)
+        res_path = work / "resample.npy"
+        if len(res_ids) and not res_path.is_file():
+            shape = (len(res_ids), d_in)
+            np.lib.format.open_memmap(res_path, mode="w+", dtype=np.float16, shape=shape).flush()
+        self.res = np.load(res_path, mmap_mode="r+") if len(res_ids) else None
+
+    def bucket(self, k: int) -> Path:
+        return self.work / f"bucket_{k:05d}.f16"
+
+    def add(self, batch_index: int, first_row: int, x: np.ndarray) -> None:
+        """Scatter one batch (rows `first_row ...` in global order) and keep its resample rows."""
+        if self.res is not None:
+            lo, hi = np.searchsorted(self.res_ids, [first_row, first_row + len(x)])
+            if hi > lo:
+                self.res[lo:hi] = x[self.res_ids[lo:hi] - first_row]
+        rng = np.random.default_rng([self.seed, self.split_id, 3, self.rank, batch_index])
+        dest = rng.integers(0, self.S, size=len(x))
+        order = np.argsort(dest, kind="stable")
+        counts = np.bincount(dest, minlength=self.S)
+        xs = x[order]
+        ends = np.cumsum(counts)
+        for k in np.flatnonzero(counts):
+            self.buffers[k].append(xs[ends[k] - counts[k]:ends[k]])
+        self.buffered += x.nbytes
+
+    def flush(self, batches_done: int) -> None:
+        """Append every buffer to its bucket, make it durable, then checkpoint."""
+        try:
+            for k, parts in enumerate(self.buffers):
+                if not parts:
+                    continue
+                block = np.concatenate(parts) if len(parts) > 1 else parts[0]
+                with open(self.bucket(k), "ab") as f:
+                    f.write(memoryview(np.ascontiguousarray(block)).cast("B"))
+                    f.flush()
+                    os.fsync(f.fileno())
+                self.bucket_rows[k] += len(block)
+                self.buffers[k] = []
+            if self.res is not None:
+                self.res.flush()
+        except OSError as e:
+            raise UserError(f"writing activation buckets in {self.work} failed ({e}); nothing complete "
+                            "was lost: free space and rerun to resume from the last checkpoint") from e
+        self.buffered = 0
+        self.state.update(batches=batches_done, bucket_rows=self.bucket_rows)
+        write_json(self.progress_path, self.state)
+
+
+def pass2(sc: Scatter, first_shard: int, directory: Path, seed: int, split: str, rank: int,
+           tqdm) -> list[dict[str, Any]]:
+    """Each bucket alone in RAM: permute, write as a shard (atomically), checkpoint, drop the bucket."""
+    entries = []
+    for k in tqdm(range(sc.S), desc="shuffle shards", unit="shard", disable=rank != 0):
+        name = shards.shard_name(first_shard + k)
+        entry = sc.state["shards"].get(str(k))
+        path = directory / name
+        if entry is not None and path.is_file():
+            try:
+                shards.check_shard(directory, entry, sc.d)
+                entries.append(entry)
+                continue
+            except UserError:
+                pass  # rewritten below if its bucket is still there
+        rows = sc.bucket_rows[k]
+        if rows == 0:
+            continue
+        bucket = sc.bucket(k)
+        if not bucket.is_file() or bucket.stat().st_size != rows * sc.d * 2:
+            raise UserError(f"{bucket}: missing or not {rows} rows, and {path} is not complete; "
+                            f"delete {sc.work} and rerun to regenerate")
+        x = np.fromfile(bucket, dtype=np.float16).reshape(rows, sc.d)
+        perm = np.random.default_rng([seed, SPLITS.index(split), 5, rank, k]).permutation(rows)
+        step = max(1, (1 << 24) // (sc.d * 2))
+        try:
+            entry = shards.write_shard(path, (x[perm[i:i + step]] for i in range(0, rows, step)), rows, sc.d)
+        except OSError as e:
+            raise UserError(f"writing {path} failed ({e}); completed shards are kept: free space and "
+                            "rerun to resume at this shard") from e
+        del x
+        sc.state["shards"][str(k)] = entry
+        write_json(sc.progress_path, sc.state)
+        bucket.unlink()
+        entries.append(entry)
+    return entries
