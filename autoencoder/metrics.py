@@ -16,6 +16,7 @@ import torch
 
 from autoencoder.sae import SAE, row_sq_error
 from transformer.config import UserError
+from transformer.subject import Subject
 
 DENSE_THRESHOLD = 0.1  # a feature firing on > 10% of tokens is "dense" (Anthropic 2023 uses 1e-1 too)
 LOG_EPS = 1e-10  # SAELens' log10(density + 1e-10) convention for sparsity.safetensors
@@ -118,40 +119,54 @@ def val_contexts(val_bin: Path, n: int, ctx_len: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def nll_scores(model: torch.nn.Module, sae: SAE, contexts: torch.Tensor, layer: int,
-               batch_size: int = 4) -> dict[str, float]:
-    """Next-token loss of the model as is, with the SAE's reconstruction spliced into the MLP hidden
-    state of `layer`, and with that state zero-ablated; loss recovered =
-    (L_zero − L_recon) / (L_zero − L_orig): 1 is a perfect reconstruction, 0 no better than
-    ablating the layer."""
-    device = next(model.parameters()).device
-    totals = {"orig": 0.0, "recon": 0.0, "zero": 0.0}
+def loss_recovered(subject: Subject, sae: SAE, contexts: torch.Tensor, hook: str, batch_size: int = 4,
+                   ablation: str = "zero") -> dict[str, float]:
+    """Next-token loss of the subject as is, with the SAE's reconstruction spliced into `hook`, and
+    with that hook point ablated (`zero`, or `mean`: its mean over these contexts' positions); loss
+    recovered = (L_abl − L_recon) / (L_abl − L_orig): 1 is a perfect reconstruction, 0 no better
+    than ablating the hook point. SAELens' eval names."""
+    if ablation not in ("zero", "mean"):
+        raise UserError(f"ablation must be zero or mean, not {ablation!r}")
+    subject.check_hooks([hook])
+    batches = [contexts[i:i + batch_size].to(subject.device) for i in range(0, contexts.shape[0], batch_size)]
+    mean = None
+    if ablation == "mean":
+        total = None
+        for ctx in batches:
+            v = subject.capture(ctx[:, :-1], [hook])[hook].double().sum((0, 1))
+            total = v if total is None else total + v
+        mean = total / (contexts.shape[0] * (contexts.shape[1] - 1))
+
+    def ablate(h: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(h) if mean is None else mean.to(h.dtype).expand_as(h)
+
+    def splice(h: torch.Tensor) -> torch.Tensor:
+        return sae(h.float()).to(h.dtype)
+
+    totals = {"orig": 0.0, "recon": 0.0, "abl": 0.0}
+    edits = {"orig": None, "recon": {hook: splice}, "abl": {hook: ablate}}
     n_tok = 0
-
-    def splice(mode: str):
-        def edit(i: int, h: torch.Tensor) -> torch.Tensor:
-            if i != layer:
-                return h
-            if mode == "zero":
-                return torch.zeros_like(h)
-            return sae(h.float()).to(h.dtype)
-        return edit
-
-    for i in range(0, contexts.shape[0], batch_size):
-        ctx = contexts[i:i + batch_size].to(device)
-        idx, tgt = ctx[:, :-1].contiguous(), ctx[:, 1:].contiguous()  # GPT.forward views targets
+    for ctx in batches:
+        idx, tgt = ctx[:, :-1].contiguous(), ctx[:, 1:].contiguous()
         n = tgt.numel()
         for mode in totals:
-            _, loss = model(idx, tgt, mlp_edit=None if mode == "orig" else splice(mode))
-            totals[mode] += float(loss) * n
+            totals[mode] += float(subject.loss(idx, tgt, edits[mode])) * n
         n_tok += n
-    l_orig, l_recon, l_zero = (totals[k] / n_tok for k in ("orig", "recon", "zero"))
-    denom = l_zero - l_orig
-    recovered = (l_zero - l_recon) / denom if abs(denom) > 1e-12 else math.nan
-    g = "model_performance_preservation/"  # SAELens' eval names
+    l_orig, l_recon, l_abl = (totals[k] / n_tok for k in ("orig", "recon", "abl"))
+    denom = l_abl - l_orig
+    recovered = (l_abl - l_recon) / denom if abs(denom) > 1e-12 else math.nan
+    g = "model_performance_preservation/"
     return {g + "ce_loss_without_sae": l_orig, g + "ce_loss_with_sae": l_recon,
-            g + "ce_loss_with_ablation": l_zero, g + "ce_loss_score": recovered,
+            g + "ce_loss_with_ablation": l_abl, g + "ce_loss_score": recovered,
             "metrics/loss_recovered": recovered}
+
+
+def nll_scores(model: torch.nn.Module, sae: SAE, contexts: torch.Tensor, layer: int,
+               batch_size: int = 4) -> dict[str, float]:
+    """`loss_recovered` of our GPT's MLP neurons at `layer`, zero-ablated (the trainer's old entry point)."""
+    from transformer.subject import GPTSubject, hook_point
+
+    return loss_recovered(GPTSubject(model), sae, contexts, hook_point("neurons", layer), batch_size)
 
 
 def save_density_histogram(log10_dens: torch.Tensor, path: Path, title: str) -> None:
