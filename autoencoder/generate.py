@@ -259,7 +259,7 @@ def _run(cfg: DictConfig, a: ActivationsConfig, inp: Inputs, rank: int, world: i
         log(f"activations {a.split}: {out_dir(cfg, a.split)} is complete for this config, nothing to do")
         return _summaries({h: (read_json(d / shards.MANIFEST), d) for h, d in dirs.items()}, 0.0)
     device = _device(cfg, rank, world)
-    subject = load_subject(cfg, device)
+    subject = load_subject(cfg, device, inp.spec)
     widths = {h: subject.width(h) for h in dirs}
     headers = {h: {"d_in": widths[h], "dtype": shards.DTYPE, "hook_name": h, "hook": a.hook,
                    "layer": int(h.split(".")[1]), "model": inp.spec.identity, "split": a.split,

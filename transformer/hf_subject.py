@@ -11,8 +11,10 @@ with `{layer}`; its parent is taken as the MLP).
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -186,13 +188,27 @@ def _tokenizer_fingerprint(sc: SubjectConfig, data_dir: str) -> str | None:
     return None
 
 
+_SPECS: dict[tuple, SubjectSpec] = {}  # per process: weights are hashed once while their files stay the same
+
+
 def hf_spec(sc: SubjectConfig, data_dir: str) -> SubjectSpec:
     """An HF subject's spec from its config (no weights loaded), identity with weight hashes."""
-    from transformers import AutoConfig
-
-    from transformer.hf_load import _from_pretrained, model_identity, resolve_model_path
+    from transformer.hf_load import resolve_model_path
 
     path = resolve_model_path(sc, data_dir)
+    files = sorted(Path(path).glob("*")) if Path(path).is_dir() else []
+    key = (path, sc.revision, sc.neuron_module, sc.embedded,
+           tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()))
+    if key not in _SPECS:
+        _SPECS[key] = _hf_spec(sc, data_dir, path)
+    return copy.deepcopy(_SPECS[key])
+
+
+def _hf_spec(sc: SubjectConfig, data_dir: str, path: str) -> SubjectSpec:
+    from transformers import AutoConfig
+
+    from transformer.hf_load import _from_pretrained, model_identity
+
     conf = _from_pretrained(AutoConfig, path, "model config", revision=sc.revision)
     ident = model_identity(sc, data_dir, SimpleNamespace(config=conf))
     ident["architecture"] = conf.model_type

@@ -253,10 +253,11 @@ def subject_spec(cfg: DictConfig) -> SubjectSpec:
     return hf_spec(sc, str(cfg.data_dir))
 
 
-def load_subject(cfg: DictConfig, device: str) -> Subject:
-    """The configured subject on `device` (`subject=gpt`: run_dir/transformer; `subject=hf|smollm2`)."""
+def load_subject(cfg: DictConfig, device: str, spec: SubjectSpec | None = None) -> Subject:
+    """The configured subject on `device` (`subject=gpt`: run_dir/transformer; `subject=hf|smollm2`);
+    `spec`: the subject's spec when the caller has it already."""
     sc = subject_config(cfg)
-    spec = subject_spec(cfg)
+    spec = spec or subject_spec(cfg)
     if sc.kind == "gpt":
         from transformer.model import load_model
 

@@ -1,18 +1,24 @@
-"""Benchmark activation generation: `python -m tools.bench.generate [--device cuda] [--contexts N]`.
+"""Benchmark activation generation: `python -m tools.bench.generate [--subject smollm2] [--device cuda]`.
 
 Compares the rows/s of `autoencoder.generate` (sampling, forward, scatter, shuffle, sha256, disk)
-with a bare `model.mlp_acts` forward over the same batches of contexts, the ceiling it can reach
-(goal: >= 0.8 of it), and reports the MB/s written. A random model of the given shape and random
-tokens stand in for the real ones (timing does not depend on the weights). Prints key=value lines.
+with a bare forward over the same batches of contexts, the ceiling it can reach (goal: >= 0.8 of
+it), and reports the MB/s written. `--subject gpt`: a random GPT of the given shape, and the bare
+forward is `model.mlp_acts`. `--subject smollm2`: the embedded SmolLM2-135M-Instruct (converted
+once into `--data-dir`/models), hook points `--hook` x `--layers`, and the bare forward is the
+Subject's capture of those hook points alone (the forward that stops after the last hooked layer,
+inputs already on the device). Random tokens stand in for a corpus (timing does not depend on
+them). Prints key=value lines.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,41 +26,74 @@ import torch
 from tools.bench.report import print_figures
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--subject", choices=("gpt", "smollm2"), default="gpt")
     p.add_argument("--device", default="auto")
-    p.add_argument("--contexts", type=int, default=512)
-    p.add_argument("--block-size", type=int, default=256)
-    p.add_argument("--tokens-per-context", type=int, default=200)
-    p.add_argument("--n-embd", type=int, default=128, help="d_in = 4 x n_embd (512 as in Anthropic 2023)")
-    p.add_argument("--batch-contexts", type=int, default=64)
+    p.add_argument("--contexts", type=int, default=None, help="default: 512 (gpt), 64 (smollm2)")
+    p.add_argument("--block-size", type=int, default=None, help="default: 256 (gpt), 128 (smollm2)")
+    p.add_argument("--tokens-per-context", type=int, default=None, help="default: 200 (gpt), 32 (smollm2)")
+    p.add_argument("--n-embd", type=int, default=128, help="gpt: d_in = 4 x n_embd (512, Anthropic 2023)")
+    p.add_argument("--hook", default="neurons", help="smollm2: neurons | mlp_out | resid_post")
+    p.add_argument("--layers", default="0,10", help="smollm2: comma-separated layers")
+    p.add_argument("--data-dir", default="data", help="smollm2: where data_dir/models holds the conversion")
+    p.add_argument("--batch-contexts", type=int, default=None, help="default: 64 (gpt), 16 (smollm2)")
     p.add_argument("--rows-per-shard", type=int, default=65536)
     p.add_argument("--dir", default=None, help="scratch folder (default: a temporary one, removed after)")
     args = p.parse_args(argv)
+    small = args.subject == "smollm2"
+    for key, gpt, hf in (("contexts", 512, 64), ("block_size", 256, 128), ("tokens_per_context", 200, 32),
+                         ("batch_contexts", 64, 16)):
+        if getattr(args, key) is None:
+            setattr(args, key, hf if small else gpt)
+    return args
 
+
+def _setup(args: argparse.Namespace, root: Path, device: str) -> tuple[list[str], int, Any]:
+    """Model + tokens under `root`; returns the overrides, the vocab and the bare forward `f(idx)`."""
+    (root / "data" / "bench").mkdir(parents=True, exist_ok=True)
+    if args.subject == "gpt":
+        from transformer.model import GPT, GPTConfig, save_model
+
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=args.block_size, n_embd=args.n_embd, n_head=4, vocab_size=50304))
+        save_model(model, root / "run" / "transformer")
+        model = model.to(device).eval()
+        return [], 50257, model.mlp_acts
+    from transformer.config import compose
+    from transformer.hf_load import convert_embedded
+    from transformer.subject import hook_point, load_subject
+
+    convert_embedded("smollm2-135m-instruct", args.data_dir)
+    os.symlink(Path(args.data_dir).resolve() / "models", root / "data" / "models")
+    layers = [int(x) for x in args.layers.split(",")]
+    over = ["subject=smollm2", f"activations.hook={args.hook}", f"activations.layers=[{args.layers}]"]
+    subject = load_subject(compose([f"data_dir={root / 'data'}", *over]), device)
+    hooks = subject.check_hooks([hook_point(args.hook, layer) for layer in layers])
+    return over, subject.vocab_size, lambda idx: subject.capture(idx, hooks)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    args = _args(argv)
     from autoencoder import generate
     from transformer.config import compose, resolve_device
-    from transformer.model import GPT, GPTConfig, save_model
 
     device = resolve_device(args.device)
     root = Path(args.dir or tempfile.mkdtemp(prefix="bench-generate-"))
     try:
-        torch.manual_seed(0)
-        model = GPT(GPTConfig(block_size=args.block_size, n_embd=args.n_embd, n_head=4, vocab_size=50304))
-        save_model(model, root / "run" / "transformer")
-        (root / "data" / "bench").mkdir(parents=True, exist_ok=True)
-        tokens = np.random.default_rng(0).integers(0, 50257, 2_000_000, dtype=np.uint16)
+        over, vocab, bare_forward = _setup(args, root, device)
+        tokens = np.random.default_rng(0).integers(0, vocab, 2_000_000, dtype=np.uint16)
         tokens.tofile(root / "data" / "bench" / "train.bin")
         cfg = compose([f"run_dir={root / 'run'}", f"data_dir={root / 'data'}", "data.name=bench",
                        f"device={device}", f"activations.contexts={args.contexts}",
+                       f"activations.block_size={args.block_size}",
                        f"activations.tokens_per_context={args.tokens_per_context}",
                        f"activations.batch_contexts={args.batch_contexts}",
-                       f"activations.rows_per_shard={args.rows_per_shard}", "activations.resample_rows=8192"])
+                       f"activations.rows_per_shard={args.rows_per_shard}", "activations.resample_rows=8192",
+                       *over])
         rows = args.contexts * args.tokens_per_context
-        d_in = 4 * args.n_embd
 
-        # the ceiling: the same batches through mlp_acts alone, inputs already on the device
-        model = model.to(device).eval()
+        # the ceiling: the same batches through the bare forward alone, inputs already on the device
         plan = generate.ContextPlan(int(cfg.seed), "train", len(tokens), args.block_size,
                                     args.tokens_per_context)
         batches = []
@@ -62,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             starts, _ = plan.get(lo, min(lo + args.batch_contexts, args.contexts))
             idx = tokens[starts[:, None] + np.arange(args.block_size)].astype(np.int64)
             batches.append(torch.from_numpy(idx).to(device))
-        model.mlp_acts(batches[0])  # warm-up
+        bare_forward(batches[0])  # warm-up
 
         def sync() -> None:
             if device.startswith("cuda"):
@@ -71,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         sync()
         t0 = time.perf_counter()
         for idx in batches:
-            model.mlp_acts(idx)
+            bare_forward(idx)
         sync()
         bare = time.perf_counter() - t0
 
@@ -79,16 +118,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         summary = generate.run(cfg)
         full = time.perf_counter() - t0
         out_dir = root / "run" / "activations" / "train"
-        written = sum(f.stat().st_size for f in out_dir.glob("*.npy"))
+        written = sum(f.stat().st_size for f in out_dir.rglob("shard_*.npy"))
         figures = {
-            "device": device, "rows": rows, "d_in": d_in, "block_size": args.block_size,
+            "subject": args.subject, "device": device, "rows": rows, "block_size": args.block_size,
+            "hook_points": len(summary.get("hooks", [None])),
             "bare_forward_rows_per_s": rows / bare,
             "generate_rows_per_s": rows / full,
             "generate_vs_bare": bare / full,
             "goal_generate_vs_bare": 0.8,
             "output_mb": written / 1e6,
             # pass 1 writes every row once to a bucket, pass 2 once to its shard
-            "disk_write_mb_per_s": 2 * rows * d_in * 2 / 1e6 / full,
+            "disk_write_mb_per_s": 2 * written / 1e6 / full,
             "output_mb_per_s": written / 1e6 / full,
             "shards": summary["shards"],
             "pass1_scatter_s": summary.get("pass1_s", float("nan")),
