@@ -58,3 +58,16 @@ def test_gpt_entry_point_matches_the_models_own_edit():
     assert out[G + "ce_loss_without_sae"] == pytest.approx(float(l_orig), rel=1e-6)
     assert out[G + "ce_loss_with_ablation"] == pytest.approx(float(l_zero), rel=1e-6)
     assert loss_recovered(GPTSubject(model), torch.nn.Identity(), ctx, "blocks.0.mlp.hook_post")[KEY] == 1.0
+
+
+def test_val_contexts_read_the_dtype_of_meta_json(tmp_path):
+    import numpy as np
+
+    from autoencoder.metrics import val_contexts
+    from transformer.files import write_json
+
+    ids = np.arange(70_000, 70_100, dtype=np.uint32)  # beyond uint16
+    ids.tofile(tmp_path / "val.bin")
+    write_json(tmp_path / "meta.json", {"dtype": "uint32"})
+    ctx = val_contexts(tmp_path / "val.bin", 3, 9)
+    assert ctx.shape == (3, 10) and int(ctx[0, 0]) == 70_000 and int(ctx[-1, -1]) == 70_099
