@@ -27,7 +27,8 @@ def corpus(tmp_path: Path, n_web: int = 40, n_chat: int = 40) -> Path:
         (c / "web" / f"w{i:03d}.txt").write_text(f"web page {i}: the quick brown fox.", encoding="utf-8")
     with open(c / "chat.jsonl", "w", encoding="utf-8") as f:
         for i in range(n_chat):
-            conv = [{"role": "user", "content": f"question {i}?"}, {"role": "assistant", "content": f"answer {i}."}]
+            conv = [{"role": "user", "content": f"question {i}?"},
+                    {"role": "assistant", "content": f"answer {i}."}]
             f.write(json.dumps({"id": i, "conversation": conv}) + "\n")
     return c
 
