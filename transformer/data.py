@@ -63,7 +63,8 @@ def open_tokens(folder: str | Path, split: str, *, fingerprint: str | None = Non
     path = folder / f"{split}.bin"
     if not path.is_file():
         raise UserError(f"token file not found: {path} (run transformer.prepare first)")
-    meta = token_meta(folder) if (folder / "meta.json").is_file() or fingerprint else {}
+    # a bare .bin (no meta.json: hand-made in tests and tools) is GPT-2's uint16 layout
+    meta = token_meta(folder) if (folder / "meta.json").is_file() else {}
     dtype = token_dtype(meta, folder)
     size = path.stat().st_size
     if size < dtype.itemsize:
