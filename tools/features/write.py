@@ -101,7 +101,7 @@ def build_examples(plan: Plan, wins: dict, inp: Inputs, text, L: int, w: int, ma
                      "examples": [example(u, c, p) for c, p in ex]})
     return {
         "top" if sign > 0 else "bottom": [example(u, c, p) for c, p in plan.top],
-        "quantiles": bins,
+        "quantiles": bins if sign > 0 else bins[::-1],  # ascending by activation on both sides
         "random": [example(u, c, p) for c, p in plan.random],
     }
 
