@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,14 +62,25 @@ def window_acts(plans: dict[int, Plan] | Iterable[Plan], acts: UnitActs, inp: In
     return out
 
 
-def build_examples(plan: Plan, wins: dict, inp: Inputs, text, L: int, w: int, maxv: float,
-                   cache: dict[tuple[int, int], tuple[list[int], list[str]]],
-                   sign: int = 1) -> dict[str, Any]:
-    """The Example dicts of one unit (docs/formats.md); `cache` holds decoded windows by (ctx, start).
+@dataclass
+class Windows:
+    """What the examples of a chunk of units are cut from: tokens, window activations, token text."""
+
+    inp: Inputs
+    wins: dict[tuple[int, int, int], np.ndarray]  # (unit, ctx, start) -> activations (window_acts)
+    text: Any  # tools.tokens.TokenText
+    L: int  # window length
+    w: int  # tokens each side of the hit
+    cache: dict[tuple[int, int], tuple[list[int], list[str]]] = field(default_factory=dict)  # decoded
+
+
+def build_examples(plan: Plan, win: Windows, maxv: float, sign: int = 1) -> dict[str, Any]:
+    """The Example dicts of one unit (docs/formats.md).
 
     `sign` -1: the negative side (plan from the negated scan): `bottom` examples with `min`, bins
     below 0; `maxv` is then the largest magnitude below 0.
     """
+    inp, text, L, w, cache, wins = win.inp, win.text, win.L, win.w, win.cache, win.wins
     T = inp.T
     # activations kept to ~4 significant digits of the unit's max (decimals, so zeros stay short)
     decimals = 4 if maxv <= 0 else min(12, max(2, 4 - math.floor(math.log10(maxv))))
@@ -137,7 +148,7 @@ def scan_and_write(cfg: DictConfig, fc: FeaturesConfig, name: str, inp: Inputs, 
             plans = {u: plan_examples(st, u, fc, inp.T, rng) for u in units}
             neg_plans = {u: plan_examples(sn, u, fc, inp.T, rng_neg) for u in units} if sn is not None else {}
             wins = window_acts([*plans.values(), *neg_plans.values()], acts, inp, L, fc.window, device)
-            texts: dict[tuple[int, int], tuple[list[int], list[str]]] = {}  # windows shared by units
+            win = Windows(inp, wins, text, L, fc.window)  # decoded windows are shared by units
             for u in units:
                 rec = {
                     "index": u, **_side_stats(st, u, tokens_scanned, 1),
@@ -146,14 +157,13 @@ def scan_and_write(cfg: DictConfig, fc: FeaturesConfig, name: str, inp: Inputs, 
                                 for t, v in zip(pos_i[u], pos_v[u], strict=True)],
                         "neg": [{"id": int(t), "str": text.single(int(t)), "value": _sig(v)}
                                 for t, v in zip(neg_i[u], neg_v[u], strict=True)]},
-                    **build_examples(plans[u], wins, inp, text, L, fc.window, float(st["maxv"][u]), texts),
+                    **build_examples(plans[u], win, float(st["maxv"][u])),
                     "act_quantiles": act_quantiles(st, sn, u, tokens_scanned, fc.act_quantiles,
                                                    nonpos_known=inp.sae is not None),
                 }
                 if sn is not None:
                     rec["neg"] = {**_side_stats(sn, u, tokens_scanned, -1),
-                                  **build_examples(neg_plans[u], wins, inp, text, L, fc.window,
-                                                   float(sn["maxv"][u]), texts, sign=-1)}
+                                  **build_examples(neg_plans[u], win, float(sn["maxv"][u]), sign=-1)}
                 fh.write(_dumps(rec) + "\n")
     counts = st["count"]
     alive = int((counts > 0).sum())
