@@ -104,3 +104,40 @@ def test_smollm2_known_ids(tmp_path):
         "Hello world! The capital of France is Paris.", add_special_tokens=False).ids == ids
     assert b"".join(tok.token_bytes(i) for i in tok.encode(TEXT)) == TEXT.encode("utf-8")
     assert tok.encode(tok.chat([{"role": "user", "content": "Hi"}]), special=True)[:2] == [1, 9690]
+
+
+@pytest.mark.slow
+def test_smollm2_prepares_chat_with_its_template(tmp_path):
+    folder = Path(SMOLLM2)
+    if not (folder / "tokenizer.json").is_file():
+        pytest.skip(f"no converted SmolLM2 folder at {folder} (set MONOSEMANTIC_SMOLLM2)")
+    import json
+
+    import numpy as np
+
+    from transformer import prepare
+    from transformer.config import compose
+    from transformer.data import open_tokens, token_dir
+
+    (tmp_path / "web").mkdir()
+    for i in range(6):
+        (tmp_path / "web" / f"{i}.txt").write_text(f"The capital of France is Paris. ({i})", encoding="utf-8")
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"messages": conv}) + "\n" for _ in range(6)))
+    cfg = compose([f"data_dir={tmp_path / 'data'}", "data.num_proc=2", f"data.cache_dir={tmp_path / 'hf'}",
+                   "subject=hf", f"subject.model={folder}", "data=mix", "data.val_fraction=0.2",
+                   f"data.sources=[{{name: web, files: '{tmp_path}/web/*.txt'}},"
+                   f"{{name: chat, files: '{tmp_path}/chat.jsonl'}}]"])
+    prepare.run(cfg)
+    out = token_dir(cfg)
+    meta = json.loads((out / "meta.json").read_text())
+    assert out.name == "mix--smollm2-135m-instruct" and meta["vocab_size"] == 49152
+    assert meta["dtype"] == "uint16" and meta["eot_id"] == 0
+    ids = np.concatenate([np.asarray(open_tokens(out, s)) for s in ("train", "val", "test")]).tolist()
+    tok = HFTokenizer(folder)
+    # each conversation: the template's system turn first (<|im_start|> = 1, "system" = 9690)
+    assert ids.count(1) == 6 * 3 and ids.count(0) == 12
+    assert tok.decode(ids).count("<|im_start|>assistant\nHello!<|im_end|>") == 6
+    assert tok.decode(ids).count("The capital of France is Paris.") == 6
+    i = ids.index(1)
+    assert ids[i:i + 2] == [1, 9690]
