@@ -7,8 +7,8 @@ import json
 
 import numpy as np
 import pytest
+from test_top_activations import _all_acts, _check_against_brute_force, _records, make_run, overrides
 
-from tests.test_top_activations import _all_acts, _check_against_brute_force, _records, make_run, overrides
 from tools import top_activations as ta
 from transformer.config import compose
 

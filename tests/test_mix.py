@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_tokenizers import byte_level, wide
 
-from tests.tiny_tokenizers import byte_level, wide
 from transformer import prepare
 from transformer.config import UserError, compose
 from transformer.data import open_tokens, token_dir

@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
+from tiny_tokenizers import byte_level, sentencepiece_style
 
-from tests.tiny_tokenizers import byte_level, sentencepiece_style
 from tools.tokens import TokenText
 from transformer.config import UserError
 from transformer.subject_config import SubjectConfig
