@@ -25,3 +25,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def smollm2_data_dir(tmp_path_factory) -> Path:
+    """A data_dir holding the embedded SmolLM2-135M-Instruct, converted once per test session
+    (~40-70 s). MONOSEMANTIC_TEST_DATA_DIR names a folder to keep the conversion across sessions."""
+    from transformer.hf_load import convert_embedded
+
+    keep = os.environ.get("MONOSEMANTIC_TEST_DATA_DIR")
+    data_dir = Path(keep) if keep else tmp_path_factory.mktemp("smollm2")
+    convert_embedded("smollm2-135m-instruct", data_dir)
+    return data_dir
