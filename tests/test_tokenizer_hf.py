@@ -3,7 +3,6 @@ sentencepiece-style with byte fallback), GPT-2 through the same interface, and S
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -81,17 +80,17 @@ def test_load_tokenizer_by_subject(tmp_path):
         HFTokenizer(tmp_path)
 
 
-SMOLLM2 = os.environ.get("MONOSEMANTIC_SMOLLM2", "/work/models_data/models/smollm2-135m-instruct")
+SMOLLM2 = SubjectConfig(kind="hf", embedded="smollm2-135m-instruct")
 
 
 @pytest.mark.slow
-def test_smollm2_known_ids(tmp_path):
-    folder = Path(SMOLLM2)
-    if not (folder / "tokenizer.json").is_file():
-        hf_load = pytest.importorskip("transformer.hf_load")
-        folder = Path(hf_load.resolve_model_path(SubjectConfig(kind="hf", embedded="smollm2-135m-instruct"),
-                                                 tmp_path))
-    tok = HFTokenizer(folder)
+def test_smollm2_known_ids(smollm2_data_dir):
+    from transformer.hf_load import converted_dir
+
+    folder = converted_dir("smollm2-135m-instruct", smollm2_data_dir)
+    tok = load_tokenizer(SMOLLM2, smollm2_data_dir)
+    assert tok.name == "smollm2-135m-instruct" and Path(tok.path) == folder
+    assert tok.fingerprint == HFTokenizer(folder).fingerprint
     assert tok.vocab_size == 49152 and tok.dtype == "uint16" and tok._style == "bytelevel"
     vocab = tok.tok.get_vocab()
     assert (vocab["<|endoftext|>"], vocab["<|im_start|>"], vocab["<|im_end|>"]) == (0, 1, 2)
@@ -107,10 +106,7 @@ def test_smollm2_known_ids(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_prepares_chat_with_its_template(tmp_path):
-    folder = Path(SMOLLM2)
-    if not (folder / "tokenizer.json").is_file():
-        pytest.skip(f"no converted SmolLM2 folder at {folder} (set MONOSEMANTIC_SMOLLM2)")
+def test_smollm2_prepares_chat_with_its_template(tmp_path, smollm2_data_dir):
     import json
 
     import numpy as np
@@ -118,6 +114,9 @@ def test_smollm2_prepares_chat_with_its_template(tmp_path):
     from transformer import prepare
     from transformer.config import compose
     from transformer.data import open_tokens, token_dir
+    from transformer.hf_load import converted_dir
+
+    folder = converted_dir("smollm2-135m-instruct", smollm2_data_dir)
 
     (tmp_path / "web").mkdir()
     for i in range(6):

@@ -125,7 +125,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             meta["config"] = {**meta.get("config", {}), "pages": fc.pages}
             write_json(meta_path, meta)
     else:
-        info = {**tok.describe(), **({"path": tok.path} if getattr(tok, "path", None) else {})}
+        info = tok.describe()
         meta = scan_and_write(cfg, fc, name, inp, out, chash, TokenText(tok), {"tokenizer_info": info})
     index = render_site(run_dir, name)
     secs = time.perf_counter() - t0

@@ -390,7 +390,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if by_source:
         extra["tokens_by_source"] = by_source
     ident = _identity(d, tok, sc.chat_prefix)
-    info = {**tok.describe(), **({"path": tok.path} if getattr(tok, "path", None) else {})}
+    info = tok.describe()
     meta = {
         "format": FORMAT, "tokenizer": tok.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
         "dtype": tok.dtype, "tokenizer_info": info, "chat_prefix": sc.chat_prefix,

@@ -20,18 +20,20 @@ from tqdm import tqdm
 from transformer.files import atomic_path
 from transformer.tokenizer import Tokenizer
 
+Spec = tuple[str, str, str | None, str | None]
+
 
 @functools.lru_cache(maxsize=4)
-def _worker_tokenizer(spec: tuple[str, str, str | None]) -> Tokenizer:
-    """A tokenizer rebuilt from (kind, name, path) once per worker process."""
+def _worker_tokenizer(spec: Spec) -> Tokenizer:
+    """A tokenizer rebuilt from (kind, name, path, revision) once per worker process."""
     from transformer.tokenizer import HFTokenizer, TiktokenTokenizer
 
-    kind, name, path = spec
-    return HFTokenizer(path, name=name) if kind == "hf" else TiktokenTokenizer(name)
+    kind, name, path, revision = spec
+    return HFTokenizer(path, name=name, revision=revision) if kind == "hf" else TiktokenTokenizer(name)
 
 
-def spec_of(tok: Tokenizer) -> tuple[str, str, str | None]:
-    return tok.kind, tok.name, getattr(tok, "path", None)
+def spec_of(tok: Tokenizer) -> Spec:
+    return tok.kind, tok.name, getattr(tok, "path", None), getattr(tok, "revision", None)
 
 
 def render(tok: Tokenizer, text: str | None, messages: str | None, chat_prefix: bool) -> tuple[str, bool]:
@@ -43,8 +45,7 @@ def render(tok: Tokenizer, text: str | None, messages: str | None, chat_prefix: 
     return text or "", False
 
 
-def _tokenize(batch: dict[str, list], spec: tuple[str, str, str | None],
-              chat_prefix: bool) -> dict[str, list]:
+def _tokenize(batch: dict[str, list], spec: Spec, chat_prefix: bool) -> dict[str, list]:
     tok = _worker_tokenizer(spec)
     n = len(batch["text"])
     msgs = batch.get("messages") or [None] * n

@@ -121,9 +121,13 @@ class Tokenizer:
         return "uint16" if self.vocab_size <= 1 << 16 else "uint32"
 
     def describe(self) -> dict[str, Any]:
-        """What meta.json records about the tokenizer."""
-        return {"kind": self.kind, "name": self.name, "vocab_size": self.vocab_size,
-                "eot_id": self.eot_id, "fingerprint": self.fingerprint}
+        """What meta.json records about the tokenizer (`tokenizer_info`; enough to rebuild it)."""
+        out = {"kind": self.kind, "name": self.name, "vocab_size": self.vocab_size,
+               "eot_id": self.eot_id, "fingerprint": self.fingerprint}
+        for k in ("path", "revision"):
+            if getattr(self, k, None):
+                out[k] = getattr(self, k)
+        return out
 
 
 class TiktokenTokenizer(Tokenizer):
@@ -176,19 +180,24 @@ _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
 class HFTokenizer(Tokenizer):
-    """A Hugging Face tokenizer from a local folder (byte-level BPE or sentencepiece-style)."""
+    """A Hugging Face tokenizer (byte-level BPE or sentencepiece-style): a loaded
+    `PreTrainedTokenizerBase`, or a local folder / cached hub name loaded without network."""
 
     kind = "hf"
 
-    def __init__(self, folder: str | os.PathLike, name: str | None = None):
-        from transformers import AutoTokenizer
+    def __init__(self, source: Any, name: str | None = None, revision: str | None = None):
+        self.revision = revision
+        if isinstance(source, (str, os.PathLike)):
+            from transformers import AutoTokenizer
 
-        self.path = str(folder)
-        try:
-            self.tok = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-        except Exception as e:
-            raise UserError(f"could not load a Hugging Face tokenizer from {self.path}: "
-                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+            self.path = str(source)
+            try:
+                self.tok = AutoTokenizer.from_pretrained(self.path, local_files_only=True, revision=revision)
+            except Exception as e:
+                raise UserError(f"could not load a Hugging Face tokenizer from {self.path}: "
+                                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        else:
+            self.tok, self.path = source, str(source.name_or_path)
         self.name = name or Path(self.path).name
         self.vocab_size = len(self.tok)
         self.special_ids = frozenset(int(i) for i in self.tok.all_special_ids) | frozenset(
@@ -258,25 +267,14 @@ class HFTokenizer(Tokenizer):
         return self.tok.apply_chat_template(messages, tokenize=False)
 
 
-def local_model_folder(sc: Any, data_dir: str | os.PathLike) -> str:
-    """The local folder of an `hf` subject: `subject.model` when it is a folder, else the lead's
-    `transformer.hf_load.resolve_model_path` (hub cache, or the embedded model's converted folder)."""
-    if sc.model and Path(os.path.expanduser(sc.model)).is_dir():
-        return os.path.expanduser(sc.model)
-    try:
-        from transformer.hf_load import resolve_model_path
-    except ImportError as e:
-        raise UserError(f"subject {sc.model or sc.embedded!r} is not a local folder and this checkout "
-                        "has no transformer.hf_load to resolve it") from e
-    return str(resolve_model_path(sc, data_dir))
-
-
 def load_tokenizer(sc: Any, data_dir: str | os.PathLike) -> Tokenizer:
     """The tokenizer of a subject (transformer.subject_config.SubjectConfig): GPT-2 for `gpt`, the
     model's own (from its local folder) for `hf`."""
     if sc.kind == "gpt":
         return TiktokenTokenizer("gpt2")
-    return HFTokenizer(local_model_folder(sc, data_dir), name=subject_slug(sc))
+    from transformer.hf_load import load_hf_tokenizer  # folder, embedded model, or cache / hub
+
+    return HFTokenizer(load_hf_tokenizer(sc, data_dir), name=subject_slug(sc), revision=sc.revision)
 
 
 def subject_slug(sc: Any) -> str:
@@ -292,7 +290,7 @@ def subject_slug(sc: Any) -> str:
 def tokenizer_from_record(rec: dict[str, Any]) -> Tokenizer:
     """Rebuild the tokenizer a meta.json's `tokenizer_info` describes (for the site), fingerprint-checked."""
     if rec.get("kind") == "hf":
-        tok: Tokenizer = HFTokenizer(rec["path"], name=rec.get("name"))
+        tok: Tokenizer = HFTokenizer(rec["path"], name=rec.get("name"), revision=rec.get("revision"))
     else:
         tok = TiktokenTokenizer(str(rec.get("name") or "gpt2"))
     want = rec.get("fingerprint")
