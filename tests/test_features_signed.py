@@ -10,7 +10,7 @@ import pytest
 from test_top_activations import _all_acts, _check_against_brute_force, _records, make_run, overrides
 
 from tools import top_activations as ta
-from transformer.config import compose
+from transformer.config import UserError, compose
 
 FRAC = 0.5
 
@@ -107,3 +107,12 @@ def test_site_shows_both_sides_and_the_layer(neuron_run):
     assert 'id="bottom"' in page and 'id="neg-quantiles"' in page
     index = (site / "index.html").read_text(encoding="utf-8")
     assert "layer 0" in index
+
+
+def test_tokens_of_another_tokenizer_are_refused(tmp_path):
+    run_dir, data_dir = make_run(tmp_path, n_features=8)
+    meta = {"format": "monosemantic.tokens/1", "tokenizer": "other", "dtype": "uint16",
+            "tokenizer_info": {"kind": "hf", "name": "other", "fingerprint": "ab" * 32}}
+    (data_dir / "tiny" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"prepared with tokenizer 'other' \(fingerprint abababababab\)"):
+        ta.run(compose(overrides(run_dir, data_dir, "features.unit=neuron")))

@@ -80,6 +80,13 @@ def test_load_tokenizer_by_subject(tmp_path):
         HFTokenizer(tmp_path)
 
 
+def test_uncached_hub_tokenizer_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(UserError, match="'no-such-org/no-such-model' is not a local folder, not in the"):
+        load_tokenizer(SubjectConfig(kind="hf", model="no-such-org/no-such-model"), tmp_path)
+
+
 SMOLLM2 = SubjectConfig(kind="hf", embedded="smollm2-135m-instruct")
 
 
