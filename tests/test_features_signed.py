@@ -116,3 +116,34 @@ def test_tokens_of_another_tokenizer_are_refused(tmp_path):
     (data_dir / "tiny" / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match=r"prepared with tokenizer 'other' \(fingerprint abababababab\)"):
         ta.run(compose(overrides(run_dir, data_dir, "features.unit=neuron")))
+
+
+def test_both_sides_render_in_a_browser(neuron_run, tmp_path):
+    """The neuron page in chromium: no errors, bottom examples and negative bins drawn, shaded blue."""
+    from test_site_browser import CHROMIUM, Watch
+
+    if not CHROMIUM.exists():
+        pytest.skip("needs Debian chromium at /usr/bin/chromium")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from test_site_browser import ARGS
+
+    _, run_dir, _ = neuron_run
+    site = run_dir / "features" / "neurons" / "site"
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        w = Watch(b)
+        w.page.goto((site / "feature" / "1.html").as_uri())
+        assert "layer 0" in w.page.text_content("#heading")
+        assert "min act" in w.page.text_content("#stats")
+        assert w.page.is_visible("#bottom") and w.page.locator("#bottom .ex").count() == 20
+        assert w.page.locator("#neg-quantiles .bin").count() == 10
+        assert "activation quantiles" in w.page.text_content("#act-quantiles")
+        hit = w.page.locator("#bottom .ex").first.locator(".tok.hit")
+        assert "60, 120, 255" in hit.evaluate("e => getComputedStyle(e).backgroundColor")
+        w.page.screenshot(path=str(tmp_path / "neuron-1.png"), full_page=True)
+        w.clean()
+        w.page.goto((site / "index.html").as_uri())
+        assert "layer 0" in w.page.text_content("#summary")
+        assert " / -" in w.page.text_content("#rows tr:first-child")
+        w.clean()
+        b.close()
