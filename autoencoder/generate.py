@@ -40,6 +40,7 @@ from omegaconf import DictConfig
 from autoencoder import shards
 from autoencoder.scatter import CHUNK, SPLITS, WORK_FORMAT, ContextPlan, Scatter, pass2, resample_indices
 from transformer.config import UserError, resolve_device, stage_main, typed
+from transformer.data import open_tokens
 from transformer.files import config_hash, read_json, write_json
 from transformer.subject import HOOK_KINDS, Subject, SubjectSpec, hook_point, load_subject, subject_spec
 
@@ -115,15 +116,9 @@ def _inputs(cfg: DictConfig, a: ActivationsConfig) -> Inputs:
     if not tokens_path.is_file():
         raise UserError(f"tokens not found: {tokens_path} (run transformer.prepare first)")
     meta_path = tokens_path.parent / "meta.json"
-    meta = read_json(meta_path) if meta_path.is_file() else None
-    spec.check_tokens(meta, meta_path)
-    dtype = np.dtype(str((meta or {}).get("dtype", "uint16")))
-    if dtype not in (np.uint16, np.uint32):
-        raise UserError(f"{meta_path}: dtype {dtype} is not uint16 or uint32")
-    size = tokens_path.stat().st_size
-    if size % dtype.itemsize:
-        raise UserError(f"{tokens_path}: {size} bytes is not a whole number of {dtype} tokens")
-    n = size // dtype.itemsize
+    spec.check_tokens(read_json(meta_path) if meta_path.is_file() else None, meta_path)
+    tokens = open_tokens(tokens_path.parent, a.split)
+    dtype, n = tokens.dtype, len(tokens)
     if n < ctx:
         raise UserError(f"{tokens_path}: {n} tokens, fewer than one context of {ctx}")
     hooks = [hook_point(a.hook, layer) for layer in layers]
@@ -368,7 +363,7 @@ def _pass1(a: ActivationsConfig, inp: Inputs, subject: Subject, scs: dict[str, S
     a writer thread."""
     T, B = a.tokens_per_context, a.batch_contexts
     plan = ContextPlan(seed, a.split, inp.n_tokens, inp.context_len, T)
-    tokens = np.memmap(inp.tokens_path, dtype=inp.token_dtype, mode="r")
+    tokens = open_tokens(inp.tokens_path.parent, inp.tokens_path.stem)
     vocab = inp.spec.vocab_size
     n_batches = -(-(c_hi - c_lo) // B)
     done_batches = {h: int(sc.state["batches"]) for h, sc in scs.items()}

@@ -105,18 +105,13 @@ def evaluate_rows(sae: SAE, batches: Iterable[torch.Tensor], mse_reduction: str)
 
 
 def val_contexts(val_bin: Path, n: int, ctx_len: int) -> torch.Tensor:
-    """`n` contexts of `ctx_len + 1` tokens, evenly spaced over `val.bin` (the same every eval), read
-    with the `dtype` of the `meta.json` beside it (uint16 without one)."""
-    from transformer.files import read_json
+    """`n` contexts of `ctx_len + 1` tokens, evenly spaced over `val.bin` (the same every eval)."""
+    from transformer.data import open_tokens
 
     val_bin = Path(val_bin)
     if not val_bin.is_file():
         raise UserError(f"validation tokens not found: {val_bin} (run transformer.prepare first)")
-    meta = val_bin.parent / "meta.json"
-    dtype = str(read_json(meta).get("dtype", "uint16")) if meta.is_file() else "uint16"
-    if dtype not in ("uint16", "uint32"):
-        raise UserError(f"{meta}: dtype {dtype!r} is not uint16 or uint32")
-    tokens = np.memmap(val_bin, dtype=dtype, mode="r")
+    tokens = open_tokens(val_bin.parent, val_bin.stem)
     span = ctx_len + 1
     if len(tokens) < span:
         raise UserError(f"{val_bin} has {len(tokens)} tokens, fewer than one context of {span}")

@@ -122,10 +122,11 @@ def test_out_of_memory_names_the_setting(world, monkeypatch):
 
 def test_tokens_from_another_tokenizer_are_named(tmp_path):
     spec = SubjectSpec({"name": "gpt"}, 1, 64, 512, tokenizer_fingerprint="a" * 64)
-    spec.check_tokens({"tokenizer": "gpt2", "tokenizer_fingerprint": "a" * 64, "vocab_size": 500}, tmp_path)
+    same = {"tokenizer": "gpt2", "tokenizer_info": {"fingerprint": "a" * 64}, "vocab_size": 500}
+    spec.check_tokens(same, tmp_path)
     with pytest.raises(UserError, match=r"prepared with tokenizer 'smollm2' \(fingerprint bbbbbbbbbbbb\).*"
                                         "rerun transformer.prepare"):
-        spec.check_tokens({"tokenizer": "smollm2", "tokenizer_fingerprint": "b" * 64}, tmp_path)
+        spec.check_tokens({"tokenizer": "smollm2", "tokenizer_info": {"fingerprint": "b" * 64}}, tmp_path)
     with pytest.raises(UserError, match="vocab_size 49152 exceeds the subject's 512"):
         spec.check_tokens({"vocab_size": 49152}, tmp_path)
 
@@ -134,12 +135,12 @@ def test_gpt_subject_checks_the_fingerprint_it_was_trained_on(tmp_path):
     from transformer.model import GPT, GPTConfig, save_model
 
     model = GPT(GPTConfig(block_size=16, vocab_size=V, n_embd=16, n_head=2))
-    trained_on = {"tokenizer": "gpt2", "tokenizer_fingerprint": "c" * 64}
+    trained_on = {"tokenizer": "gpt2", "tokenizer_info": {"fingerprint": "c" * 64}}
     save_model(model, tmp_path / "run" / "transformer", {"tokens": trained_on})
     data = tmp_path / "data" / "d"
     data.mkdir(parents=True)
     np.zeros(100, np.uint16).tofile(data / "train.bin")
-    write_json(data / "meta.json", {"tokenizer": "other", "tokenizer_fingerprint": "d" * 64})
+    write_json(data / "meta.json", {"tokenizer": "other", "tokenizer_info": {"fingerprint": "d" * 64}})
     cfg = compose([f"run_dir={tmp_path / 'run'}", f"data_dir={tmp_path / 'data'}", "data.name=d",
                    "activations.tokens_per_context=4"])
     with pytest.raises(UserError, match="meta.json: tokens were prepared with tokenizer 'other'"):

@@ -184,8 +184,10 @@ def _in_width(mod: torch.nn.Module) -> int:
 
 
 def _tokenizer_fingerprint(sc: SubjectConfig, data_dir: str) -> str | None:
-    """Plugs in at merge: `transformer.tokenizer.load_tokenizer(sc, data_dir).fingerprint`."""
-    return None
+    """The fingerprint of the subject's tokenizer, to compare with the tokens' meta.json."""
+    from transformer.tokenizer import load_tokenizer
+
+    return load_tokenizer(sc, data_dir).fingerprint
 
 
 _SPECS: dict[tuple, SubjectSpec] = {}  # per process: weights are hashed once while their files stay the same

@@ -78,7 +78,7 @@ class SubjectSpec:
         """A named error when the tokens were prepared with another tokenizer than the subject's."""
         if not meta:
             return
-        got, want = meta.get("tokenizer_fingerprint"), self.tokenizer_fingerprint
+        got, want = (meta.get("tokenizer_info") or {}).get("fingerprint"), self.tokenizer_fingerprint
         if got and want and got != want:
             raise UserError(f"{where}: tokens were prepared with tokenizer {meta.get('tokenizer')!r} "
                             f"(fingerprint {got[:12]}), but the subject {self.identity.get('name')!r} "
@@ -91,7 +91,7 @@ class SubjectSpec:
 
 class Subject(ABC):
     """A model seen through named hook points. Attributes: `spec`, `n_layers`, `d_model`, `d_mlp`,
-    `vocab_size`, `max_context`, `device`; `tokenizer` is None here and set by `load_subject`."""
+    `vocab_size`, `max_context`, `device`, `tokenizer` (set by `load_subject`)."""
 
     spec: SubjectSpec
     n_layers: int
@@ -100,8 +100,8 @@ class Subject(ABC):
     vocab_size: int
     max_context: int
     device: torch.device
-    # Plugs in at merge: `transformer.tokenizer.load_tokenizer(sc, data_dir)` (encode, decode,
-    # token_bytes, fingerprint); the Subject's own methods never need it.
+    # `transformer.tokenizer.load_tokenizer(sc, data_dir)` (encode, decode, token_bytes, fingerprint),
+    # set by `load_subject`; the Subject's own methods never need it.
     tokenizer: Any = None
 
     @property
@@ -228,7 +228,7 @@ def gpt_spec(model_dir: Path) -> SubjectSpec:
              "weights_sha256": sha256_file(weights)}
     tokens = meta.get("tokens") if isinstance(meta.get("tokens"), dict) else {}
     return SubjectSpec(ident, int(m.get("n_layer", 1)), int(m["block_size"]), int(m.get("vocab_size", 50304)),
-                       tokens.get("tokenizer_fingerprint"), {"model": m})
+                       (tokens.get("tokenizer_info") or {}).get("fingerprint"), {"model": m})
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -256,13 +256,18 @@ def subject_spec(cfg: DictConfig) -> SubjectSpec:
 def load_subject(cfg: DictConfig, device: str, spec: SubjectSpec | None = None) -> Subject:
     """The configured subject on `device` (`subject=gpt`: run_dir/transformer; `subject=hf|smollm2`);
     `spec`: the subject's spec when the caller has it already."""
+    from transformer.tokenizer import load_tokenizer
+
     sc = subject_config(cfg)
     spec = spec or subject_spec(cfg)
     if sc.kind == "gpt":
         from transformer.model import load_model
 
-        return GPTSubject(load_model(Path(str(cfg.run_dir)) / "transformer", device), spec)
-    from transformer.hf_load import load_causal_lm
-    from transformer.hf_subject import HFSubject
+        subject: Subject = GPTSubject(load_model(Path(str(cfg.run_dir)) / "transformer", device), spec)
+    else:
+        from transformer.hf_load import load_causal_lm
+        from transformer.hf_subject import HFSubject
 
-    return HFSubject(load_causal_lm(sc, str(cfg.data_dir), device), sc, spec)
+        subject = HFSubject(load_causal_lm(sc, str(cfg.data_dir), device), sc, spec)
+    subject.tokenizer = load_tokenizer(sc, str(cfg.data_dir))
+    return subject
