@@ -184,10 +184,14 @@ def _in_width(mod: torch.nn.Module) -> int:
 
 
 def _tokenizer_fingerprint(sc: SubjectConfig, data_dir: str) -> str | None:
-    """The fingerprint of the subject's tokenizer, to compare with the tokens' meta.json."""
+    """The fingerprint of the subject's tokenizer, to compare with the tokens' meta.json; None for a
+    model folder that comes without a tokenizer."""
     from transformer.tokenizer import load_tokenizer
 
-    return load_tokenizer(sc, data_dir).fingerprint
+    try:
+        return load_tokenizer(sc, data_dir).fingerprint
+    except UserError:
+        return None
 
 
 _SPECS: dict[tuple, SubjectSpec] = {}  # per process: weights are hashed once while their files stay the same

@@ -12,6 +12,7 @@ wraps a Hugging Face causal LM. `load_subject(cfg, device)` picks one from the `
 
 from __future__ import annotations
 
+import functools
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
@@ -100,9 +101,16 @@ class Subject(ABC):
     vocab_size: int
     max_context: int
     device: torch.device
-    # `transformer.tokenizer.load_tokenizer(sc, data_dir)` (encode, decode, token_bytes, fingerprint),
-    # set by `load_subject`; the Subject's own methods never need it.
-    tokenizer: Any = None
+    # Set by `load_subject`: what builds the tokenizer (`transformer.tokenizer.load_tokenizer`) on first
+    # use; the Subject's own methods never need it, and a model folder may come without one.
+    tokenizer_loader: Callable[[], Any] | None = None
+
+    @functools.cached_property
+    def tokenizer(self) -> Any:
+        """The subject's tokenizer (encode, decode, token_bytes, fingerprint), loaded on first use."""
+        if self.tokenizer_loader is None:
+            raise UserError(f"subject {self.name!r} has no tokenizer")
+        return self.tokenizer_loader()
 
     @property
     def name(self) -> str:
@@ -269,5 +277,5 @@ def load_subject(cfg: DictConfig, device: str, spec: SubjectSpec | None = None) 
         from transformer.hf_subject import HFSubject
 
         subject = HFSubject(load_causal_lm(sc, str(cfg.data_dir), device), sc, spec)
-    subject.tokenizer = load_tokenizer(sc, str(cfg.data_dir))
+    subject.tokenizer_loader = functools.partial(load_tokenizer, sc, str(cfg.data_dir))
     return subject
