@@ -294,8 +294,8 @@ def _run(cfg: DictConfig, a: ActivationsConfig, inp: Inputs, rank: int, world: i
     gathered = _gather(entries, world)
     if rank == 0:
         for h, directory in dirs.items():
-            _finish(directory, headers[h], [e for part in gathered for e in part[h]], res_all,
-                    [bool(n) for n in shard_counts], seed, a.split)
+            _finish(directory, headers[h], all_entries=[e for part in gathered for e in part[h]],
+                    res_all=res_all, has_shards=[bool(n) for n in shard_counts], seed=seed, split=a.split)
     _barrier(world)
     for directory in dirs.values():
         shutil.rmtree(directory / f".work-rank{rank:03d}", ignore_errors=True)
@@ -308,8 +308,8 @@ def _run(cfg: DictConfig, a: ActivationsConfig, inp: Inputs, rank: int, world: i
     return out
 
 
-def _finish(directory: Path, header: dict[str, Any], all_entries: list[dict[str, Any]], res_all: np.ndarray,
-            has_shards: list[bool], seed: int, split: str) -> None:
+def _finish(directory: Path, header: dict[str, Any], *, all_entries: list[dict[str, Any]],
+            res_all: np.ndarray, has_shards: list[bool], seed: int, split: str) -> None:
     """Rank 0, one hook: resample.npy from every rank's part, stale shards dropped, the manifest."""
     d, n_res = int(header["d_in"]), int(len(res_all))
     if n_res:
