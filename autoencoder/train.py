@@ -23,7 +23,8 @@ from omegaconf import DictConfig
 
 from autoencoder.evaluator import summary
 from autoencoder.sae import ARCHITECTURES
-from autoencoder.trainer import RunSpec, Trainer, TrainStep, l1_at, lr_at, make_optimizer, make_step
+from autoencoder.step import TrainStep, l1_at, lr_at, make_optimizer, make_step
+from autoencoder.trainer import RunSpec, Trainer
 from transformer.config import UserError, resolve_device, stage_main, typed
 from transformer.files import config_hash, read_json
 

@@ -11,7 +11,7 @@ SMALL = [
     "sae.n_features=1024", "sae.steps=300", "sae.resample_steps=[150]", "sae.resample_window=100",
     "sae.eval_every=150", "sae.checkpoint_every=150",
     "features.contexts=128", "describe.max_units=256",
-    "pipeline.sweep_l1_coeffs=[0.5,1.0]",
+    "pipeline.sweep_l1_coeffs=[0.05,0.1]",
 ]
 
 

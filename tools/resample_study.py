@@ -70,6 +70,8 @@ def table(rows: list[tuple[str, list[str]]], run_dir: Path) -> str:
         m = meta.get("metrics", {})
         ev = "; ".join(f"{e['step']}: {e['count']}→{e.get('revived', '?')}, "
                        f"{e['alive_before']}→{e.get('survived', '?')}"
+                       + (f" (new fire on {e['new_density']:.0%}, add {e['new_recon_ratio']:.2f}×‖x̄‖)"
+                          if e.get("count") and "new_density" in e else "")
                        for e in meta["training"].get("resampled", []))
         lines.append(f"| {name} | {' '.join(o.removeprefix('sae.') for o in ov)} | "
                      f"{fmt(m.get('sparsity/dead_fraction'), '.1%')} | {fmt(m.get('metrics/l0'), '.1f')} | "
