@@ -40,7 +40,7 @@ class SAETrainConfig:
     name: str | None = None  # folder under run_dir/sae; null -> derived from the config
     n_features: int = 4096
     d_in: int | None = None  # null -> from the shards' manifest; set it to assert it
-    l1_coeff: float = 0.1  # λ on ‖f‖₁ / s (normalize_loss) or on ‖f‖₁ (raw)
+    l1_coeff: float = 0.06  # λ on ‖f‖₁ / s (normalize_loss) or on ‖f‖₁ (raw)
     l1_warmup_steps: int = 0
     mse_reduction: str = "sum"  # sum | mean: over d_in, per row; always averaged over the batch
     normalize_loss: bool = True  # MSE / s² + λ ‖f‖₁ / s, s = RMS ‖x − b_dec‖ at init (false: raw)

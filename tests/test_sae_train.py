@@ -171,6 +171,8 @@ def test_sweep_names_do_not_collide():
     assert train.sae_name(swept, ["sae.l1_coeff=1.5e-3", "sae.lr=3e-4"]) == "l1-4096-l1c1.5e-3-lr3e-4"
     assert train.sae_name(train.SAETrainConfig(architecture="topk", k=16)) == "topk-4096-k16"
     assert train.sae_name(train.SAETrainConfig(name="mine")) == "mine"
+    no_rs = train.SAETrainConfig(l1_coeff=0.1, resample_steps=[])
+    assert train.sae_name(no_rs, ["sae.resample_steps=[]"]) == "l1-4096-l1c1e-1-resamplesteps0"
 
 
 def test_loss_recovered_on_tiny_model_matches_direct_computation(tmp_path):
