@@ -35,8 +35,11 @@ def study_rows(study: Any) -> list[tuple[str, list[str]]]:
     top = max(k for k, _, _ in grid)
     first = [(n, o) for k, n, o in grid if k == top]
     rest = [(n, o) for k, n, o in grid if k != top]
-    extra = [(name, [f"sae.lr={top[0]}", f"sae.l1_coeff={top[1]}", *(f"sae.{o}" for o in ov)])
-             for name, ov in study.extra.items()]
+    extra = []
+    for name, ov in study.extra.items():  # a key given in the row replaces the grid's value
+        keys = {o.partition("=")[0] for o in ov}
+        base = [o for o in (f"lr={top[0]}", f"l1_coeff={top[1]}") if o.partition("=")[0] not in keys]
+        extra.append((name, [f"sae.{o}" for o in (*base, *ov)]))
     return first + extra + rest
 
 
@@ -63,8 +66,9 @@ def table(rows: list[tuple[str, list[str]]], run_dir: Path) -> str:
     lines = [head]
     for name, ov in rows:
         path = run_dir / "sae" / f"study-{name}" / "cfg.json"
+        shown = " ".join(o.removeprefix("sae.") for o in ov)
         if not path.is_file():
-            lines.append(f"| {name} | {' '.join(ov)} | not run | | | | |")
+            lines.append(f"| {name} | {shown} | not run | | | | |")
             continue
         meta = json.loads(path.read_text())
         m = meta.get("metrics", {})
@@ -73,7 +77,7 @@ def table(rows: list[tuple[str, list[str]]], run_dir: Path) -> str:
                        + (f" (new fire on {e['new_density']:.0%}, add {e['new_recon_ratio']:.2f}×‖x̄‖)"
                           if e.get("count") and "new_density" in e else "")
                        for e in meta["training"].get("resampled", []))
-        lines.append(f"| {name} | {' '.join(o.removeprefix('sae.') for o in ov)} | "
+        lines.append(f"| {name} | {shown} | "
                      f"{fmt(m.get('sparsity/dead_fraction'), '.1%')} | {fmt(m.get('metrics/l0'), '.1f')} | "
                      f"{fmt(m.get('metrics/explained_variance'), '.3f')} | "
                      f"{fmt(m.get('metrics/loss_recovered'), '.3f')} | {ev or '-'} |")
