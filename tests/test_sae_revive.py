@@ -158,8 +158,8 @@ def test_initial_reconstruction_has_the_inputs_scale():
         c.init_rescale = rescale
         info = init_from_sample(sae, x[:2048], c, log=lambda *a: None)
         held = x[2048:].float()
-        rec = (sae(held) - sae.b_dec).pow(2).sum(-1).mean().sqrt()
-        ratios[rescale] = float(rec / (held - sae.b_dec).pow(2).sum(-1).mean().sqrt())
+        rec = (sae(held) - sae.b_dec).detach().pow(2).sum(-1).mean().sqrt()
+        ratios[rescale] = float(rec / (held - sae.b_dec.detach()).pow(2).sum(-1).mean().sqrt())
         assert info["input_scale"] == pytest.approx(float((x[:2048] - sae.b_dec.double()).pow(2)
                                                           .sum(-1).mean().sqrt()), rel=1e-5)
     assert 1 / 1.5 < ratios[True] < 1.5
