@@ -12,7 +12,9 @@ Two architectures, both with SAELens parameter names and shapes (`W_enc [d_in, d
 
 Loss reductions are per row: the squared error is summed over d_in (`mse_reduction="sum"`, as in
 the paper's ‖x − x̂‖²) or averaged (`"mean"`), then everything is averaged over the batch, so λ
-means the same thing at every batch size (and under DDP).
+means the same thing at every batch size (and under DDP). The trainer can divide the MSE term by
+`mse_scale` and the L1 term by `l1_scale` (the input's squared norm and norm: a loss that does not
+depend on the activations' scale); both default to 1, the papers' raw loss.
 
 Artifacts are written by `save_sae` and read by `load_sae`; the folder also loads in `sae_lens`
 (`SAE.load_from_disk`), see `saelens_cfg`.
@@ -21,6 +23,7 @@ Artifacts are written by `save_sae` and read by `load_sae`; the folder also load
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,6 +113,23 @@ class SAE(nn.Module):
         self.b_enc.zero_()
         self.b_dec.zero_()
 
+    @torch.no_grad()
+    def match_input_scale(self, x: torch.Tensor) -> float:
+        """Scale W_enc so the reconstruction x̂ − b_dec of the rows `x` has the RMS norm of x − b_dec;
+        returns the factor. With unit decoder rows and W_enc = W_decᵀ the first reconstruction of
+        an L1 SAE is about d_sae / (2 d_in) times too large (each of the ~d_sae/2 firing features
+        adds its projection); Gao et al. 2024 rescale the encoder and Conerly et al. 2024 start
+        the decoder at norm 0.1 for the same reason. Here decoder rows stay unit norm (Anthropic
+        2023), so the encoder takes the factor; the ReLU (and TopK) are positively homogeneous,
+        so with b_enc = 0 one measured factor is exact."""
+        x = x.to(self.W_dec.dtype)
+        xbar = x - self.b_dec
+        rec = self.decode(self.encode(x)) - self.b_dec
+        num, den = float(xbar.pow(2).sum(-1).mean()), float(rec.pow(2).sum(-1).mean())
+        factor = math.sqrt(num / den) if den > 0 and num > 0 else 1.0
+        self.W_enc.mul_(factor)
+        return factor
+
     # ---- the interface every SAE has -------------------------------------------------------
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.b_dec) @ self.W_enc + self.b_enc
@@ -186,11 +206,13 @@ class L1SAE(SAE):
         f = self.encode(x)
         return self.decode(f), f
 
-    def loss(self, x: torch.Tensor, *, l1_coeff: float, mse_reduction: str = "sum", **_: Any) -> LossTerms:
+    def loss(self, x: torch.Tensor, *, l1_coeff: float, mse_reduction: str = "sum",
+             mse_scale: float = 1.0, l1_scale: float = 1.0, **_: Any) -> LossTerms:
         x_hat, f = self.train_forward(x)
         mse = row_sq_error(x, x_hat, mse_reduction).mean()
         l1 = f.sum(-1, dtype=torch.float32).mean()  # f >= 0 (ReLU), so this is ‖f‖₁
-        return LossTerms(x_hat=x_hat, f=f, mse=mse, sparsity=l1, overall=mse + l1_coeff * l1)
+        overall = mse / mse_scale + l1_coeff * l1 / l1_scale
+        return LossTerms(x_hat=x_hat, f=f, mse=mse, sparsity=l1, overall=overall)
 
 
 class TopKSAE(SAE):
@@ -204,19 +226,26 @@ class TopKSAE(SAE):
         return self.topk_pre(self.pre_acts(x), self.cfg.k)
 
     def loss(self, x: torch.Tensor, *, dead_mask: torch.Tensor | None = None, aux_k: int | None = None,
-             aux_coeff: float = 1 / 32, mse_reduction: str = "sum", **_: Any) -> LossTerms:
+             aux_coeff: float = 1 / 32, mse_reduction: str = "sum", mse_scale: float = 1.0,
+             batch_sum: Callable[[torch.Tensor], torch.Tensor] | None = None, **_: Any) -> LossTerms:
         pre = self.pre_acts(x)
         f = self.topk_pre(pre, self.cfg.k)
         x_hat = self.decode(f)
         mse = row_sq_error(x, x_hat, mse_reduction).mean()
-        aux = self.aux_loss(x, x_hat, pre, dead_mask, aux_k, mse_reduction)
-        return LossTerms(x_hat=x_hat, f=f, mse=mse, sparsity=aux, overall=mse + aux_coeff * aux)
+        aux = self.aux_loss(x, x_hat, pre, dead_mask, aux_k, batch_sum)
+        return LossTerms(x_hat=x_hat, f=f, mse=mse, sparsity=aux,
+                         overall=mse / mse_scale + aux_coeff * aux)
 
     def aux_loss(self, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor,
-                 dead_mask: torch.Tensor | None, aux_k: int | None, mse_reduction: str) -> torch.Tensor:
+                 dead_mask: torch.Tensor | None, aux_k: int | None,
+                 batch_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """AuxK: the top `aux_k` dead latents reconstruct the main residual e = x − x̂ (no b_dec),
-        normalised by ‖e‖² as in Gao et al. (their `normalized_mse`), so 1.0 means no help; scaled
-        down when fewer than `aux_k` latents are dead (as SAELens does)."""
+        as a normalised MSE: Σ‖e − ê‖² over the batch divided by Σ‖e − ē‖², the error of
+        predicting the batch mean ē (Gao et al. 2024, `normalized_mse` in openai/sparse_autoencoder),
+        so 1.0 is no better than the mean; scaled down when fewer than `aux_k` latents are dead
+        (as SAELens does). Dimensionless, so mse_reduction does not enter. Under DDP `batch_sum`
+        all-reduces the denominator's statistics, so each rank's term is its share of the global
+        batch's normalised MSE (times the world size, undone by the gradient average)."""
         zero = pre.new_zeros(())
         if dead_mask is None or aux_k is None or aux_k < 1:
             return zero
@@ -228,9 +257,13 @@ class TopKSAE(SAE):
         z = self.topk_pre(masked, k)
         e = (x - x_hat).detach()
         e_hat = z @ self.W_dec
-        num = row_sq_error(e, e_hat, mse_reduction)
-        den = row_sq_error(e, torch.zeros_like(e), mse_reduction).clamp_min(1e-12)
-        return (num / den).mean() * min(n_dead / aux_k, 1.0)
+        e = e.float()
+        num = (e_hat.float() - e).pow(2).sum()
+        n = e.shape[0]
+        stats = torch.cat([e.new_tensor([n, e.pow(2).sum()]), e.sum(0)])  # N, Σ‖e‖², Σe
+        total = batch_sum(stats) if batch_sum is not None else stats
+        den = (total[1] - total[2:].pow(2).sum() / total[0]).clamp_min(1e-12)  # Σ‖e − ē‖²
+        return num * (total[0] / n) / den * min(n_dead / aux_k, 1.0)
 
 
 def build_sae(cfg: SAEModelConfig, kernel: str = "dense") -> SAE:

@@ -46,7 +46,7 @@ SCRIPT = textwrap.dedent('''
 
     common = [f"run_dir={run_dir}", "wandb.mode=disabled", "device=cpu", "data_dir=/nonexistent",
               "sae.n_features=32", "sae.batch_size=64", "sae.steps=60", "sae.lr=3e-3", "sae.kernel=dense",
-              "sae.resample_steps=[40]", "sae.resample_window=10", "sae.l1_coeff=0.3", "sae.log_every=10"]
+              "sae.resample_steps=[40]", "sae.dead_tokens=640", "sae.l1_coeff=0.3", "sae.log_every=10"]
     s = train.run(compose(common + ["sae.name=straight"]))
     train.run(compose(common + ["sae.name=resumed", "sae.stop_at=25"]))
     s2 = train.run(compose(common + ["sae.name=resumed"]))
@@ -63,7 +63,9 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     rows = np.random.default_rng(0).standard_normal((4096, 8)).astype(np.float16)
     write_shards(run_dir / "activations/train", np.abs(rows), 1024, resample_rows=512)
     (tmp_path / "ddp.py").write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout, not site-packages
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
+           "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          str(tmp_path / "ddp.py"), str(tmp_path), str(run_dir)],

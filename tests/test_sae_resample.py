@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from autoencoder.resample import load_resample_set, resample_dead
+from autoencoder.optim import FeatureAdam
+from autoencoder.resample import ResampleRecipe, load_resample_set, resample_dead
 from autoencoder.sae import L1SAE, SAEModelConfig
 from transformer.config import UserError
 
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def trained_sae_and_adam(d_in=4, d_sae=6):
     torch.manual_seed(0)
     sae = L1SAE(SAEModelConfig("standard", d_in, d_sae))
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    opt = FeatureAdam(list(sae.named_parameters()), lr=1e-2)
     for _ in range(3):  # non-zero Adam moments everywhere
         opt.zero_grad()
         sae.loss(torch.randn(32, d_in), l1_coeff=0.1).overall.backward()
@@ -27,7 +28,7 @@ def trained_sae_and_adam(d_in=4, d_sae=6):
     return sae, opt
 
 
-def test_resampled_rows_are_normalised_high_loss_inputs_and_adam_reset():
+def test_paper_recipe_rows_are_normalised_high_loss_inputs_and_adam_moments_reset():
     sae, opt = trained_sae_and_adam()
     a = torch.tensor([3.0, 0.0, 4.0, 0.0])
     b = torch.tensor([0.0, -2.0, 0.0, 2.0])
@@ -38,8 +39,10 @@ def test_resampled_rows_are_normalised_high_loss_inputs_and_adam_reset():
     moments = {n: {k: opt.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq")}
                for n, p in sae.named_parameters()}
 
-    n = resample_dead(sae, opt, dead, inputs, generator=torch.Generator().manual_seed(1))
-    assert n == 2
+    steps = {n: opt.state[p]["step"].clone() for n, p in sae.named_parameters()}
+    idx = resample_dead(sae, opt, dead, inputs, generator=torch.Generator().manual_seed(1),
+                        recipe=ResampleRecipe.paper())
+    assert idx.tolist() == [1, 4]
     units = {tuple((a / a.norm()).tolist()), tuple((b / b.norm()).tolist())}
     got = {tuple(r) for r in sae.W_dec[dead].detach().tolist()}
     assert {tuple(round(v, 5) for v in r) for r in got} == {tuple(round(v, 5) for v in r) for r in units}
@@ -63,6 +66,7 @@ def test_resampled_rows_are_normalised_high_loss_inputs_and_adam_reset():
             assert (sel(now, dead) == 0).all(), (name, k)
             assert torch.equal(sel(now, ~dead), sel(old, ~dead)), (name, k)
             assert (sel(old, dead) != 0).any()
+        assert torch.equal(opt.state[p]["step"], steps[name])  # the paper's recipe keeps the counts
 
 
 def test_sampling_is_proportional_to_squared_loss():
@@ -78,7 +82,8 @@ def test_sampling_is_proportional_to_squared_loss():
     for s in range(trials):
         with torch.no_grad():
             sae.W_dec.copy_(w_dec)
-        resample_dead(sae, None, dead, inputs, generator=torch.Generator().manual_seed(s))
+        resample_dead(sae, None, dead, inputs, generator=torch.Generator().manual_seed(s),
+                      recipe=ResampleRecipe.paper())
         hits += int(sae.W_dec[0, 1].item() > 0.5)
     assert abs(hits / trials - 0.8) < 0.04
 
@@ -86,9 +91,9 @@ def test_sampling_is_proportional_to_squared_loss():
 def test_no_dead_features_changes_nothing():
     sae, opt = trained_sae_and_adam()
     before = sae.W_dec.detach().clone()
-    n = resample_dead(sae, opt, torch.zeros(6, dtype=torch.bool), torch.randn(5, 4),
-                      generator=torch.Generator().manual_seed(0))
-    assert n == 0 and torch.equal(before, sae.W_dec)
+    idx = resample_dead(sae, opt, torch.zeros(6, dtype=torch.bool), torch.randn(5, 4),
+                        generator=torch.Generator().manual_seed(0))
+    assert idx.numel() == 0 and torch.equal(before, sae.W_dec)
 
 
 def test_empty_or_mismatched_resample_set_is_an_error(tmp_path):
@@ -113,5 +118,5 @@ def test_centered_resampling_uses_x_minus_b_dec():
     a = torch.tensor([4.0, 1.0, 4.0, 0.0])  # x − b_dec = [3, 0, 4, 0]
     dead = torch.tensor([False, False, True, False, False, False])
     resample_dead(sae, opt, dead, torch.stack([a, a]), generator=torch.Generator().manual_seed(0),
-                  centered=True)
+                  recipe=ResampleRecipe(centered=True, density=None))
     assert torch.allclose(sae.W_dec[2], torch.tensor([0.6, 0.0, 0.8, 0.0]))

@@ -58,8 +58,8 @@ def clone_run(src: Path, dst: Path) -> Path:
 
 
 @pytest.mark.parametrize("arch,extra", [
-    ("l1", ["sae.l1_coeff=0.6", "sae.resample_steps=[200,500]", "sae.resample_window=100"]),
-    ("topk", ["sae.k=2", "sae.dead_steps=50"]),
+    ("l1", ["sae.l1_coeff=0.6", "sae.resample_steps=[200,500]", "sae.dead_tokens=12800"]),
+    ("topk", ["sae.k=2", "sae.dead_tokens=6400"]),
 ])
 def test_recovers_planted_features_and_writes_artifacts(planted, tmp_path, arch, extra, capsys):
     src, feats = planted
@@ -91,7 +91,7 @@ def test_recovers_planted_features_and_writes_artifacts(planted, tmp_path, arch,
     assert not train.done(cfg_for(run_dir, f"sae={arch}", "sae.steps=1201", *extra))
 
 
-RESUME = ["sae.steps=120", "sae.l1_coeff=0.3", "sae.resample_steps=[80]", "sae.resample_window=30",
+RESUME = ["sae.steps=120", "sae.l1_coeff=0.3", "sae.resample_steps=[80]", "sae.dead_tokens=3840",
           "sae.lr_schedule=cosine", "sae.l1_warmup_steps=50", "sae.checkpoint_every=1000", "sae.name=r"]
 
 
@@ -171,6 +171,8 @@ def test_sweep_names_do_not_collide():
     assert train.sae_name(swept, ["sae.l1_coeff=1.5e-3", "sae.lr=3e-4"]) == "l1-4096-l1c1.5e-3-lr3e-4"
     assert train.sae_name(train.SAETrainConfig(architecture="topk", k=16)) == "topk-4096-k16"
     assert train.sae_name(train.SAETrainConfig(name="mine")) == "mine"
+    no_rs = train.SAETrainConfig(l1_coeff=0.1, resample_steps=[])
+    assert train.sae_name(no_rs, ["sae.resample_steps=[]"]) == "l1-4096-l1c1e-1-resamplesteps0"
 
 
 def test_loss_recovered_on_tiny_model_matches_direct_computation(tmp_path):
@@ -246,7 +248,7 @@ def test_wandb_offline_run_has_the_metrics(planted, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     run_dir = clone_run(planted[0], tmp_path / "run")
     s = train.run(cfg_for(run_dir, "wandb.mode=offline", "sae.steps=100", "sae.eval_every=50",
-                          "sae.log_every=10", "sae.resample_steps=[40]", "sae.resample_window=20",
+                          "sae.log_every=10", "sae.resample_steps=[40]", "sae.dead_tokens=2560",
                           "sae.l1_coeff=0.3"))
     import time
 
