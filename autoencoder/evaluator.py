@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from omegaconf import DictConfig
 
-from autoencoder.metrics import RowStats, evaluate_rows, log10_density, nll_scores, val_contexts
+from autoencoder.metrics import RowStats, evaluate_rows, log10_density, loss_recovered, val_contexts
 from autoencoder.sae import SAE
 from transformer.config import UserError
 
@@ -21,34 +21,41 @@ class Evaluator:
 
     def __init__(self, cfg: DictConfig, c: SAETrainConfig, run_dir: Path, d_in: int, hook_name: str,
                  device: str, log):
-        self.c, self.device, self.log = c, device, log
-        self.layer = int(hook_name.split(".")[1]) if hook_name.startswith("blocks.") else 0
+        self.c, self.device, self.log, self.hook = c, device, log, hook_name
         self.model, self.contexts = self.load_model(cfg, run_dir, d_in)
         self.rows, self.source = self.load_rows(run_dir, d_in)
         if self.rows is not None and not torch.isfinite(self.rows).all():
             raise UserError(f"validation activations from {self.source} contain NaN/Inf")
 
     def load_model(self, cfg: DictConfig, run_dir: Path, d_in: int):
-        """(model, val contexts) for the NLL score, or (None, None) when either is missing."""
-        model_dir = run_dir / "transformer"
+        """(subject, val contexts) for loss recovered, or (None, None) when either is missing."""
+        from transformer.subject import load_subject, subject_config
+
         val_bin = Path(cfg.data_dir) / str(cfg.data.name) / "val.bin"
         self.val_bin = val_bin
-        if not ((model_dir / "config.json").is_file() and val_bin.is_file()):
+        model_dir = run_dir / "transformer"
+        gpt = subject_config(cfg).kind == "gpt"
+        if (gpt and not (model_dir / "config.json").is_file()) or not val_bin.is_file():
             self.log(f"note: no model at {model_dir} or no {val_bin}: loss recovered is not computed")
             return None, None
-        from transformer.model import load_model
-
-        model = load_model(model_dir, self.device)
-        if model.config.d_mlp != d_in:
-            raise UserError(f"{model_dir}: model d_mlp={model.config.d_mlp} but the shards have d_in={d_in}")
-        ctx_len = min(self.c.eval_context_len or model.config.block_size, model.config.block_size)
-        return model, val_contexts(val_bin, self.c.eval_contexts, ctx_len)
+        subject = load_subject(cfg, self.device)
+        width = subject.width(self.hook)
+        if width != d_in:
+            raise UserError(f"subject {subject.name}: hook {self.hook} has width {width} but the shards "
+                            f"have d_in={d_in}")
+        default = int(subject.spec.extra.get("default_context") or subject.max_context)
+        ctx_len = min(self.c.eval_context_len or default, subject.max_context)
+        return subject, val_contexts(val_bin, self.c.eval_contexts, ctx_len)
 
     def load_rows(self, run_dir: Path, d_in: int) -> tuple[torch.Tensor | None, str | None]:
         """Held-out rows: the val shards, else the activations of the val contexts."""
         from autoencoder import shards
+        from autoencoder.generate import activation_dir
 
-        val_dir = run_dir / "activations" / "val"
+        try:
+            val_dir = activation_dir(run_dir, "val", self.hook)
+        except UserError:  # no val shards of this hook: the val contexts' activations below
+            val_dir = run_dir / "activations" / "val" / "none"
         if (val_dir / "manifest.json").is_file():
             shards.read_manifest(val_dir, d_in=d_in)
             total = min(self.c.eval_rows, int(shards.read_manifest(val_dir)["total_rows"]))
@@ -66,7 +73,7 @@ class Evaluator:
         if self.model is not None:
             acts = []
             for i in range(0, self.contexts.shape[0], 16):
-                h = self.model.mlp_acts(self.contexts[i:i + 16, :-1].to(self.device), self.layer)
+                h = self.model.capture(self.contexts[i:i + 16, :-1].to(self.device), [self.hook])[self.hook]
                 acts.append(h.reshape(-1, h.shape[-1]).float().cpu())
             return torch.cat(acts)[: self.c.eval_rows], f"{self.val_bin} contexts"
         self.log(f"note: no val shards at {val_dir} and no model: held-out row metrics are skipped")
@@ -86,7 +93,7 @@ class Evaluator:
             out.update(stats.summary())
             density = stats.density()
         if self.model is not None:
-            out.update(nll_scores(self.model, sae, self.contexts, self.layer))
+            out.update(loss_recovered(self.model, sae, self.contexts, self.hook))
         sae.train(was_training)
         return out, density
 

@@ -38,6 +38,7 @@ class SAETrainConfig:
 
     architecture: str = "l1"  # l1 (Anthropic 2023) | topk (Gao et al. 2024)
     name: str | None = None  # folder under run_dir/sae; null -> derived from the config
+    hook: str | None = None  # hook point to train on when the shards hold several (blocks.10.mlp.hook_post)
     n_features: int = 4096
     d_in: int | None = None  # null -> from the shards' manifest; set it to assert it
     l1_coeff: float = 0.06  # λ on ‖f‖₁ / s (normalize_loss) or on ‖f‖₁ (raw)
@@ -83,7 +84,7 @@ class SAETrainConfig:
 
 
 # keys that change neither the trained weights nor the artifacts' meaning: free to differ on resume
-NON_MATH_KEYS = ("name", "kernel", "eval_every", "eval_rows", "eval_contexts", "eval_context_len",
+NON_MATH_KEYS = ("name", "hook", "kernel", "eval_every", "eval_rows", "eval_contexts", "eval_context_len",
                  "log_every", "checkpoint_every", "compile", "stop_at", "autocast",
                  "resample_watch_steps")
 
@@ -205,8 +206,11 @@ def _dist_setup(device: str) -> tuple[int, int, bool]:
 
 
 def _paths(cfg: DictConfig, name: str) -> tuple[Path, Path, Path]:
+    from autoencoder.generate import activation_dir
+
     run_dir = Path(str(cfg.run_dir))
-    return run_dir, run_dir / "activations" / "train", run_dir / "sae" / name
+    hook = cfg.sae.get("hook")
+    return run_dir, activation_dir(run_dir, "train", hook), run_dir / "sae" / name
 
 
 def _stage_hash(c: SAETrainConfig, manifest: dict[str, Any], world_size: int) -> str:
