@@ -56,7 +56,7 @@ from tools.features.config import (  # noqa: F401 (the stage's names, as before 
 )
 from tools.features.scan import ScanState, candidate_contexts, scan, scan_sides  # noqa: F401
 from tools.features.select import Plan, pick_negatives, plan_examples, quantile_picks  # noqa: F401
-from tools.features.source import GPTSubject, Inputs, UnitActs, load_inputs, logit_effects  # noqa: F401
+from tools.features.source import Inputs, UnitActs, load_inputs, logit_effects  # noqa: F401
 from tools.features.write import build_examples, scan_and_write, window_acts  # noqa: F401
 from transformer.config import UserError, resolve_device, stage_main, typed
 from transformer.files import config_hash, read_json, sha256_file, write_json

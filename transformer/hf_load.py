@@ -116,6 +116,24 @@ def resolve_model_path(sc: SubjectConfig, data_dir: str | os.PathLike) -> str:
     return sc.model
 
 
+def local_folder(sc: SubjectConfig, data_dir: str | os.PathLike) -> Path:
+    """The folder holding the subject's files: the converted or given folder, else its hub-cache snapshot."""
+    ref = resolve_model_path(sc, data_dir)
+    if Path(ref).expanduser().is_dir():
+        return Path(ref).expanduser()
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(ref, revision=sc.revision, local_files_only=True))
+    except Exception as e:  # huggingface_hub raises its own LocalEntryNotFoundError family
+        raise UserError(_not_cached(ref, "model")) from e
+
+
+def weights_files(folder: Path) -> list[Path]:
+    """The weight files of a model folder (safetensors, else PyTorch .bin)."""
+    return sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+
+
 def torch_dtype(name: str, device: str) -> torch.dtype:
     """`auto`: bfloat16 on CUDA, float32 elsewhere."""
     if name == "auto":
@@ -178,7 +196,7 @@ def model_identity(sc: SubjectConfig, data_dir: str | os.PathLike, model: Any) -
     ident: dict[str, Any] = {"kind": "hf", "name": sc.embedded or sc.model, "revision": sc.revision,
                              "commit": getattr(model.config, "_commit_hash", None)}
     if path.is_dir():  # weights hashed up to a few GB; beyond that, sizes and the hub commit
-        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+        files = weights_files(path)
         small = sum(f.stat().st_size for f in files) < HASH_LIMIT
         ident["weights"] = {f.name: sha256_file(f) if small else f.stat().st_size for f in files}
     return ident

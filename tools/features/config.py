@@ -74,10 +74,12 @@ def section(cfg: DictConfig) -> FeaturesConfig:
 
 
 def unit_name(cfg: DictConfig) -> str:
-    """Folder name under run_dir/features and run_dir/descriptions: "neurons", or the SAE's name."""
+    """Folder name under run_dir/features and run_dir/descriptions: "neurons" (our GPT's layer 0),
+    "neurons-L<layer>" (any other layer or subject), or the SAE's name."""
     fc = section(cfg)
     if fc.unit == "neuron":
-        return "neurons"
+        gpt = str((cfg.get("subject") or {}).get("kind", "gpt")) == "gpt"
+        return "neurons" if gpt and fc.layer == 0 else f"neurons-L{fc.layer}"
     sae_root = Path(cfg.run_dir) / "sae"
     if fc.sae is not None:
         if not (sae_root / fc.sae).is_dir():

@@ -1,8 +1,8 @@
 """Everything this stage takes from the model, the SAE and the tokens, in one place.
 
-`GPTSubject` is the stage's only access to the model: "activations of a layer's MLP neurons for
-these token ids" and the weights of the direct logit path. Swapping it for the subject interface
-(our GPT or a Hugging Face LM) changes nothing else in the stage.
+The subject (`transformer.subject`: our GPT or a Hugging Face LM) is the stage's only access to the
+model: "activations of a layer's MLP neurons for these token ids" (`capture`) and the weights of the
+direct logit path (`neuron_out_weight`, `unembedding`).
 """
 
 from __future__ import annotations
@@ -19,28 +19,9 @@ from tools.features.config import FeaturesConfig
 from transformer.config import UserError
 
 
-class GPTSubject:
-    """Our GPT as the stage sees it: sizes, neuron activations, logit-path weights."""
-
-    def __init__(self, model: Any):
-        self.model = model
-        c = model.config
-        self.d_mlp, self.n_layer = c.d_mlp, c.n_layer
-        self.block_size, self.vocab_size = c.block_size, c.vocab_size
-
-    def neuron_acts(self, idx: torch.Tensor, layer: int) -> torch.Tensor:
-        """[B, T] token ids -> [B, T, d_mlp] MLP post-activation of `layer` (nothing after it computed)."""
-        return self.model.mlp_acts(idx, layer)
-
-    def logit_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(W_out [d_model, d_mlp] of the layer's MLP, final norm scale [d_model], W_U [vocab, d_model])."""
-        m = self.model
-        return m.transformer.h[layer].mlp.c_proj.weight, m.transformer.ln_f.weight, m.lm_head.weight
-
-
 @dataclass
 class Inputs:
-    model: Any  # a GPTSubject (a bare GPT is wrapped)
+    model: Any  # a transformer.subject.Subject (a bare GPT is wrapped)
     sae: Any | None
     layer: int
     tokens: np.ndarray  # the split, memory-mapped
@@ -50,8 +31,17 @@ class Inputs:
     files: dict[str, str]  # input files -> sha256 (for done())
 
     def __post_init__(self) -> None:
-        if not isinstance(self.model, GPTSubject):
+        from transformer.subject import GPTSubject, Subject
+
+        if not isinstance(self.model, Subject):
             self.model = GPTSubject(self.model)
+
+    @property
+    def hook(self) -> str:
+        """The hook point scanned: the MLP neurons of `layer` (an SAE's input, or the units themselves)."""
+        from transformer.subject import hook_point
+
+        return hook_point("neurons", self.layer)
 
 
 def _sae_layer(hook: str) -> int:
@@ -66,12 +56,12 @@ def load_inputs(cfg: DictConfig, fc: FeaturesConfig, name: str, device: str,
     """Model, SAE and the token split, checked against each other; `fingerprint`: the tokenizer's."""
     from autoencoder.sae import load_sae
     from transformer.data import open_tokens, token_dir
-    from transformer.model import load_model
+    from transformer.subject import load_subject, subject_config
 
     run_dir = Path(cfg.run_dir)
-    model = GPTSubject(load_model(run_dir / "transformer", device))
+    model = load_subject(cfg, device)
     d_mlp = model.d_mlp
-    files = {"model": str(run_dir / "transformer" / "model.safetensors")}
+    files = {"model": str(_weights_file(cfg, subject_config(cfg)))}
     sae = None
     if fc.unit == "sae":
         sae_dir = run_dir / "sae" / name
@@ -84,17 +74,18 @@ def load_inputs(cfg: DictConfig, fc: FeaturesConfig, name: str, device: str,
     else:
         layer = fc.layer
         n_units = d_mlp
-    if not 0 <= layer < model.n_layer:
-        raise UserError(f"layer {layer} out of range for a {model.n_layer}-layer model")
+    if not 0 <= layer < model.n_layers:
+        raise UserError(f"features.layer={layer} out of range: {model.name} has {model.n_layers} layers "
+                        f"(0..{model.n_layers - 1})")
     folder = token_dir(cfg)
     path = folder / f"{fc.split}.bin"
     if not path.is_file():
         raise UserError(f"features.split={fc.split!r}: token file {path} not found (run transformer.prepare)")
     tokens = open_tokens(folder, fc.split, fingerprint=fingerprint)
     files["tokens"] = str(path)
-    T = fc.context_len or model.block_size
-    if T > model.block_size:
-        raise UserError(f"features.context_len={T} exceeds the model's block_size {model.block_size}")
+    T = fc.context_len or int(model.spec.extra.get("default_context") or model.max_context)
+    if T > model.max_context:
+        raise UserError(f"features.context_len={T} exceeds the model's context {model.max_context}")
     avail = len(tokens) // T
     if avail == 0:
         raise UserError(f"{path} holds {len(tokens)} tokens, fewer than one context of {T}")
@@ -110,6 +101,19 @@ def load_inputs(cfg: DictConfig, fc: FeaturesConfig, name: str, device: str,
     return Inputs(model, sae, layer, tokens, T, n_ctx, n_units, files)
 
 
+def _weights_file(cfg: DictConfig, sc: Any) -> Path:
+    """The file that pins the subject's weights for done(): our GPT's, or an HF model's first weights file."""
+    if sc.kind == "gpt":
+        return Path(cfg.run_dir) / "transformer" / "model.safetensors"
+    from transformer.hf_load import local_folder, weights_files
+
+    folder = local_folder(sc, str(cfg.data_dir))
+    files = weights_files(folder)
+    if not files:
+        raise UserError(f"{folder}: no *.safetensors or *.bin weights")
+    return files[0]
+
+
 class UnitActs:
     """Activations of the units from token ids: the forward pass the scan and the windows share."""
 
@@ -119,7 +123,7 @@ class UnitActs:
 
     def mlp(self, idx: torch.Tensor) -> torch.Tensor:
         with torch.autocast(idx.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            return self.inp.model.neuron_acts(idx, self.inp.layer).float()
+            return self.inp.model.capture(idx, [self.inp.hook])[self.inp.hook].float()
 
     @torch.no_grad()
     def all_units(self, idx: torch.Tensor) -> torch.Tensor:
@@ -153,8 +157,8 @@ def logit_effects(inp: Inputs, k: int, vocab: int, chunk: int = 512) -> tuple[np
     A negative activation's effect is the negation, so a signed unit's negative side promotes the
     `neg` tokens and suppresses the `pos` ones.
     """
-    W_out, ln, W_U = inp.model.logit_weights(inp.layer)
-    W_U = W_U[:vocab]  # padding ids excluded
+    W_out = inp.model.neuron_out_weight(inp.layer).float()  # [d_model, d_mlp]
+    W_U = inp.model.unembedding()[:vocab].float()  # final norm folded in; padding ids excluded
     k = min(k, vocab)
     res = ([], [], [], [])
     for i in range(0, inp.n_units, chunk):
@@ -163,7 +167,7 @@ def logit_effects(inp: Inputs, k: int, vocab: int, chunk: int = 512) -> tuple[np
             d = inp.sae.W_dec[i:j].float()  # [c, d_mlp]
         else:
             d = torch.eye(W_out.shape[1], device=W_out.device)[i:j]
-        logits = ((d @ W_out.t()) * ln) @ W_U.t()  # [c, vocab]
+        logits = (d @ W_out.t()) @ W_U.t()  # [c, vocab]
         pv, pi = logits.topk(k, dim=1)
         nv, ni = logits.topk(k, dim=1, largest=False)
         for lst, t in zip(res, (pi, pv, ni, nv), strict=True):
