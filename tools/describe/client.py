@@ -53,6 +53,7 @@ class Usage:
     retries: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    forwards: int = 0  # local simulator: batched forward passes (no generation)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **counts: int) -> None:
@@ -62,7 +63,7 @@ class Usage:
 
     def as_dict(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in ("calls", "cached", "retries", "prompt_tokens",
-                                               "completion_tokens")}
+                                               "completion_tokens", "forwards")}
 
 
 def needs_key(base_url: str | None) -> bool:

@@ -24,6 +24,8 @@ class Split:
     dropped: int = 0  # scoring windows dropped because the explainer saw their context
     notes: list[str] = field(default_factory=list)
     max_act: float | None = None  # the unit's max activation over the scan (for the detection label)
+    score_uniform: list[Example] = field(default_factory=list)  # windows drawn uniformly from held-out text
+    density: float | None = None  # fraction of scanned tokens where the unit fired (features stage)
 
     @property
     def score_firing(self) -> list[Example]:
@@ -35,6 +37,7 @@ class Split:
             [("top", e) for e in self.score_top]
             + [("quantile", e) for e in self.score_quantile]
             + [("random", e) for e in self.score_random]
+            + [("uniform", e) for e in self.score_uniform]
         )
 
 
@@ -65,10 +68,12 @@ def split_exemplars(
     score_per_bin: int,
     explain_random: int,
     score_random: int,
+    score_uniform: int = 0,
 ) -> Split:
     """Deterministic split: top contexts alternate (scoring takes ranks 1, 3, 5, ... so it is not
     left with only the weakest), each quantile bin alternates the same way, and random
-    contexts go first to background, the rest to scoring."""
+    contexts go first to background, the rest to scoring; `uniform` windows (drawn uniformly from
+    held-out text by the features stage, whatever the unit does there) are all for scoring."""
     top = list(record.get("top") or [])
     bins = [b.get("examples") or [] for b in (record.get("quantiles") or [])]
     rand = list(record.get("random") or [])
@@ -86,8 +91,11 @@ def split_exemplars(
 
     explain = e_top + e_q
     seen = {e["ctx"] for e in explain} | {e["ctx"] for e in background}
-    kept = [[e for e in group if e["ctx"] not in seen] for group in (s_top, s_q, s_rand)]
-    dropped = len(s_top) + len(s_q) + len(s_rand) - sum(len(g) for g in kept)
+    s_uni = list(record.get("uniform") or [])[:score_uniform]
+    kept = [[e for e in group if e["ctx"] not in seen] for group in (s_top, s_q, s_rand, s_uni)]
+    dropped = len(s_top) + len(s_q) + len(s_rand) + len(s_uni) - sum(len(g) for g in kept)
     max_act = record.get("max_act")
-    return Split(explain, background, kept[0], kept[1], kept[2], dropped,
-                 max_act=float(max_act) if isinstance(max_act, (int, float)) else None)
+    density = record.get("density")
+    return Split(explain, background, kept[0], kept[1], kept[2], dropped, score_uniform=kept[3],
+                 max_act=float(max_act) if isinstance(max_act, (int, float)) else None,
+                 density=float(density) if isinstance(density, (int, float)) else None)
