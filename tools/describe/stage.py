@@ -102,6 +102,7 @@ class DescribeConfig:
     device: str | None = None  # local: null = the top-level device
     labels: list[str] | None = None  # local simulator labels; null = 0-10, or 0-9 if "10" is not one token
     batch_tokens: int = 8192  # local simulator: padded tokens per forward
+    threads: int | None = None  # local: torch CPU threads while describing (1 is far faster on a busy CPU)
     score_uniform: int = 10  # windows drawn uniformly from held-out text (features `uniform`), scored
     # which units: `sample` picks N at random among alive units (a function of seed and the unit set);
     # `units` a list of indices or a file of them (one per line or a JSON list); null = all
@@ -143,8 +144,9 @@ def load_config(cfg: DictConfig) -> DescribeConfig:
         raise UserError(f"config `describe.backend`: expected openai or local, got {dc.backend!r}")
     if dc.sample is not None and dc.sample < 1:
         raise UserError(f"config `describe.sample`: must be >= 1 or null, got {dc.sample}")
-    if dc.batch_tokens < 1 or dc.score_uniform < 0:
-        raise UserError("config `describe.batch_tokens` must be >= 1 and `describe.score_uniform` >= 0")
+    if dc.batch_tokens < 1 or dc.score_uniform < 0 or (dc.threads is not None and dc.threads < 1):
+        raise UserError("config `describe.batch_tokens` and `describe.threads` must be >= 1, "
+                        "`describe.score_uniform` >= 0")
     if dc.tag is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", dc.tag):
         raise UserError(f"config `describe.tag`: letters, digits, `_.-` only, got {dc.tag!r}")
     if uses_llm(dc) and dc.backend == "local":
@@ -220,6 +222,19 @@ def done(cfg: DictConfig) -> bool:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     dc = load_config(cfg)
+    if dc.threads is None or not uses_llm(dc) or dc.backend != "local":
+        return _run(cfg, dc)
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(dc.threads)  # restored after: later stages of a pipeline share the process
+    try:
+        return _run(cfg, dc)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(cfg: DictConfig, dc: DescribeConfig) -> dict[str, Any]:
     name, feats_dir, out = _paths(cfg, dc)
     feats = features_path(feats_dir)
     indices = select_units(feats, scan_indices(feats, dc.max_units), dc)
