@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-SCORES = ("simulation_all", "simulation_top", "detection")
+SCORES = ("simulation_all", "simulation_top", "detection", "detection_auc")
 
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
@@ -47,6 +47,17 @@ def balanced_accuracy(pred: Sequence[bool], truth: Sequence[bool]) -> float | No
     if not pos or not neg:
         return None
     return 0.5 * (sum(pos) / len(pos) + sum(not p for p in neg) / len(neg))
+
+
+def auc(scores: Sequence[float], truth: Sequence[bool]) -> float | None:
+    """Probability that a random positive outranks a random negative (ties count half): detection
+    without a threshold, so simulators on different scales (0/10 lexical, expected values) compare."""
+    pos = [s for s, t in zip(scores, truth, strict=True) if t]
+    neg = [s for s, t in zip(scores, truth, strict=True) if not t]
+    if not pos or not neg:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return float(wins / (len(pos) * len(neg)))
 
 
 def active_labels(true_acts: Sequence[Sequence[float]], max_act: float, negative_frac: float) -> list[bool]:
@@ -81,7 +92,8 @@ def score(
     truth = [kinds[i] != "random" for i in keep] if active is None else [bool(active[i]) for i in keep]
     detect = balanced_accuracy([max(preds[i]) >= threshold for i in keep], truth)  # type: ignore[arg-type]
     out = {"simulation_all": pooled({"top", "quantile", "random", "uniform"}),
-           "simulation_top": pooled({"top"}), "detection": detect}
+           "simulation_top": pooled({"top"}), "detection": detect,
+           "detection_auc": auc([max(preds[i]) for i in keep], truth)}  # type: ignore[arg-type]
     if any(kinds[i] == "uniform" for i in keep):  # Bills et al.'s top + random, random = uniform windows
         out["simulation_top_uniform"] = pooled({"top", "uniform"})
     return {k: (round(v, 4) if v is not None else None) for k, v in out.items()}
