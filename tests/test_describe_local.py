@@ -149,3 +149,26 @@ def test_smollm2_describes_and_simulates_planted_units(tmp_path, smollm2_data_di
     # A description naming the token: the simulator rates that token above the others
     preds = sim('the word " king"', [[" the", " king", " said", " to", " the", " queen"]]).preds[0]
     assert preds[1] == max(preds)
+
+
+def test_python_api_one_unit(tiny):
+    from tools.describe.api import describe_unit, load_local
+    from tools.describe.synthetic import contexts, unit_record
+
+    unit = unit_record(3, contexts(120, 20, seed=1), fires_on(" king"), seed=1, bins=3)
+    rec = describe_unit(unit)
+    assert rec["status"] == "ok" and '" king"' in rec["description"] and rec["scores"]["simulation_all"] > 0.9
+    rec = describe_unit(unit, lm=load_local(model=str(tiny)), explain_max_tokens=8, other="the word x")
+    assert rec["index"] == 3 and rec["explainer"] == "llm" and rec["model"] == str(tiny)
+    if rec["status"] == "ok":
+        assert rec["simulator_mode"] == "all_at_once" and rec["controls"]["random_description"]["from"] == -1
+
+
+def test_docs_example_runs():
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "docs" / "describe_one_unit.py"
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith('baseline: Fires on " king"')
