@@ -116,6 +116,9 @@ def _handler(fake: FakeLLM):
                     return self.send(429, b'{"error": {"message": "slow down"}}', {"Retry-After": "0"})
                 if fault == "500":
                     return self.send(500, b'{"error": {"message": "boom"}}')
+                if fault == "ctx400":  # as vLLM words it
+                    return self.send(400, b'{"error": {"message": "This model\'s maximum context length is '
+                                     b'2048 tokens. However, you requested 4100 tokens."}}')
                 if fault == "timeout":
                     time.sleep(fake.sleep_for_timeout)
                 if fault == "garbage_body":
@@ -356,3 +359,19 @@ def test_candidates_are_chosen_on_explanation_exemplars(tmp_path, fake, monkeypa
     # selection simulated the explanation exemplars only; the final scoring ran on other contexts
     selection, final = held_out[0] | held_out[1], held_out[2]
     assert selection.isdisjoint(final)
+
+
+def test_context_length_400_and_repeated_5xx_fail_one_unit_not_the_stage(tmp_path, fake):
+    write_features(tmp_path, "l1", RULES[:2], extra={" thou": 0.04})
+    fake.faults = ["ctx400"]  # the first request: unit 0's explanation
+    stage.run(llm_cfg(tmp_path, fake.url, "describe.controls=false", "describe.concurrency=1",
+                      "describe.max_retries=2"))
+    recs = records(tmp_path)
+    assert recs[0]["status"] == "failed" and "too long" in recs[0]["reason"]
+    assert "maximum context length" in recs[0]["raw"] and recs[1]["status"] == "ok"
+    fake.faults = ["500"] * 3  # every attempt of unit 0's explanation: that unit fails, unit 1 goes on
+    figures = stage.run(llm_cfg(tmp_path, fake.url, "describe.controls=false", "describe.concurrency=1",
+                                "describe.max_retries=2", "describe.overwrite=true", "describe.cache=false"))
+    recs = records(tmp_path)
+    assert recs[0]["status"] == "failed" and "HTTP 500" in recs[0]["reason"] and "boom" in recs[0]["raw"]
+    assert recs[1]["status"] == "ok" and figures["failed"] == 1
