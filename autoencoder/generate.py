@@ -36,6 +36,7 @@ from omegaconf import DictConfig
 
 from autoencoder import shards
 from transformer.config import UserError, resolve_device, stage_main, typed
+from transformer.data import open_tokens
 from transformer.files import config_hash, read_json, sha256_file, write_json
 
 SPLITS = ("train", "val")
@@ -431,7 +432,7 @@ def _pass1(a: ActivationsConfig, inp: Inputs, model, device: str, sc: Scatter, c
     """Forward passes on the main thread; scattering and disk writes on a writer thread."""
     T, B = a.tokens_per_context, a.batch_contexts
     plan = ContextPlan(seed, a.split, inp.n_tokens, inp.context_len, T)
-    tokens = np.memmap(inp.tokens_path, dtype=np.uint16, mode="r")
+    tokens = open_tokens(inp.tokens_path.parent, inp.tokens_path.stem)
     vocab = int(inp.model_cfg.get("vocab_size", 1 << 16))
     n_batches = -(-(c_hi - c_lo) // B)
     start = int(sc.state["batches"])

@@ -105,10 +105,12 @@ def evaluate_rows(sae: SAE, batches: Iterable[torch.Tensor], mse_reduction: str)
 
 def val_contexts(val_bin: Path, n: int, ctx_len: int) -> torch.Tensor:
     """`n` contexts of `ctx_len + 1` tokens, evenly spaced over `val.bin` (the same every eval)."""
+    from transformer.data import open_tokens
+
     val_bin = Path(val_bin)
     if not val_bin.is_file():
         raise UserError(f"validation tokens not found: {val_bin} (run transformer.prepare first)")
-    tokens = np.memmap(val_bin, dtype=np.uint16, mode="r")
+    tokens = open_tokens(val_bin.parent, val_bin.stem)
     span = ctx_len + 1
     if len(tokens) < span:
         raise UserError(f"{val_bin} has {len(tokens)} tokens, fewer than one context of {span}")

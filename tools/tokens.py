@@ -1,12 +1,11 @@
 """Token text for display: the bytes of each token decoded across a window, whitespace made visible.
 
-GPT-2 BPE splits many multi-byte UTF-8 characters over two or three tokens, so decoding each token
-alone shows "�" (the fault of sae_vis' and the seed's pages). Here a window is decoded with one
-incremental UTF-8 decoder: a token that ends mid-character shows "" and the token that completes
-it shows the whole character; "�" appears only for bytes that are truly invalid. The decoder is
-primed with the bytes of the tokens just before the window, so a character that starts before the
-window still shows whole on the token that completes it.
-"""
+Byte-level BPE (GPT-2, Llama 3, SmolLM2) splits many multi-byte UTF-8 characters over two or three
+tokens, so decoding each token alone shows "�" (the fault of sae_vis' and the seed's pages). Here a
+window is decoded with one incremental UTF-8 decoder: a token that ends mid-character shows "" and
+the token that completes it shows the whole character; "�" appears only for bytes that are truly
+invalid. The decoder is primed with the bytes of the tokens just before the window, so a character
+that starts before the window still shows whole on the token that completes it."""
 
 from __future__ import annotations
 
@@ -14,9 +13,13 @@ import codecs
 import functools
 import re
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformer.tokenizer import Tokenizer
 
 # UTF-8 characters are at most 4 bytes, so at most 3 pending bytes can come from before a window;
-# GPT-2 tokens hold at least one byte each, so 3 tokens of prefix suffice.
+# byte-level tokens hold at least one byte each, so 3 tokens of prefix suffice.
 PREFIX_TOKENS = 3
 
 # Characters that are invisible or reorder text around them: shown as a visible code instead.
@@ -57,14 +60,16 @@ def visible(s: str) -> str:
 
 
 class TokenText:
-    """Token ids -> display strings for one encoding (GPT-2 by default)."""
+    """Token ids -> display strings for one tokenizer (`transformer.tokenizer.Tokenizer`; GPT-2 by
+    default, or an encoding name)."""
 
-    def __init__(self, encoding: str = "gpt2"):
-        from transformer.tokenizer import get_encoding
+    def __init__(self, tokenizer: Tokenizer | str = "gpt2"):
+        from transformer.tokenizer import TiktokenTokenizer
 
-        self.enc = get_encoding(encoding)
-        self.special = {self.enc.encode_single_token(t): t for t in self.enc.special_tokens_set}
-        self.n_vocab = self.enc.n_vocab
+        self.tok = TiktokenTokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+        self.special = {i: self.tok.special_text(i) for i in self.tok.special_ids}
+        self.n_vocab = self.tok.vocab_size
+        self.enc = getattr(self.tok, "enc", None)  # the tiktoken Encoding, for GPT-2
 
     def is_special(self, token: int) -> bool:
         return token in self.special
@@ -74,7 +79,7 @@ class TokenText:
         """The token's bytes; special tokens and ids outside the vocabulary have none."""
         if token in self.special or not 0 <= token < self.n_vocab:
             return b""
-        return self.enc.decode_single_token_bytes(token)
+        return self.tok.token_bytes(token)
 
     def single(self, token: int) -> str:
         """One token on its own (logit tables): invalid or partial UTF-8 shows as "�"."""

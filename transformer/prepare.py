@@ -1,4 +1,9 @@
-"""Corpus -> `data_dir/<data.name>/{train.bin,val.bin,meta.json}` (nanoGPT's layout).
+"""Corpus -> `<token folder>/{train.bin,val.bin[,test.bin],meta.json}` (nanoGPT's layout).
+
+The token folder is `data_dir/<data.name>/` for our GPT (GPT-2 BPE) and
+`data_dir/<data.name>--<subject>/` for a Hugging Face subject, tokenized with the subject's own
+tokenizer (`transformer.data.token_dir`); ids are uint16 below 65,536 tokens, else uint32, and
+meta.json records the tokenizer's name and fingerprint so later stages can refuse a mismatch.
 
 Every source goes through Hugging Face `datasets`, so tokenization runs in parallel (`num_proc`)
 over an on-disk Arrow table and the writer streams batches into a memmap: memory stays flat
@@ -8,6 +13,7 @@ out whole documents (whole plays for Shakespeare), never a slice of one.
     python -m transformer.prepare data=shakespeare
     python -m transformer.prepare data=local data.files='corpus/*.jsonl' data.text_field=body
     python -m transformer.prepare data=openwebtext data.num_proc=16
+    python -m transformer.prepare data=mix subject=smollm2   # web text + chat by ratio (transformer.mix)
 """
 
 from __future__ import annotations
@@ -22,10 +28,13 @@ from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig
-from tqdm import tqdm
 
 from transformer.config import UserError, stage_main, typed
-from transformer.files import atomic_path, config_hash, read_json, write_json
+from transformer.data import token_dir
+from transformer.files import config_hash, read_json, write_json
+from transformer.mix import MixSource
+from transformer.subject_config import SubjectConfig
+from transformer.tokenizer import Tokenizer
 
 FORMAT = "monosemantic.tokens/1"
 SHAKESPEARE = Path(__file__).resolve().parent / "assets" / "shakespeare"
@@ -37,7 +46,7 @@ PARQUET_EXTS = (".parquet",)
 @dataclass
 class DataConfig:
     name: str = "shakespeare"  # output folder: data_dir/<name>/
-    source: str = "shakespeare"  # shakespeare (embedded) | hub | local
+    source: str = "shakespeare"  # shakespeare (embedded) | hub | local | mix
     # hub: a Hugging Face dataset id, config name, split and revision
     path: str | None = None
     subset: str | None = None
@@ -51,17 +60,24 @@ class DataConfig:
     # held-out documents: files whose name matches one of these globs, else a seeded random fraction
     val_files: list[str] = field(default_factory=list)
     val_fraction: float = 0.0005
+    test_fraction: float = 0.0  # > 0: also hold out this fraction of documents as test.bin
+    # mix: corpora mixed by document ratio (transformer.mix.MixSource fields)
+    sources: list[MixSource] = field(default_factory=list)
     split_seed: int = 2357  # nanoGPT's openwebtext split seed
     max_documents: int | None = None  # cap (e.g. a quick look at a big corpus)
-    tokenizer: str = "gpt2"
+    tokenizer: str = "gpt2"  # subject=gpt: the tiktoken encoding; an hf subject uses its own tokenizer
     num_proc: int | None = None  # null = every core
     batch_size: int = 1000  # documents per tokenizer call and per write
     cache_dir: str | None = None  # Hugging Face datasets cache; null = its default
 
 
 def check(d: DataConfig) -> DataConfig:
-    if d.source not in ("shakespeare", "hub", "local"):
-        raise UserError(f"config `data.source`={d.source!r}: expected shakespeare, hub or local")
+    if d.source not in ("shakespeare", "hub", "local", "mix"):
+        raise UserError(f"config `data.source`={d.source!r}: expected shakespeare, hub, local or mix")
+    if d.source == "mix":
+        from transformer.mix import parse_sources
+
+        parse_sources(d.sources)
     if d.source == "hub" and not d.path:
         raise UserError("config `data.path` is required with data.source=hub (a Hugging Face dataset id)")
     if d.source == "local" and not d.files:
@@ -70,6 +86,9 @@ def check(d: DataConfig) -> DataConfig:
         raise UserError(f"config `data.sample_by`={d.sample_by!r}: expected document, paragraph or line")
     if not 0.0 <= d.val_fraction < 1.0:
         raise UserError(f"config `data.val_fraction`={d.val_fraction}: expected a fraction in [0, 1)")
+    if not 0.0 <= d.test_fraction < 1.0 - d.val_fraction:
+        raise UserError(f"config `data.test_fraction`={d.test_fraction}: expected a fraction in [0, 1) "
+                        "that leaves documents to train on after val")
     if d.num_proc is not None and d.num_proc < 1:
         raise UserError(f"config `data.num_proc`={d.num_proc}: expected null or >= 1")
     if d.batch_size < 1:
@@ -82,14 +101,34 @@ def check(d: DataConfig) -> DataConfig:
 
 
 def out_dir(cfg: DictConfig) -> Path:
-    return Path(str(cfg.data_dir)) / str(cfg.data.name)
+    return token_dir(cfg)
 
 
-def _identity(d: DataConfig) -> dict[str, Any]:
+def subject_of(cfg: DictConfig) -> SubjectConfig:
+    return typed(cfg.get("subject") or {}, SubjectConfig, "subject").check()
+
+
+def tokenizer_of(cfg: DictConfig, d: DataConfig) -> Tokenizer:
+    """The subject's tokenizer (GPT-2 via `data.tokenizer` for subject=gpt)."""
+    from transformer.tokenizer import TiktokenTokenizer, load_tokenizer
+
+    sc = subject_of(cfg)
+    return TiktokenTokenizer(d.tokenizer) if sc.kind == "gpt" else load_tokenizer(sc, str(cfg.data_dir))
+
+
+def _identity(d: DataConfig, tok: Tokenizer | None = None, chat_prefix: bool = False) -> dict[str, Any]:
     """The config keys that change the output (not parallelism, batching or cache location)."""
     keep = asdict(d)
     for k in ("num_proc", "batch_size", "cache_dir"):
         keep.pop(k)
+    if not d.sources:
+        keep.pop("sources")
+    if not d.test_fraction:
+        keep.pop("test_fraction")
+    if tok is not None and tok.kind != "tiktoken":  # GPT-2 folders keep the hash they had
+        keep["tokenizer"] = {"name": tok.name, "fingerprint": tok.fingerprint}
+    if chat_prefix:
+        keep["chat_prefix"] = True
     return keep
 
 
@@ -211,12 +250,33 @@ def _split_by_files(files: list[str], val_globs: list[str]) -> tuple[list[str], 
     return train, val
 
 
-def load_corpus(d: DataConfig, tmp: Path) -> tuple[Any, Any, str, int, dict[str, Any]]:
-    """(train, val, source description, replaced bytes, extra meta) as Datasets with a `text` column."""
+def _hold_out(ds: Any, frac: float, seed: int, what: str) -> tuple[Any, Any, int]:
+    """(rest, held-out, n held out): a seeded random `frac` of whole documents (at least one)."""
+    if len(ds) < 2:
+        raise UserError(f"corpus has {len(ds)} document(s): need at least 2 to hold one out for {what} "
+                        "(or split it into several files / use data.sample_by=paragraph)")
+    n = min(max(1, round(len(ds) * frac)), len(ds) - 1)
+    parts = ds.train_test_split(test_size=n, seed=seed, shuffle=True)
+    return parts["train"], parts["test"], n
+
+
+def load_corpus(d: DataConfig, tmp: Path) -> tuple[dict[str, Any], str, int, dict[str, Any]]:
+    """({split: Dataset with a `text` column}, source description, replaced bytes, extra meta).
+
+    Splits are whole documents: val from `val_files`, a hub `val_split` or a seeded random
+    fraction; test (when `test_fraction` > 0) a seeded random fraction of the rest.
+    """
     import datasets
 
     extra: dict[str, Any] = {}
-    if d.source in ("shakespeare", "local"):
+    replaced = 0
+    val = None
+    if d.source == "mix":
+        from transformer.mix import mix, parse_sources
+
+        ds, desc, extra["mix"] = mix(parse_sources(d.sources), d.max_documents, d.split_seed,
+                                     d.cache_dir, tmp)
+    elif d.source in ("shakespeare", "local"):
         pattern = str(SHAKESPEARE / "*.md") if d.source == "shakespeare" else str(d.files)
         files = _expand(pattern, "data.files")
         if d.source == "shakespeare":
@@ -225,12 +285,13 @@ def load_corpus(d: DataConfig, tmp: Path) -> tuple[Any, Any, str, int, dict[str,
             desc = f"local: {d.files} ({len(files)} files)"
         if d.val_files:
             train_f, val_f = _split_by_files(files, d.val_files)
-            train, r1 = _load_files(train_f, d, tmp)
+            ds, r1 = _load_files(train_f, d, tmp)
             val, r2 = _load_files(val_f, d, tmp)
+            replaced = r1 + r2
             extra["val_files"] = [Path(f).name for f in val_f]
             desc += f"; val: {len(val_f)} held-out files"
-            return train, val, desc, r1 + r2, extra
-        ds, replaced = _load_files(files, d, tmp)
+        else:
+            ds, replaced = _load_files(files, d, tmp)
     else:
         common = dict(name=d.subset, revision=d.revision, cache_dir=d.cache_dir)
         try:
@@ -241,76 +302,29 @@ def load_corpus(d: DataConfig, tmp: Path) -> tuple[Any, Any, str, int, dict[str,
                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
         ds = _with_field(ds, d.text_field, [f"hub dataset {d.path}"])
         desc = f"hub: {d.path}" + (f"/{d.subset}" if d.subset else "") + f" split {d.split}"
-        replaced = 0
         if val is not None:
-            val = _with_field(val, d.text_field, [f"hub dataset {d.path} split {d.val_split}"])
-            return _cap(ds, d), _cap(val, d), desc + f", val split {d.val_split}", 0, extra
-    ds = _cap(ds, d)
-    if len(ds) < 2:
-        raise UserError(f"corpus has {len(ds)} document(s): need at least 2 to hold one out for val "
-                        "(or split it into several files / use data.sample_by=paragraph)")
-    n_val = min(max(1, round(len(ds) * d.val_fraction)), len(ds) - 1)
-    parts = ds.train_test_split(test_size=n_val, seed=d.split_seed, shuffle=True)
-    desc += f"; val: {n_val} random documents (seed {d.split_seed})"
-    return parts["train"], parts["test"], desc, replaced, extra
+            val = _cap(_with_field(val, d.text_field, [f"hub dataset {d.path} split {d.val_split}"]), d)
+            desc += f", val split {d.val_split}"
+    if d.source != "mix":
+        ds = _cap(ds, d)
+    if val is None:
+        ds, val, n_val = _hold_out(ds, d.val_fraction, d.split_seed, "val")
+        desc += f"; val: {n_val} random documents (seed {d.split_seed})"
+    splits = {"train": ds, "val": val}
+    if d.test_fraction:
+        splits["train"], splits["test"], n_test = _hold_out(ds, d.test_fraction, d.split_seed + 1, "test")
+        desc += f"; test: {n_test} random documents (seed {d.split_seed + 1})"
+    extra["split"] = {"unit": "document", "seed": d.split_seed, "val_fraction": d.val_fraction,
+                      "test_fraction": d.test_fraction, "val_files": bool(d.val_files),
+                      "val_split": d.val_split}
+    return splits, desc, replaced, extra
 
 
 def _cap(ds: Any, d: DataConfig) -> Any:
     return ds.select(range(min(len(ds), d.max_documents))) if d.max_documents else ds
 
 
-# ---------------------------------------------------------------- tokenize and write
-
-
-def _tokenize(batch: dict[str, list], tokenizer: str) -> dict[str, list]:
-    """Worker-side: ordinary BPE (special-token text stays text), EOT appended after each document."""
-    from transformer.tokenizer import get_encoding
-
-    enc = get_encoding(tokenizer)
-    ids = enc.encode_ordinary_batch([t or "" for t in batch["text"]])
-    for x in ids:
-        x.append(enc.eot_token)
-    return {"ids": ids, "len": [len(x) for x in ids]}
-
-
-def _tokenize_split(ds: Any, d: DataConfig, split: str) -> Any:
-    ds = ds.filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True,
-                   batch_size=d.batch_size, desc=f"{split}: dropping empty documents")
-    if len(ds) == 0:
-        return ds
-    num_proc = min(d.num_proc or os.cpu_count() or 1, len(ds))
-    return ds.map(_tokenize, batched=True, batch_size=d.batch_size,
-                  num_proc=num_proc if num_proc > 1 else None, remove_columns=ds.column_names,
-                  fn_kwargs={"tokenizer": d.tokenizer},
-                  desc=f"{split}: tokenizing")
-
-
-def write_bin(ds: Any, path: Path, batch_size: int, desc: str) -> tuple[int, np.ndarray | None]:
-    """Stream token ids into a uint16 memmap at a temporary name; returns (tokens, unigram counts)."""
-    lengths = ds.select_columns(["len"]).iter(batch_size=65536)
-    total = int(sum(int(np.asarray(b["len"]).sum()) for b in lengths))
-    counts = np.zeros(65536, dtype=np.int64)
-    with atomic_path(path) as tmp:
-        arr = np.memmap(tmp, dtype=np.uint16, mode="w+", shape=(max(total, 1),))
-        pos = 0
-        with tqdm(total=total, desc=desc, unit="tok", unit_scale=True, mininterval=1.0) as bar:
-            for batch in ds.select_columns(["ids"]).iter(batch_size=batch_size):
-                flat = np.concatenate([np.asarray(x, dtype=np.uint16) for x in batch["ids"]])
-                arr[pos:pos + len(flat)] = flat
-                counts += np.bincount(flat, minlength=65536)
-                pos += len(flat)
-                bar.update(len(flat))
-        arr.flush()
-        del arr
-        assert pos == total, (pos, total)
-    return total, counts
-
-
-def unigram_entropy(counts: np.ndarray) -> float:
-    """Entropy in nats of the token frequency distribution (a model's loss floor without context)."""
-    p = counts[counts > 0].astype(np.float64)
-    p /= p.sum()
-    return float(-(p * np.log(p)).sum())
+# ---------------------------------------------------------------- the stage
 
 
 def done(cfg: DictConfig) -> bool:
@@ -320,23 +334,26 @@ def done(cfg: DictConfig) -> bool:
         meta = read_json(folder / "meta.json")
     except UserError:
         return False
-    if meta.get("format") != FORMAT or meta.get("config_hash") != config_hash(_identity(d)):
+    tok = tokenizer_of(cfg, d)
+    ident = _identity(d, tok, subject_of(cfg).chat_prefix)
+    if meta.get("format") != FORMAT or meta.get("config_hash") != config_hash(ident):
         return False
-    for split in ("train", "val"):
+    if (meta.get("tokenizer_info") or {}).get("fingerprint", tok.fingerprint) != tok.fingerprint:
+        return False
+    itemsize = np.dtype(meta.get("dtype", "uint16")).itemsize
+    for split in meta["tokens"]:
         f = folder / f"{split}.bin"
-        if not f.is_file() or f.stat().st_size != 2 * int(meta["tokens"][split]):
+        if not f.is_file() or f.stat().st_size != itemsize * int(meta["tokens"][split]):
             return False
     return True
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    d = check(typed(cfg.data, DataConfig, "data"))
-    from transformer.tokenizer import get_encoding
+    from transformer.token_write import tokenize_split, tokens_by_source, unigram_entropy, write_bin
 
-    enc = get_encoding(d.tokenizer)
-    if enc.n_vocab > 65536:
-        raise UserError(f"tokenizer {d.tokenizer!r} has {enc.n_vocab} tokens: the uint16 token files "
-                        "(docs/formats.md) hold at most 65,536")
+    d = check(typed(cfg.data, DataConfig, "data"))
+    sc = subject_of(cfg)
+    tok = tokenizer_of(cfg, d)
     folder = out_dir(cfg)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "meta.json").unlink(missing_ok=True)  # outputs stop looking complete until meta is rewritten
@@ -345,34 +362,47 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     datasets.logging.set_verbosity_error()
     tmp = folder / ".prepare-tmp"
     try:
-        train, val, source, replaced, extra = load_corpus(d, tmp)
+        splits, source, replaced, extra = load_corpus(d, tmp)
         n_docs: dict[str, int] = {}
         tokens: dict[str, int] = {}
+        by_source: dict[str, dict[str, int]] = {}
         entropy = float("nan")
-        for split, ds in (("train", train), ("val", val)):
-            tok = _tokenize_split(ds, d, split)
-            if len(tok) == 0:
+        for split, ds in splits.items():
+            tokd = tokenize_split(ds, tok, chat_prefix=sc.chat_prefix, num_proc=d.num_proc,
+                                  batch_size=d.batch_size, split=split)
+            if len(tokd) == 0:
                 raise UserError(f"the {split} split of {source.split(';')[0]} holds no text "
                                 "(every document is empty or whitespace)")
-            n_docs[split] = len(tok)
-            tokens[split], counts = write_bin(tok, folder / f"{split}.bin", d.batch_size,
-                                              f"writing {split}.bin")
+            n_docs[split] = len(tokd)
+            tokens[split], counts = write_bin(tokd, folder / f"{split}.bin", d.batch_size,
+                                              f"writing {split}.bin", dtype=tok.dtype,
+                                              vocab_size=tok.vocab_size)
+            if "mix" in extra:
+                by_source[split] = tokens_by_source(tokd, [m["name"] for m in extra["mix"]])
             if split == "train":
                 entropy = unigram_entropy(counts)
+        if "test" not in splits:
+            (folder / "test.bin").unlink(missing_ok=True)  # a stale one from an earlier config
     finally:
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
+    if by_source:
+        extra["tokens_by_source"] = by_source
+    ident = _identity(d, tok, sc.chat_prefix)
+    info = tok.describe()
     meta = {
-        "format": FORMAT, "tokenizer": d.tokenizer, "vocab_size": enc.n_vocab, "eot_id": enc.eot_token,
-        "dtype": "uint16", "tokens": tokens, "documents": n_docs, "source": source,
+        "format": FORMAT, "tokenizer": tok.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
+        "dtype": tok.dtype, "tokenizer_info": info, "chat_prefix": sc.chat_prefix,
+        "tokens": tokens, "documents": n_docs, "source": source,
         "replaced_bytes": replaced, "unigram_entropy_nats": round(entropy, 6),
-        "config_hash": config_hash(_identity(d)), "data": _identity(d), **extra,
+        "config_hash": config_hash(ident), "data": ident, **extra,
     }
     write_json(folder / "meta.json", meta)
-    print(f"prepare: {tokens['train']:,} train + {tokens['val']:,} val tokens ({n_docs['train']} + "
-          f"{n_docs['val']} documents, {replaced} bytes replaced, unigram entropy {entropy:.3f} nats) "
-          f"-> {folder}", flush=True)
+    test = f" + {tokens['test']:,} test" if "test" in tokens else ""
+    print(f"prepare: {tokens['train']:,} train + {tokens['val']:,} val{test} tokens "
+          f"({' + '.join(str(n) for n in n_docs.values())} documents, {replaced} bytes replaced, "
+          f"unigram entropy {entropy:.3f} nats, tokenizer {tok.name}) -> {folder}", flush=True)
     return {"train_tokens": tokens["train"], "val_tokens": tokens["val"], "documents": n_docs,
             "replaced_bytes": replaced, "unigram_entropy_nats": entropy, "dir": str(folder)}
 

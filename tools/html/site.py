@@ -161,9 +161,21 @@ def _page(rec: dict, meta: dict, desc: dict | None, prev: int | None, nxt: int |
         for row in side:
             if isinstance(row[2], int) and row[2] not in vocab:
                 vocab[row[2]] = text.hex_bytes(row[2])
+    neg = rec.get("neg")
+    neg_view = None if not neg else {
+        "density": neg.get("density"), "min_act": neg.get("min_act"), "mean_act": neg.get("mean_act"),
+        "bottom": [_example(e, vocab, text) for e in neg.get("bottom", [])],
+        "quantiles": [{"lo": q.get("lo"), "hi": q.get("hi"), "count": q.get("count"),
+                       "examples": [_example(e, vocab, text) for e in q.get("examples", [])]}
+                      for q in neg.get("quantiles", [])],
+        "random": [_example(e, vocab, text) for e in neg.get("random", [])],
+    }
+    probs = meta.get("act_quantiles") or []
+    vals = rec.get("act_quantiles") or []
     return {
         "index": rec["index"], "n_units": meta.get("n_units"), "unit": meta.get("unit"),
-        "name": meta.get("name"), "prev": prev, "next": nxt,
+        "name": meta.get("name"), "layer": meta.get("layer"), "prev": prev, "next": nxt,
+        "neg": neg_view, "act_quantiles": {"p": probs[:len(vals)], "v": vals[:len(probs)]},
         "density": rec.get("density"), "max_act": rec.get("max_act"), "mean_act": rec.get("mean_act"),
         "tokens_scanned": meta.get("tokens_scanned"), "desc": _desc_view(desc), "logits": logits,
         "top": [_example(e, vocab, text) for e in rec.get("top", [])],
@@ -193,6 +205,18 @@ def _iter_features(path: Path):
                     raise UserError(f"{path}:{n} is not valid JSON ({e}); rerun tools.top_activations") from e
 
 
+def _tokenizer(meta: dict):
+    """The tokenizer the features were written with (meta's `tokenizer_info`; GPT-2 before it existed)."""
+    from transformer.tokenizer import TiktokenTokenizer, tokenizer_from_record
+
+    info = meta.get("tokenizer_info")
+    return tokenizer_from_record(info) if isinstance(info, dict) else TiktokenTokenizer()
+
+
+def _layer_label(meta: dict) -> str:
+    return f" · layer {int(meta['layer'])}" if isinstance(meta.get("layer"), int) else ""
+
+
 def render_site(run_dir: Path, name: str) -> Path:
     """(Re)build `run_dir/features/<name>/site/` from features.jsonl + meta.json (+ descriptions).
 
@@ -212,7 +236,7 @@ def render_site(run_dir: Path, name: str) -> Path:
     n_units = int(meta.get("n_units", 0))
     rendered = sorted(set(range(n_units)) if pages is None else {int(p) for p in pages if 0 <= p < n_units})
     order = {u: i for i, u in enumerate(rendered)}
-    text = TokenText()
+    text = TokenText(_tokenizer(meta))
     site = feat_dir / "site"
     tmp = feat_dir / f".site.tmp-{os.getpid()}"
     if tmp.exists():
@@ -230,7 +254,8 @@ def render_site(run_dir: Path, name: str) -> Path:
         score = (d or {}).get("scores", {}).get("simulation_all")
         rows.append([u, rec.get("density", 0.0), rec.get("max_act", 0.0), _top_tokens(rec),
                      visible_logits(rec), (d or {}).get("description", ""), score,
-                     (d or {}).get("status", ""), 1 if has_page else 0])
+                     (d or {}).get("status", ""), 1 if has_page else 0,
+                     (rec.get("neg") or {}).get("min_act")])
         if not has_page:
             continue
         i = order[u]
@@ -240,17 +265,23 @@ def render_site(run_dir: Path, name: str) -> Path:
         hist = rec.get("hist") or {}
         svg = svg_histogram(hist.get("edges") or [], hist.get("counts") or [], label="activation",
                             title=f"Activation histogram of unit {u} (firing tokens)")
+        nh = (rec.get("neg") or {}).get("hist") or {}
+        neg_svg = "" if not rec.get("neg") else svg_histogram(
+            nh.get("edges") or [], nh.get("counts") or [], label="−activation (tokens below 0)",
+            title=f"Histogram of unit {u}'s negative activations, by magnitude")
         page = _fill("feature.html", title=f"{'Neuron' if meta.get('unit') == 'neuron' else 'Feature'} {u}"
-                     f" · {title_name}", static="../", data=embed_json(data), hist_svg=svg)
+                     f"{_layer_label(meta)} · {title_name}", static="../", data=embed_json(data),
+                     hist_svg=svg, neg_hist_svg=neg_svg)
         (tmp / "feature" / f"{u}.html").write_text(page, encoding="utf-8")
     index_data = {"name": meta.get("name", name), "unit": meta.get("unit"), "n_units": n_units,
+                  "layer": meta.get("layer"), "negative_side": bool(meta.get("negative_side")),
                   "tokens_scanned": meta.get("tokens_scanned"), "contexts": meta.get("contexts"),
                   "split": meta.get("split"), "alive": meta.get("alive"), "dead": meta.get("dead"),
                   "sae_metrics": _flat_metrics(meta.get("sae_metrics")), "ultra_low": ULTRA_LOW,
                   "bins": meta.get("bins"), "described": sum(1 for r in rows if r[7] == "ok"),
                   "rows": rows}
-    index = _fill("index.html", title=f"Features · {title_name}", data=embed_json(index_data),
-                  density_svg=_density_svg(meta))
+    index = _fill("index.html", title=f"Features{_layer_label(meta)} · {title_name}",
+                  data=embed_json(index_data), density_svg=_density_svg(meta))
     (tmp / "index.html").write_text(index, encoding="utf-8")
     old = feat_dir / f".site.old-{os.getpid()}"
     if site.exists():

@@ -30,10 +30,13 @@
     var sortCol = 0, sortDir = 1, page = 0;
     var q = {search: "", klass: "all", dmin: null, dmax: null, size: 100};
     var unitWord = data.unit === "neuron" ? "neurons" : "features";
+    var layerWord = data.layer === null || data.layer === undefined ? "" : ", layer " + data.layer;
     document.getElementById("summary").textContent =
-      data.n_units + " " + unitWord + " (" + data.alive + " alive, " + data.dead + " dead) over " +
+      data.n_units + " " + unitWord + " (" + data.alive + " alive, " + data.dead + " dead)" + layerWord +
+      (data.negative_side ? ", both signs" : "") + ", over " +
       (data.tokens_scanned || 0).toLocaleString("en") + " tokens of the " + (data.split || "?") + " split; " +
       data.described + " described. Ultra-low density: below " + data.ultra_low + ".";
+    if (data.negative_side) document.querySelector('th button[data-sort="2"]').textContent = "max / min act";
     document.getElementById("dead-note").textContent = data.dead + " dead units are not in the histogram.";
     var mt = document.querySelector("#metrics tbody");
     var keys = Object.keys(data.sae_metrics || {});
@@ -94,7 +97,7 @@
         } else td.textContent = String(r[0]);
         tr.appendChild(td);
         tr.appendChild(el("td", "num", fmt(r[1])));
-        tr.appendChild(el("td", "num", fmt(r[2])));
+        tr.appendChild(el("td", "num", fmt(r[2]) + (r[9] === null || r[9] === undefined ? "" : " / " + fmt(r[9]))));
         tr.appendChild(chips(r[3]));
         tr.appendChild(chips(r[4]));
         tr.appendChild(el("td", "descr", r[5] || (r[7] && r[7] !== "ok" ? "(" + r[7] + ")" : "")));
@@ -157,11 +160,19 @@
     var maxAct = data.max_act > 0 ? data.max_act : 1;
     var detail = document.getElementById("detail");
     var word = data.unit === "neuron" ? "Neuron " : "Feature ";
-    document.getElementById("heading").textContent = word + data.index + " of " + data.n_units +
+    var layer = data.layer === null || data.layer === undefined ? "" : " · layer " + data.layer;
+    document.getElementById("heading").textContent = word + data.index + " of " + data.n_units + layer +
       " · " + data.name;
     document.getElementById("stats").textContent = "density " + fmt(data.density) + " · max act " +
       fmt(data.max_act) + " · mean act (firing) " + fmt(data.mean_act) + " · " +
-      (data.tokens_scanned || 0).toLocaleString("en") + " tokens scanned";
+      (data.tokens_scanned || 0).toLocaleString("en") + " tokens scanned" +
+      (data.neg ? " · below 0: density " + fmt(data.neg.density) + ", min act " + fmt(data.neg.min_act) +
+        ", mean " + fmt(data.neg.mean_act) : "");
+    var aq = data.act_quantiles || {p: [], v: []};
+    if (aq.p.length) {
+      document.getElementById("act-quantiles").textContent = "activation quantiles (all tokens): " +
+        aq.p.map(function (p, i) { return "q" + p + " " + (aq.v[i] === null ? "?" : fmt(aq.v[i])); }).join(" · ");
+    }
     var d = data.desc, box = document.getElementById("desc");
     if (d) {
       box.appendChild(el("p", "description", d.description || "(" + d.status + (d.reason ? ": " + d.reason : "") + ")"));
@@ -191,8 +202,10 @@
       });
     });
 
+    var minAct = data.neg && data.neg.min_act < 0 ? -data.neg.min_act : 0;
     function shade(a) {
       if (a > 0) return "rgba(255,128,0," + Math.min(1, a / maxAct).toFixed(3) + ")";
+      if (a < 0 && minAct) return "rgba(60,120,255," + Math.min(1, -a / minAct).toFixed(3) + ")";
       if (a < 0) return "rgba(60,120,255," + Math.min(0.6, -a / maxAct * 4).toFixed(3) + ")";
       return "";
     }
@@ -245,21 +258,30 @@
       if (!list.length) box.appendChild(el("p", "muted", empty));
       list.forEach(function (ex) { box.appendChild(example(ex)); });
     }
+    function bins(id, list, word) {
+      var qbox = document.getElementById(id);
+      if (!list.length) qbox.appendChild(el("p", "muted", "No " + word + " tokens."));
+      list.forEach(function (q) {
+        var sec = el("div", "bin");
+        sec.appendChild(el("h3", null, "activation " + fmt(q.lo) + " – " + fmt(q.hi) +
+          (q.count !== undefined ? " · ≈" + q.count + " " + word + " tokens" : "")));
+        var box = el("div", "examples");
+        if (!q.examples.length) box.appendChild(el("p", "muted", "none"));
+        q.examples.forEach(function (ex) { box.appendChild(example(ex)); });
+        sec.appendChild(box);
+        qbox.appendChild(sec);
+      });
+    }
     fill("top", data.top, "This unit never fired on the scanned tokens.");
-    var qbox = document.getElementById("quantiles");
     document.getElementById("bins-note").textContent = "(equal-width over (0, max act]; examples drawn uniformly within a bin)";
-    if (!data.quantiles.length) qbox.appendChild(el("p", "muted", "No firing tokens."));
-    data.quantiles.slice().reverse().forEach(function (q) {
-      var sec = el("div", "bin");
-      sec.appendChild(el("h3", null, "activation " + fmt(q.lo) + " – " + fmt(q.hi) +
-        (q.count !== undefined ? " · ≈" + q.count + " firing tokens" : "")));
-      var box = el("div", "examples");
-      if (!q.examples.length) box.appendChild(el("p", "muted", "none"));
-      q.examples.forEach(function (ex) { box.appendChild(example(ex)); });
-      sec.appendChild(box);
-      qbox.appendChild(sec);
-    });
+    bins("quantiles", data.quantiles.slice().reverse(), "firing");
     fill("random", data.random, "This unit fires in every scanned context.");
+    document.querySelectorAll(".neg-only").forEach(function (s) { s.hidden = !data.neg; });
+    if (data.neg) {
+      fill("bottom", data.neg.bottom, "This unit is never below 0 on the scanned tokens.");
+      bins("neg-quantiles", data.neg.quantiles, "negative");
+      fill("neg-random", data.neg.random, "This unit is below the threshold in every scanned context.");
+    }
 
     document.addEventListener("keydown", function (ev) {
       if (typing(ev) || ev.altKey || ev.ctrlKey || ev.metaKey || ev.shiftKey) return;

@@ -1,0 +1,101 @@
+"""The `features` config section, the constants of the stage, and which unit set a run names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from transformer.config import UserError, typed
+
+FORMAT_META = "monosemantic.features/1"
+HIST_BINS = 64  # internal histogram resolution (see the module docstring)
+UNITS = ("sae", "neuron")
+ACT_QUANTILES = (0.0001, 0.001, 0.01, 0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)
+NEGATIVES = ("contexts whose max activation is <= {frac} x the unit's max_act: first a uniform sample of "
+             "the contexts where the unit never fires (> 0 nowhere), then, if fewer than n_random, random "
+             "contexts under the threshold among {cand} candidate contexts sampled uniformly up front")
+
+
+@dataclass
+class FeaturesConfig:
+    unit: str = "sae"  # sae | neuron (the MLP's own neurons)
+    sae: str | None = None  # folder name under run_dir/sae; null = the only one there
+    layer: int = 0  # neurons: which layer's MLP (an SAE uses the layer of its hook_name)
+    split: str = "val"  # token split scanned (held-out text, not the SAE's training rows)
+    contexts: int | None = None  # contexts scanned; null = every whole context in the split
+    context_len: int | None = None  # tokens per context; null = the model's block_size
+    batch_tokens: int = 16384  # tokens per forward pass (rounded down to whole contexts)
+    top_k: int = 20  # top contexts per unit, by max activation
+    bins: int = 10  # equal-width activation bins over (0, max_act]
+    per_bin: int = 5  # examples per bin
+    n_random: int = 20  # random negative contexts (max activation <= negative_frac x the unit's max)
+    negative_frac: float = 0.1  # a context is a negative when its max is <= this x the unit's max_act
+    negative_candidates: int = 512  # contexts sampled up front whose per-unit max is kept (top-up negatives)
+    window: int = 32  # tokens on each side of the hit
+    logit_k: int = 10  # top positive and negative logit effects
+    unit_chunk: int = 1024  # units whose examples are built together (bounds memory)
+    pages: list[int] | None = None  # feature pages to render; null = all (the index lists all)
+    dtype: str = "float32"  # float32 | bfloat16 (CUDA) for the model + SAE forward
+    # also the negative side (bottom-k by min, bins below 0, its own negatives): signed units such as
+    # GELU / SiLU-gated (Llama) neurons; null = for neurons, not for SAE features (never below 0)
+    negative_side: bool | None = None
+    # per-unit activation quantiles over every scanned token (signed), estimated from the histograms
+    act_quantiles: list[float] = field(default_factory=lambda: list(ACT_QUANTILES))
+
+    def check(self) -> FeaturesConfig:
+        if self.unit not in UNITS:
+            raise UserError(f"features.unit must be one of {list(UNITS)}, not {self.unit!r}")
+        for key in ("batch_tokens", "top_k", "bins", "per_bin", "logit_k", "unit_chunk"):
+            if getattr(self, key) < 1:
+                raise UserError(f"features.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("n_random", "window", "layer", "negative_candidates"):
+            if getattr(self, key) < 0:
+                raise UserError(f"features.{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("contexts", "context_len"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise UserError(f"features.{key} must be >= 1 or null, got {getattr(self, key)}")
+        if not 0 <= self.negative_frac < 1:
+            raise UserError(f"features.negative_frac must be in [0, 1), got {self.negative_frac}")
+        if not all(0 <= q <= 1 for q in self.act_quantiles):
+            raise UserError(f"features.act_quantiles must be in [0, 1], got {self.act_quantiles}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise UserError(f"features.dtype must be float32 or bfloat16, not {self.dtype!r}")
+        return self
+
+    def both_sides(self) -> bool:
+        """Whether the negative side is scanned (see `negative_side`)."""
+        return self.unit == "neuron" if self.negative_side is None else self.negative_side
+
+
+def section(cfg: DictConfig) -> FeaturesConfig:
+    return typed(cfg.get("features", {}), FeaturesConfig, "features").check()
+
+
+def unit_name(cfg: DictConfig) -> str:
+    """Folder name under run_dir/features and run_dir/descriptions: "neurons", or the SAE's name."""
+    fc = section(cfg)
+    if fc.unit == "neuron":
+        return "neurons"
+    sae_root = Path(cfg.run_dir) / "sae"
+    if fc.sae is not None:
+        if not (sae_root / fc.sae).is_dir():
+            names = _sae_names(sae_root)
+            raise UserError(f"features.sae={fc.sae!r}: no folder {sae_root / fc.sae} "
+                            f"(SAEs there: {names or 'none'})")
+        return fc.sae
+    names = _sae_names(sae_root)
+    if not names:
+        raise UserError(f"no SAE found under {sae_root} "
+                        "(run autoencoder.train first, or use features.unit=neuron)")
+    if len(names) > 1:
+        raise UserError(f"several SAEs under {sae_root}: {names}; choose one with features.sae=NAME")
+    return names[0]
+
+
+def _sae_names(root: Path) -> list[str]:
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "cfg.json").is_file())
+

@@ -1,0 +1,171 @@
+"""Everything this stage takes from the model, the SAE and the tokens, in one place.
+
+`GPTSubject` is the stage's only access to the model: "activations of a layer's MLP neurons for
+these token ids" and the weights of the direct logit path. Swapping it for the subject interface
+(our GPT or a Hugging Face LM) changes nothing else in the stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from tools.features.config import FeaturesConfig
+from transformer.config import UserError
+
+
+class GPTSubject:
+    """Our GPT as the stage sees it: sizes, neuron activations, logit-path weights."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        c = model.config
+        self.d_mlp, self.n_layer = c.d_mlp, c.n_layer
+        self.block_size, self.vocab_size = c.block_size, c.vocab_size
+
+    def neuron_acts(self, idx: torch.Tensor, layer: int) -> torch.Tensor:
+        """[B, T] token ids -> [B, T, d_mlp] MLP post-activation of `layer` (nothing after it computed)."""
+        return self.model.mlp_acts(idx, layer)
+
+    def logit_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W_out [d_model, d_mlp] of the layer's MLP, final norm scale [d_model], W_U [vocab, d_model])."""
+        m = self.model
+        return m.transformer.h[layer].mlp.c_proj.weight, m.transformer.ln_f.weight, m.lm_head.weight
+
+
+@dataclass
+class Inputs:
+    model: Any  # a GPTSubject (a bare GPT is wrapped)
+    sae: Any | None
+    layer: int
+    tokens: np.ndarray  # the split, memory-mapped
+    T: int  # tokens per context
+    n_ctx: int  # contexts scanned
+    n_units: int
+    files: dict[str, str]  # input files -> sha256 (for done())
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, GPTSubject):
+            self.model = GPTSubject(self.model)
+
+
+def _sae_layer(hook: str) -> int:
+    parts = hook.split(".")
+    if len(parts) >= 2 and parts[0] == "blocks" and parts[1].isdigit():
+        return int(parts[1])
+    raise UserError(f"SAE hook_name {hook!r} is not of the form blocks.<layer>.mlp.hook_post")
+
+
+def load_inputs(cfg: DictConfig, fc: FeaturesConfig, name: str, device: str,
+                fingerprint: str | None = None) -> Inputs:
+    """Model, SAE and the token split, checked against each other; `fingerprint`: the tokenizer's."""
+    from autoencoder.sae import load_sae
+    from transformer.data import open_tokens, token_dir
+    from transformer.model import load_model
+
+    run_dir = Path(cfg.run_dir)
+    model = GPTSubject(load_model(run_dir / "transformer", device))
+    d_mlp = model.d_mlp
+    files = {"model": str(run_dir / "transformer" / "model.safetensors")}
+    sae = None
+    if fc.unit == "sae":
+        sae_dir = run_dir / "sae" / name
+        sae = load_sae(sae_dir, device)
+        if sae.cfg.d_in != d_mlp:
+            raise UserError(f"SAE {sae_dir} has d_in={sae.cfg.d_in} but the model's MLP has d_mlp={d_mlp}")
+        layer = _sae_layer(sae.cfg.hook_name)
+        files["sae"] = str(sae_dir / "sae_weights.safetensors")
+        n_units = sae.cfg.d_sae
+    else:
+        layer = fc.layer
+        n_units = d_mlp
+    if not 0 <= layer < model.n_layer:
+        raise UserError(f"layer {layer} out of range for a {model.n_layer}-layer model")
+    folder = token_dir(cfg)
+    path = folder / f"{fc.split}.bin"
+    if not path.is_file():
+        raise UserError(f"features.split={fc.split!r}: token file {path} not found (run transformer.prepare)")
+    tokens = open_tokens(folder, fc.split, fingerprint=fingerprint)
+    files["tokens"] = str(path)
+    T = fc.context_len or model.block_size
+    if T > model.block_size:
+        raise UserError(f"features.context_len={T} exceeds the model's block_size {model.block_size}")
+    avail = len(tokens) // T
+    if avail == 0:
+        raise UserError(f"{path} holds {len(tokens)} tokens, fewer than one context of {T}")
+    n_ctx = min(fc.contexts or avail, avail)
+    if fc.contexts and fc.contexts > avail:
+        print(f"features.contexts={fc.contexts} but {path} holds {avail} contexts of {T}: scanning {avail}")
+    if int(tokens[: n_ctx * T].max()) >= model.vocab_size:
+        raise UserError(f"{path} has token ids >= the model's vocab_size {model.vocab_size}")
+    if fc.pages is not None:
+        bad = [i for i in fc.pages if not 0 <= i < n_units]
+        if bad:
+            raise UserError(f"features.pages has indices out of range {bad[:5]} (units are 0..{n_units - 1})")
+    return Inputs(model, sae, layer, tokens, T, n_ctx, n_units, files)
+
+
+class UnitActs:
+    """Activations of the units from token ids: the forward pass the scan and the windows share."""
+
+    def __init__(self, inp: Inputs, dtype: str):
+        self.inp = inp
+        self.autocast = dtype == "bfloat16"
+
+    def mlp(self, idx: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(idx.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return self.inp.model.neuron_acts(idx, self.inp.layer).float()
+
+    @torch.no_grad()
+    def all_units(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.mlp(idx)
+        if self.inp.sae is None:
+            return x
+        with torch.autocast(idx.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return self.inp.sae.encode(x).float()
+
+    @torch.no_grad()
+    def some_units(self, x: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        """x [E, L, d_mlp] windows, units [E] -> each window's activation of its own unit [E, L]."""
+        sae = self.inp.sae
+        if sae is None:
+            return x.gather(2, units[:, None, None].expand(-1, x.shape[1], 1)).squeeze(2)
+        if getattr(sae.cfg, "architecture", None) == "standard":  # ReLU(x̄ W_enc + b_enc), one column each
+            w = sae.W_enc.t()[units]  # [E, d]
+            pre = torch.einsum("eld,ed->el", x - sae.b_dec, w) + sae.b_enc[units][:, None]
+            return torch.relu(pre)
+        out = []
+        for i in range(0, x.shape[0], 64):  # other architectures (e.g. top-k) need the full encode
+            f = sae.encode(x[i:i + 64])
+            out.append(f.gather(2, units[i:i + 64, None, None].expand(-1, f.shape[1], 1)).squeeze(2))
+        return torch.cat(out)
+
+
+@torch.no_grad()
+def logit_effects(inp: Inputs, k: int, vocab: int, chunk: int = 512) -> tuple[np.ndarray, ...]:
+    """Top-k positive and negative direct logit effects per unit: (pos_ids, pos_vals, neg_ids, neg_vals).
+
+    A negative activation's effect is the negation, so a signed unit's negative side promotes the
+    `neg` tokens and suppresses the `pos` ones.
+    """
+    W_out, ln, W_U = inp.model.logit_weights(inp.layer)
+    W_U = W_U[:vocab]  # padding ids excluded
+    k = min(k, vocab)
+    res = ([], [], [], [])
+    for i in range(0, inp.n_units, chunk):
+        j = min(i + chunk, inp.n_units)
+        if inp.sae is not None:
+            d = inp.sae.W_dec[i:j].float()  # [c, d_mlp]
+        else:
+            d = torch.eye(W_out.shape[1], device=W_out.device)[i:j]
+        logits = ((d @ W_out.t()) * ln) @ W_U.t()  # [c, vocab]
+        pv, pi = logits.topk(k, dim=1)
+        nv, ni = logits.topk(k, dim=1, largest=False)
+        for lst, t in zip(res, (pi, pv, ni, nv), strict=True):
+            lst.append(t.cpu().numpy())
+    return tuple(np.concatenate(r) for r in res)
