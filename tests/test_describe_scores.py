@@ -111,3 +111,32 @@ def test_sample_and_unit_list(tmp_path):
         stage.run(cfg_for(run_dir, "describe.units=[99]", "describe.tag=w"))
     with pytest.raises(UserError, match="describe.tag"):
         stage.load_config(cfg_for(run_dir, "describe.tag=a/b"))
+
+
+def test_negative_side_described_separately(tmp_path):
+    """polarity=neg describes a signed unit's negative side from its own bottom-k exemplars
+    (features.jsonl `neg`), into descriptions/<name>-neg; a unit without one is skipped."""
+    run_dir = make_run(tmp_path, [fires_on(" thou"), fires_on(" king")], extra={" thou": 0.04})
+    path = run_dir / "features/l1/features.jsonl"
+    recs = [json.loads(ln) for ln in path.read_text().splitlines()]
+
+    def negated(ex):
+        rest = {k: v for k, v in ex.items() if k != "max"}
+        return {**rest, "min": -ex["max"], "acts": [-a for a in ex["acts"]]}
+
+    king = recs[1]  # unit 0's negative side fires (below 0) on " king"
+    bins = [{"lo": -q["hi"], "hi": -q["lo"], "examples": [negated(e) for e in q["examples"]]}
+            for q in reversed(king["quantiles"])]
+    recs[0]["neg"] = {"density": king["density"], "min_act": -king["max_act"], "quantiles": bins,
+                      "bottom": [negated(e) for e in king["top"]],
+                      "random": [negated(e) for e in king["random"]]}
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    stage.run(cfg_for(run_dir, "describe.polarity=neg"))
+    out = {r["index"]: r for r in indices_or_records(run_dir / "descriptions/l1-neg")}
+    assert out[0]["status"] == "ok" and out[0]["polarity"] == "neg"
+    assert '" king"' in out[0]["description"] and '" thou"' not in out[0]["description"]
+    assert out[0]["scores"]["simulation_all"] > 0.9
+    assert out[1]["status"] == "skipped" and "no negative side" in out[1]["reason"]
+    pos = stage.run(cfg_for(run_dir))  # the positive side is untouched, in its own folder
+    assert pos["described"] == 2
+    assert '" thou"' in indices_or_records(run_dir / "descriptions/l1")[0]["description"]

@@ -33,6 +33,7 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
         d = results[key]
         assert d["described"] > 0
         assert d["simulation_all_mean"] > d["simulation_all_random_description_mean"] + 0.1, d
+    assert results["describe/neurons-neg"]["described"] > 0  # GELU neurons' negative side
     run = tmp_path / "run"
     for name in (results["sae/0"]["name"], results["sae/1"]["name"], "neurons"):
         assert (run / "features" / name / "site" / "index.html").is_file()

@@ -68,6 +68,9 @@ def plan(cfg: DictConfig, pcfg: PipelineConfig) -> list[Stage]:
         stages.append(Stage("features/neurons", "tools.top_activations", {"features.unit": "neuron"}))
         if pcfg.describe:
             stages.append(Stage("describe/neurons", "tools.describe.stage", {"features.unit": "neuron"}))
+            # signed units: the negative side described and scored separately, from its bottom-k exemplars
+            stages.append(Stage("describe/neurons-neg", "tools.describe.stage",
+                                {"features.unit": "neuron", "describe.polarity": "neg"}))
             stages += _llm_stages(pcfg, "neurons", {"features.unit": "neuron"}, None)
     return stages
 

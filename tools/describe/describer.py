@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tools.describe.client import ChatClient, Usage
-from tools.describe.exemplars import Split, split_exemplars
+from tools.describe.exemplars import Split, negative_side, split_exemplars
 from tools.describe.explainers import Explanation, explain_baseline, explain_llm
 from tools.describe.scorers import SCORES, active_labels, score, with_failures_as_zero
 from tools.describe.simulators import LLMSimulator, Simulation, simulate_baseline
@@ -44,16 +44,24 @@ class Describer:
             llm_sim = LLMSimulator(client, top_logprobs=dc.top_logprobs)
         self.llm_sim = llm_sim
 
+    def side(self, unit: dict[str, Any]) -> dict[str, Any]:
+        """The record to describe: the unit itself, or its negative side for polarity=neg."""
+        if self.dc.polarity == "pos":
+            return unit
+        return negative_side(unit) or {"index": unit["index"]}
+
     def split(self, unit: dict[str, Any]) -> Split:
         d = self.dc
-        return split_exemplars(unit, explain_top=d.explain_top, score_top=d.score_top,
+        return split_exemplars(self.side(unit), explain_top=d.explain_top, score_top=d.score_top,
                                explain_per_bin=d.explain_per_bin, score_per_bin=d.score_per_bin,
                                explain_random=d.explain_random, score_random=d.score_random,
                                score_uniform=d.score_uniform)
 
     def skip_reason(self, unit: dict[str, Any], split: Split) -> str | None:
         d = self.dc
-        if not unit.get("top"):
+        if self.dc.polarity == "neg" and not unit.get("neg"):
+            return "no negative side in features.jsonl (features.negative_side=true scans it)"
+        if not self.side(unit).get("top"):
             return "the unit never fired in the scan (no top exemplars)"
         if len(split.explain) < d.min_explain:
             return f"only {len(split.explain)} explanation exemplars (describe.min_explain={d.min_explain})"
@@ -103,7 +111,7 @@ class Describer:
         return {"index": index, "status": "ok", "description": None, "explainer": d.explainer,
                 "simulator": d.simulator, "simulator_mode": None, "scores": None, "controls": None,
                 "reason": None, "raw": None, "prompt_hash": None,
-                "model": model_name(d), "seed": d.seed,
+                "model": model_name(d), "seed": d.seed, "polarity": d.polarity,
                 "config_hash": self.config_hash}
 
     def run_simulation(self, description: str, split: Split, usage: Usage, shuffle_seed: list[int] | None

@@ -59,6 +59,30 @@ def check_example(ex: Any, where: str) -> Example:
     return ex
 
 
+def _flip(ex: Example) -> Example:
+    out = {k: v for k, v in ex.items() if k != "min"}
+    out["acts"] = [-a for a in ex["acts"]]
+    if "min" in ex:
+        out["max"] = -ex["min"]
+    return out
+
+
+def negative_side(record: dict[str, Any]) -> dict[str, Any] | None:
+    """A signed unit's negative side (features.jsonl `neg`) as a record of its own, activations
+    negated so its strongest (most negative) tokens read as the largest: `bottom` becomes `top`,
+    bins ascend by magnitude. None when the record has no negative side."""
+    neg = record.get("neg")
+    if not isinstance(neg, dict):
+        return None
+    bins = [{**q, "lo": -q["hi"], "hi": -q["lo"], "examples": [_flip(e) for e in q.get("examples") or []]}
+            for q in reversed(neg.get("quantiles") or [])]
+    min_act = neg.get("min_act")
+    return {"index": record["index"], "density": neg.get("density"),
+            "max_act": -min_act if isinstance(min_act, (int, float)) else None,
+            "top": [_flip(e) for e in neg.get("bottom") or []], "quantiles": bins,
+            "random": [_flip(e) for e in neg.get("random") or []]}
+
+
 def split_exemplars(
     record: dict[str, Any],
     *,

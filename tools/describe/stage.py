@@ -108,6 +108,9 @@ class DescribeConfig:
     # `units` a list of indices or a file of them (one per line or a JSON list); null = all
     sample: int | None = None
     units: Any = None
+    # pos: the unit's positive side; neg: its negative side (signed units: features.jsonl `neg`,
+    # bottom-k exemplars), described and scored separately, as the reference does
+    polarity: str = "pos"
     tag: str | None = None  # output folder descriptions/<name>-<tag> (several describe runs side by side)
 
 
@@ -116,7 +119,7 @@ _RESULT_KEYS = ("explainer", "simulator", "explain_top", "score_top", "explain_p
                 "explain_random", "score_random", "min_explain", "min_score_firing", "min_score_random",
                 "fire_frac", "min_count", "max_items", "detection_threshold", "controls", "seed", "model",
                 "temperature", "explain_max_tokens", "top_logprobs", "candidates", "candidate_temperature",
-                "backend", "embedded", "dtype", "labels", "score_uniform", "sample", "units")
+                "backend", "embedded", "dtype", "labels", "score_uniform", "sample", "units", "polarity")
 
 
 def load_config(cfg: DictConfig) -> DescribeConfig:
@@ -140,6 +143,8 @@ def load_config(cfg: DictConfig) -> DescribeConfig:
         raise UserError("config `describe.timeout` must be > 0 and `describe.backoff` >= 0")
     if dc.top_logprobs > 20:
         raise UserError(f"config `describe.top_logprobs`: at most 20 (OpenAI's limit), got {dc.top_logprobs}")
+    if dc.polarity not in ("pos", "neg"):
+        raise UserError(f"config `describe.polarity`: expected pos or neg, got {dc.polarity!r}")
     if dc.backend not in ("openai", "local"):
         raise UserError(f"config `describe.backend`: expected openai or local, got {dc.backend!r}")
     if dc.sample is not None and dc.sample < 1:
@@ -180,7 +185,7 @@ def unit_name(cfg: DictConfig) -> str:
 def _paths(cfg: DictConfig, dc: DescribeConfig) -> tuple[str, Path, Path]:
     name = unit_name(cfg)
     run_dir = Path(cfg.run_dir)
-    out = name if dc.tag is None else f"{name}-{dc.tag}"
+    out = name + ("-neg" if dc.polarity == "neg" else "") + ("" if dc.tag is None else f"-{dc.tag}")
     return name, run_dir / "features" / name, run_dir / "descriptions" / out
 
 
