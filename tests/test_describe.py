@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tools.describe import stage
+from tools.describe import describer, stage
 from tools.describe.exemplars import split_exemplars
 from tools.describe.explainers import explain_baseline, mark_spans, parse_explanation, scale
 from tools.describe.scorers import active_labels, balanced_accuracy, pearson, score
@@ -152,9 +152,14 @@ def test_planted_units_described_and_scored(tmp_path):
     assert thou["scores"]["simulation_all"] > 0.9 and thou["scores"]["detection"] > 0.9
     assert 'after " the"' in after_the["description"] and after_the["scores"]["simulation_all"] > 0.9
     assert abs(rand["scores"]["simulation_all"]) < 0.3
-    for r in (thou, after_the):  # controls beside the real score are far lower
-        for control in ("random_description", "shuffled_tokens"):
-            assert r["controls"][control]["simulation_all"] < r["scores"]["simulation_all"] - 0.5
+    for r in (thou, after_the):  # another unit's description scores far lower
+        assert r["controls"]["random_description"]["simulation_all"] < r["scores"]["simulation_all"] - 0.5
+    # Shuffled tokens, predictions put back in place: a token-identity unit needs no context, so its
+    # description scores as well shuffled; a previous-token unit loses it (misaligned scoring would
+    # have sunk both to ~0)
+    assert thou["controls"]["shuffled_tokens"]["simulation_all"] > thou["scores"]["simulation_all"] - 0.05
+    shuffled = after_the["controls"]["shuffled_tokens"]["simulation_all"]
+    assert shuffled < after_the["scores"]["simulation_all"] - 0.5
     assert thou["controls"]["random_description"]["from"] != 0
     summary = json.loads((run_dir / "descriptions/l1/summary.json").read_text())
     assert summary["described"] == 4 and summary["complete"]
@@ -207,8 +212,8 @@ def test_resume_skips_done_units_and_repairs_partial_line(tmp_path, monkeypatch)
     with open(path, "a") as f:
         f.write('{"index": 2, "status": "ok", "descr')  # a crash in the middle of a line
     calls = []
-    real = stage.explain_baseline
-    monkeypatch.setattr(stage, "explain_baseline", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = describer.explain_baseline
+    monkeypatch.setattr(describer, "explain_baseline", lambda *a, **k: calls.append(1) or real(*a, **k))
     stage.run(cfg_for(run_dir))
     recs = read_lines(run_dir)
     assert [r["index"] for r in recs] == [0, 1, 2, 3]

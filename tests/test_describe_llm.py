@@ -116,6 +116,9 @@ def _handler(fake: FakeLLM):
                     return self.send(429, b'{"error": {"message": "slow down"}}', {"Retry-After": "0"})
                 if fault == "500":
                     return self.send(500, b'{"error": {"message": "boom"}}')
+                if fault == "ctx400":  # as vLLM words it
+                    return self.send(400, b'{"error": {"message": "This model\'s maximum context length is '
+                                     b'2048 tokens. However, you requested 4100 tokens."}}')
                 if fault == "timeout":
                     time.sleep(fake.sleep_for_timeout)
                 if fault == "garbage_body":
@@ -179,7 +182,8 @@ def test_llm_end_to_end_logprobs_cache_and_key(tmp_path, fake, capsys):
     assert thou["description"] == 'the token " thou".' and thou["explainer"] == "llm"
     assert thou["simulator_mode"] == "logprobs" and thou["model"] == "fake-1"
     assert thou["scores"]["simulation_all"] > 0.9 and thou["scores"]["detection"] == 1.0
-    assert thou["controls"]["shuffled_tokens"]["simulation_all"] < 0.5
+    # shuffled, predictions put back in place: a token-identity description keeps its score
+    assert thou["controls"]["shuffled_tokens"]["simulation_all"] > 0.9
     n_requests = len(fake.bodies)
     assert figures["llm_calls"] == n_requests and figures["tokens"] == 15 * n_requests
     assert all(body.get("top_logprobs") == 5 for body in fake.bodies if "logprobs" in body)
@@ -355,3 +359,19 @@ def test_candidates_are_chosen_on_explanation_exemplars(tmp_path, fake, monkeypa
     # selection simulated the explanation exemplars only; the final scoring ran on other contexts
     selection, final = held_out[0] | held_out[1], held_out[2]
     assert selection.isdisjoint(final)
+
+
+def test_context_length_400_and_repeated_5xx_fail_one_unit_not_the_stage(tmp_path, fake):
+    write_features(tmp_path, "l1", RULES[:2], extra={" thou": 0.04})
+    fake.faults = ["ctx400"]  # the first request: unit 0's explanation
+    stage.run(llm_cfg(tmp_path, fake.url, "describe.controls=false", "describe.concurrency=1",
+                      "describe.max_retries=2"))
+    recs = records(tmp_path)
+    assert recs[0]["status"] == "failed" and "too long" in recs[0]["reason"]
+    assert "maximum context length" in recs[0]["raw"] and recs[1]["status"] == "ok"
+    fake.faults = ["500"] * 3  # every attempt of unit 0's explanation: that unit fails, unit 1 goes on
+    figures = stage.run(llm_cfg(tmp_path, fake.url, "describe.controls=false", "describe.concurrency=1",
+                                "describe.max_retries=2", "describe.overwrite=true", "describe.cache=false"))
+    recs = records(tmp_path)
+    assert recs[0]["status"] == "failed" and "HTTP 500" in recs[0]["reason"] and "boom" in recs[0]["raw"]
+    assert recs[1]["status"] == "ok" and figures["failed"] == 1

@@ -11,7 +11,7 @@ SMALL = [
     "sae.n_features=1024", "sae.steps=300", "sae.resample_steps=[150]", "sae.dead_tokens=51200",
     "sae.eval_every=150", "sae.checkpoint_every=150",
     "features.contexts=128", "describe.max_units=256",
-    "pipeline.sweep_l1_coeffs=[0.05,0.1]",
+    "pipeline.sweep_l1_coeffs=[0.05,0.1]", "pipeline.llm_sample=0",
 ]
 
 
@@ -33,6 +33,7 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
         d = results[key]
         assert d["described"] > 0
         assert d["simulation_all_mean"] > d["simulation_all_random_description_mean"] + 0.1, d
+    assert results["describe/neurons-neg"]["described"] > 0  # GELU neurons' negative side
     run = tmp_path / "run"
     for name in (results["sae/0"]["name"], results["sae/1"]["name"], "neurons"):
         assert (run / "features" / name / "site" / "index.html").is_file()
@@ -46,3 +47,23 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
     n_stages = len(pipeline.plan(cfg, pipeline.PipelineConfig(sweep_l1_coeffs=[0.5, 1.0])))
     assert out.count("complete, skipped") == n_stages, out
     assert again["transformer"] == results["transformer"]
+
+
+def test_llm_sample_stages_and_comparison_table():
+    cfg = compose(["preset=demo"])
+    pcfg = pipeline.PipelineConfig(llm_sample=16, llm_overrides={"explain_top": 6})
+    stages = {s.key: s for s in pipeline.plan(cfg, pcfg)}
+    llm, base = stages["describe-llm/neurons"].overrides, stages["describe-sample/neurons"].overrides
+    assert llm["describe.sample"] == base["describe.sample"] == 16  # the same units on both sides
+    assert llm["describe.explain_top"] == base["describe.explain_top"] == 6  # ... and the same windows
+    assert llm["describe.backend"] == "local" and base["describe.tag"] == "sample" != llm["describe.tag"]
+    assert stages["describe-llm/sae"].sae_slot == "sae"
+    assert "describe-llm/sae" not in {s.key for s in pipeline.plan(cfg, pipeline.PipelineConfig())}
+    row = {"simulation_all_mean": 0.1234, "simulation_all_ci95": [0.05, 0.2], "simulation_all_n": 16,
+           "model": "smollm2-135m-instruct", "failed_contexts": 3}
+    table = pipeline.describer_table({"describe-llm/neurons": row, "describe-sample/neurons": row,
+                                      "describe/neurons": row})
+    lines = table.splitlines()
+    assert len(lines) == 5 and "LLM smollm2-135m-instruct" in lines[2] and "0.123 [0.05, 0.20]" in lines[2]
+    assert "baseline, same units" in lines[3] and lines[2].endswith("| 3 |")
+    assert pipeline.describer_table({"describe/neurons": row}) == ""

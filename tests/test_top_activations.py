@@ -370,3 +370,18 @@ def test_top_up_negatives_leave_other_units_unchanged(tmp_path):
         changed += len(y["random"]) > len(x["random"])
         assert len(y["random"]) == 20 or len(x["random"]) < 20
     assert changed > 0
+
+
+def test_uniform_windows_are_the_same_for_every_unit(sae_run, tiny):
+    """`uniform`: n_uniform windows drawn uniformly from the scanned text, identical (ctx, start)
+    for every unit, each with that unit's own activations (docs/formats.md)."""
+    run_dir, data_dir = tiny
+    recs = _records(run_dir, "tiny_sae")
+    f, _ = _all_acts(run_dir, data_dir, "sae")
+    where = [(e["ctx"], e["start"]) for e in recs[0]["uniform"]]
+    assert len(where) == 10 and len({c for c, _ in where}) == 10
+    for r in recs:
+        assert [(e["ctx"], e["start"]) for e in r["uniform"]] == where
+        for e in r["uniform"]:
+            want = f[e["ctx"], e["start"]:e["start"] + len(e["acts"]), r["index"]]
+            assert e["acts"] == pytest.approx(want.tolist(), abs=1e-4)

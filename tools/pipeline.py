@@ -28,6 +28,15 @@ class PipelineConfig:
     sweep_l1_coeffs: list[float] = field(default_factory=list)
     describe: bool = True  # run the describe-and-score stage
     neurons: bool = True  # also analyse and describe the MLP's own neurons, for comparison
+    # Describe a random sample of this many alive units per side (SAE features, neurons) with an
+    # in-process LLM explainer + all-at-once simulator, beside the baseline on the same units; 0 = off.
+    llm_sample: int = 0
+    llm_embedded: str | None = "smollm2-135m-instruct"  # the LLM: an embedded model ...
+    llm_model: str | None = None  # ... or a hub name / folder (set llm_embedded to null)
+    llm_threads: int | None = None  # torch CPU threads while the LLM describes (null = default)
+    # describe.* settings for both sample runs (LLM and baseline, so both score the same windows),
+    # e.g. {explain_top: 6, explain_max_tokens: 48}; the baseline ignores the LLM-only ones
+    llm_overrides: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -54,11 +63,30 @@ def plan(cfg: DictConfig, pcfg: PipelineConfig) -> list[Stage]:
         stages.append(Stage(f"features/{slot}", "tools.top_activations", unit, slot))
         if pcfg.describe:
             stages.append(Stage(f"describe/{slot}", "tools.describe.stage", unit, slot))
+            stages += _llm_stages(pcfg, slot, unit, slot)
     if pcfg.neurons:
         stages.append(Stage("features/neurons", "tools.top_activations", {"features.unit": "neuron"}))
         if pcfg.describe:
             stages.append(Stage("describe/neurons", "tools.describe.stage", {"features.unit": "neuron"}))
+            # signed units: the negative side described and scored separately, from its bottom-k exemplars
+            stages.append(Stage("describe/neurons-neg", "tools.describe.stage",
+                                {"features.unit": "neuron", "describe.polarity": "neg"}))
+            stages += _llm_stages(pcfg, "neurons", {"features.unit": "neuron"}, None)
     return stages
+
+
+def _llm_stages(pcfg: PipelineConfig, side: str, unit: dict[str, Any], slot: str | None) -> list[Stage]:
+    """The LLM on a sample of one side's units, and the baseline on the same units and windows."""
+    if pcfg.llm_sample <= 0:
+        return []
+    sample = {**unit, **{f"describe.{k}": v for k, v in pcfg.llm_overrides.items()},
+              "describe.sample": pcfg.llm_sample}
+    llm = {**sample, "describe.tag": "llm", "describe.explainer": "llm", "describe.simulator": "llm",
+           "describe.backend": "local", "describe.embedded": pcfg.llm_embedded,
+           "describe.model": pcfg.llm_model, "describe.threads": pcfg.llm_threads}
+    baseline = {**sample, "describe.tag": "sample"}
+    return [Stage(f"describe-sample/{side}", "tools.describe.stage", baseline, slot),
+            Stage(f"describe-llm/{side}", "tools.describe.stage", llm, slot)]
 
 
 def _with(cfg: DictConfig, overrides: dict[str, Any]) -> DictConfig:
@@ -148,6 +176,40 @@ def summary_table(results: dict[str, Any]) -> str:
     width = max(len(r[0]) for r in rows)
     lines = [f"| {'figure'.ljust(width)} | value |", f"|{'-' * (width + 2)}|-------|"]
     lines += [f"| {name.ljust(width)} | {value} |" for name, value in rows]
+    compare = describer_table(results)
+    return "\n".join(lines) + (f"\n\n{compare}" if compare else "")
+
+
+def _with_ci(d: dict[str, Any], key: str) -> str:
+    mean, ci = d.get(f"{key}_mean"), d.get(f"{key}_ci95")
+    if mean is None:
+        return "-"
+    return f"{mean:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+def describer_table(results: dict[str, Any]) -> str:
+    """LLM vs baseline vs controls, per side, on like-for-like windows: means with bootstrap 95%
+    intervals over units, n units, failed contexts. Empty when no LLM sample was described."""
+    sides = sorted(k.split("/", 1)[1] for k in results if k.startswith("describe-llm/"))
+    if not sides:
+        return ""
+    head = ("| units | describer | n | simulation_all [95% CI] | simulation_top | detection AUC | "
+            "random description | shuffled tokens | failed contexts |")
+    lines = [head, "|" + "---|" * 9]
+    for side in sides:
+        for key, who in ((f"describe-llm/{side}", None),
+                         (f"describe-sample/{side}", "baseline, same units"),
+                         (f"describe/{side}", "baseline, all units")):
+            d = results.get(key)
+            if not d:
+                continue
+            name = who or f"LLM {d.get('model')} (explainer + all-at-once simulator)"
+            lines.append(f"| {side} | {name} | {_fmt(d.get('simulation_all_n'))} | "
+                         f"{_with_ci(d, 'simulation_all')} | {_with_ci(d, 'simulation_top')} | "
+                         f"{_with_ci(d, 'detection_auc')} | "
+                         f"{_with_ci(d, 'simulation_all_random_description')} | "
+                         f"{_with_ci(d, 'simulation_all_shuffled_tokens')} | "
+                         f"{_fmt(d.get('failed_contexts'))} |")
     return "\n".join(lines)
 
 

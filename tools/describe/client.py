@@ -40,6 +40,14 @@ class MalformedResponse(Exception):
         self.raw = raw
 
 
+class RequestFailed(MalformedResponse):
+    """This one request cannot succeed (prompt over the server's context length; a 5xx on every
+    attempt): the unit fails with the raw error, the stage goes on."""
+
+
+_CONTEXT_LENGTH = ("context length", "context_length", "maximum context", "too long", "exceeds", "n_ctx")
+
+
 class LogprobsUnsupported(Exception):
     """The server rejected a request because it asked for logprobs."""
 
@@ -53,6 +61,7 @@ class Usage:
     retries: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    forwards: int = 0  # local simulator: batched forward passes (no generation)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **counts: int) -> None:
@@ -62,7 +71,7 @@ class Usage:
 
     def as_dict(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in ("calls", "cached", "retries", "prompt_tokens",
-                                               "completion_tokens")}
+                                               "completion_tokens", "forwards")}
 
 
 def needs_key(base_url: str | None) -> bool:
@@ -148,11 +157,12 @@ class ChatClient:
 
     def _request(self, body: dict[str, Any], usage: Usage | None) -> dict[str, Any]:
         where = self.base_url or "https://api.openai.com/v1"
-        last = ""
+        last, last_5xx = "", False
         for attempt in range(self.max_retries + 1):
             if attempt:
                 self._count(usage, retries=1)
             retry_after: float | None = None
+            last_5xx = False
             try:
                 with self._slots:
                     raw = self._client.chat.completions.with_raw_response.create(**body)
@@ -165,6 +175,10 @@ class ChatClient:
             except openai.BadRequestError as e:
                 if "logprobs" in body and "logprob" in str(e).lower():
                     raise LogprobsUnsupported(str(e)) from None
+                if any(k in str(e).lower() for k in _CONTEXT_LENGTH):
+                    self._count(usage, calls=1)
+                    raise RequestFailed(f"server {where} refused the prompt as too long (HTTP 400): "
+                                        f"{_short(e)}", _raw(e)) from None
                 raise UserError(f"server {where} rejected the request (HTTP 400): {_short(e)}") from None
             except openai.NotFoundError as e:
                 raise UserError(f"server {where} answered 404 (is `describe.model`={self.model!r} served "
@@ -172,10 +186,12 @@ class ChatClient:
             except (openai.RateLimitError, openai.InternalServerError) as e:
                 last = f"HTTP {e.status_code}: {_short(e)}"
                 retry_after = _retry_after(e)
+                last_5xx = e.status_code >= 500
             except openai.APIStatusError as e:
                 if e.status_code < 500 and e.status_code not in (408, 409):
                     raise UserError(f"server {where} answered HTTP {e.status_code}: {_short(e)}") from None
                 last = f"HTTP {e.status_code}: {_short(e)}"
+                last_5xx = e.status_code >= 500
             except openai.APITimeoutError:
                 last = "request timed out"
             except openai.APIConnectionError as e:
@@ -200,8 +216,18 @@ class ChatClient:
             if attempt < self.max_retries:
                 delay = min(self.max_backoff, self.backoff * 2**attempt) * (0.5 + random.random() / 2)
                 time.sleep(max(delay, retry_after or 0.0))
+        if last_5xx:  # the server is there and answered, but not for this request
+            raise RequestFailed(f"server {where} answered {last} to this request on all "
+                                f"{self.max_retries + 1} attempts", last)
         raise ServerUnreachable(f"server {where} gave no usable answer after {self.max_retries + 1} "
                                 f"attempts (last: {last})")
+
+
+def _raw(e: openai.APIStatusError) -> str:
+    try:
+        return e.response.text[:2000]
+    except Exception:  # noqa: BLE001 - the raw body is best effort
+        return str(e)[:2000]
 
 
 def _short(e: Exception) -> str:

@@ -24,6 +24,8 @@ class Split:
     dropped: int = 0  # scoring windows dropped because the explainer saw their context
     notes: list[str] = field(default_factory=list)
     max_act: float | None = None  # the unit's max activation over the scan (for the detection label)
+    score_uniform: list[Example] = field(default_factory=list)  # windows drawn uniformly from held-out text
+    density: float | None = None  # fraction of scanned tokens where the unit fired (features stage)
 
     @property
     def score_firing(self) -> list[Example]:
@@ -35,6 +37,7 @@ class Split:
             [("top", e) for e in self.score_top]
             + [("quantile", e) for e in self.score_quantile]
             + [("random", e) for e in self.score_random]
+            + [("uniform", e) for e in self.score_uniform]
         )
 
 
@@ -56,6 +59,30 @@ def check_example(ex: Any, where: str) -> Example:
     return ex
 
 
+def _flip(ex: Example) -> Example:
+    out = {k: v for k, v in ex.items() if k != "min"}
+    out["acts"] = [-a for a in ex["acts"]]
+    if "min" in ex:
+        out["max"] = -ex["min"]
+    return out
+
+
+def negative_side(record: dict[str, Any]) -> dict[str, Any] | None:
+    """A signed unit's negative side (features.jsonl `neg`) as a record of its own, activations
+    negated so its strongest (most negative) tokens read as the largest: `bottom` becomes `top`,
+    bins ascend by magnitude. None when the record has no negative side."""
+    neg = record.get("neg")
+    if not isinstance(neg, dict):
+        return None
+    bins = [{**q, "lo": -q["hi"], "hi": -q["lo"], "examples": [_flip(e) for e in q.get("examples") or []]}
+            for q in reversed(neg.get("quantiles") or [])]
+    min_act = neg.get("min_act")
+    return {"index": record["index"], "density": neg.get("density"),
+            "max_act": -min_act if isinstance(min_act, (int, float)) else None,
+            "top": [_flip(e) for e in neg.get("bottom") or []], "quantiles": bins,
+            "random": [_flip(e) for e in neg.get("random") or []]}
+
+
 def split_exemplars(
     record: dict[str, Any],
     *,
@@ -65,10 +92,12 @@ def split_exemplars(
     score_per_bin: int,
     explain_random: int,
     score_random: int,
+    score_uniform: int = 0,
 ) -> Split:
     """Deterministic split: top contexts alternate (scoring takes ranks 1, 3, 5, ... so it is not
     left with only the weakest), each quantile bin alternates the same way, and random
-    contexts go first to background, the rest to scoring."""
+    contexts go first to background, the rest to scoring; `uniform` windows (drawn uniformly from
+    held-out text by the features stage, whatever the unit does there) are all for scoring."""
     top = list(record.get("top") or [])
     bins = [b.get("examples") or [] for b in (record.get("quantiles") or [])]
     rand = list(record.get("random") or [])
@@ -86,8 +115,11 @@ def split_exemplars(
 
     explain = e_top + e_q
     seen = {e["ctx"] for e in explain} | {e["ctx"] for e in background}
-    kept = [[e for e in group if e["ctx"] not in seen] for group in (s_top, s_q, s_rand)]
-    dropped = len(s_top) + len(s_q) + len(s_rand) - sum(len(g) for g in kept)
+    s_uni = list(record.get("uniform") or [])[:score_uniform]
+    kept = [[e for e in group if e["ctx"] not in seen] for group in (s_top, s_q, s_rand, s_uni)]
+    dropped = len(s_top) + len(s_q) + len(s_rand) + len(s_uni) - sum(len(g) for g in kept)
     max_act = record.get("max_act")
-    return Split(explain, background, kept[0], kept[1], kept[2], dropped,
-                 max_act=float(max_act) if isinstance(max_act, (int, float)) else None)
+    density = record.get("density")
+    return Split(explain, background, kept[0], kept[1], kept[2], dropped, score_uniform=kept[3],
+                 max_act=float(max_act) if isinstance(max_act, (int, float)) else None,
+                 density=float(density) if isinstance(density, (int, float)) else None)

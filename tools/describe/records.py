@@ -18,7 +18,7 @@ from typing import Any
 from tools.describe.exemplars import check_example
 from transformer.config import UserError
 
-_INDEX = re.compile(rb'^\s*\{\s*"index"\s*:\s*(\d+)\s*[,}]')
+INDEX_PREFIX = re.compile(rb'^\s*\{\s*"index"\s*:\s*(\d+)\s*[,}]')
 
 
 def features_path(directory: Path) -> Path:
@@ -54,7 +54,7 @@ def scan_indices(path: Path, max_units: int | None) -> list[int]:
     """Unit indices in file order (the first `max_units`), without parsing the exemplars."""
     indices = []
     for where, line in _lines(path, max_units):
-        m = _INDEX.match(line)
+        m = INDEX_PREFIX.match(line)
         indices.append(int(m.group(1)) if m else _parse(line, where)["index"])
     if not indices:
         raise UserError(f"{path} has no units")
@@ -66,14 +66,14 @@ def scan_indices(path: Path, max_units: int | None) -> list[int]:
 def iter_units(path: Path, wanted: set[int], max_units: int | None) -> Iterator[dict[str, Any]]:
     """Parsed, validated records of the units in `wanted`; other lines are skipped unparsed."""
     for where, line in _lines(path, max_units):
-        m = _INDEX.match(line)
+        m = INDEX_PREFIX.match(line)
         if m and int(m.group(1)) not in wanted:
             continue
         rec = _parse(line, where)
         if rec["index"] not in wanted:
             continue
         try:
-            for key in ("top", "random"):
+            for key in ("top", "random", "uniform"):
                 for n, ex in enumerate(rec.get(key) or []):
                     check_example(ex, f"{key}[{n}]")
             for b, q in enumerate(rec.get("quantiles") or []):

@@ -2,7 +2,9 @@
 
 Simulation score (Bills et al. 2023): Pearson correlation of simulated and true activations pooled
 over every token of the scoring contexts, signed; `simulation_top` over held-out top contexts only,
-`simulation_all` over top + quantile + random contexts. Detection: balanced accuracy of "does this
+`simulation_all` over top + quantile + random (+ uniform) contexts; `simulation_top_uniform` over
+top + windows drawn uniformly from held-out text, when the features stage provides them.
+Detection: balanced accuracy of "does this
 context activate the unit?", predicted as "some simulated activation >= threshold". The true label
 is relative to the unit's own scale (`active_labels`): the context's max activation > negative_frac x
 the unit's max_act, the rule the features stage picks its negatives by, so SAE features (exactly
@@ -17,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-SCORES = ("simulation_all", "simulation_top", "detection")
+SCORES = ("simulation_all", "simulation_top", "detection", "detection_auc")
 
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
@@ -47,6 +49,17 @@ def balanced_accuracy(pred: Sequence[bool], truth: Sequence[bool]) -> float | No
     return 0.5 * (sum(pos) / len(pos) + sum(not p for p in neg) / len(neg))
 
 
+def auc(scores: Sequence[float], truth: Sequence[bool]) -> float | None:
+    """Probability that a random positive outranks a random negative (ties count half): detection
+    without a threshold, so simulators on different scales (0/10 lexical, expected values) compare."""
+    pos = [s for s, t in zip(scores, truth, strict=True) if t]
+    neg = [s for s, t in zip(scores, truth, strict=True) if not t]
+    if not pos or not neg:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return float(wins / (len(pos) * len(neg)))
+
+
 def active_labels(true_acts: Sequence[Sequence[float]], max_act: float, negative_frac: float) -> list[bool]:
     """Whether each context activates the unit: its max activation > negative_frac x max_act."""
     thr = negative_frac * max(max_act, 0.0)
@@ -61,7 +74,8 @@ def score(
     threshold: float,
     active: Sequence[bool] | None = None,
 ) -> dict[str, Any]:
-    """All scores for one simulation; contexts whose prediction is None are left out. `active`: the
+    """All scores for one simulation; contexts whose prediction is None are left out (see
+    `with_failures_as_zero` for the score that counts them). `active`: the
     true detection label per context (default: every non-random context is active)."""
     keep = [i for i, p in enumerate(preds) if p is not None]
     if not keep:
@@ -77,6 +91,16 @@ def score(
 
     truth = [kinds[i] != "random" for i in keep] if active is None else [bool(active[i]) for i in keep]
     detect = balanced_accuracy([max(preds[i]) >= threshold for i in keep], truth)  # type: ignore[arg-type]
-    out = {"simulation_all": pooled({"top", "quantile", "random"}), "simulation_top": pooled({"top"}),
-           "detection": detect}
+    out = {"simulation_all": pooled({"top", "quantile", "random", "uniform"}),
+           "simulation_top": pooled({"top"}), "detection": detect,
+           "detection_auc": auc([max(preds[i]) for i in keep], truth)}  # type: ignore[arg-type]
+    if any(kinds[i] == "uniform" for i in keep):  # Bills et al.'s top + random, random = uniform windows
+        out["simulation_top_uniform"] = pooled({"top", "uniform"})
     return {k: (round(v, 4) if v is not None else None) for k, v in out.items()}
+
+
+def with_failures_as_zero(preds: Sequence[Sequence[float] | None], lengths: Sequence[int]
+                          ) -> list[list[float]]:
+    """Predictions with every failed context read as "never active" (all zeros), so a simulator
+    that fails on hard contexts is not scored only on the easy ones."""
+    return [list(p) if p is not None else [0.0] * n for p, n in zip(preds, lengths, strict=True)]

@@ -3,6 +3,7 @@
     python -m tools.describe run_dir=runs/demo                                  # offline baseline
     python -m tools.describe run_dir=runs/demo describe=openai \\
         describe.base_url=http://localhost:8000/v1 describe.model=<name>        # any OpenAI-compatible LLM
+    python -m tools.describe run_dir=runs/demo describe=local                   # in-process SmolLM2
     python -m tools.describe run_dir=runs/demo features.unit=neuron             # the MLP's neurons
 
 Per unit: split exemplars (explainer and scorer never share a context), explain, simulate the
@@ -13,22 +14,27 @@ so a killed run loses at most the unit in flight and a rerun skips every unit al
 
 from __future__ import annotations
 
-import math
 import os
-import statistics
-from collections import Counter
+import re
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from tools.describe.client import ChatClient, ServerUnreachable, Usage
-from tools.describe.exemplars import Split, split_exemplars
-from tools.describe.explainers import Explanation, explain_baseline, explain_llm
+from tools.describe.describer import (
+    DEFAULT_NEGATIVE_FRAC,
+    Describer,
+    exemplar_counts,
+    model_name,
+    pick_other,
+    uses_llm,
+)
+from tools.describe.exemplars import Split
+from tools.describe.explainers import Explanation
 from tools.describe.records import (
     RecordWriter,
     features_path,
@@ -37,14 +43,12 @@ from tools.describe.records import (
     rewrite_records,
     scan_indices,
 )
-from tools.describe.scorers import SCORES, active_labels, score
-from tools.describe.simulators import LLMSimulator, Simulation, simulate_baseline
-from transformer.config import UserError, stage_main, typed
+from tools.describe.summary import flat_figures, print_table, summarize
+from tools.describe.units import select_units
+from transformer.config import UserError, resolve_device, stage_main, typed
 from transformer.files import config_hash, read_json, sha256_file, write_json
 
 FORMAT = "monosemantic.descriptions/1"
-CONTROLS = ("random_description", "shuffled_tokens")
-DEFAULT_NEGATIVE_FRAC = 0.1  # features meta.json without `negative_frac` (older scans)
 
 
 @dataclass
@@ -90,13 +94,32 @@ class DescribeConfig:
     candidate_temperature: float = 0.7  # sampling temperature when candidates > 1
     top_logprobs: int = 5  # 0 = never ask for logprobs
     cache: bool = True
+    # LLM backend: openai (any OpenAI-compatible server at base_url) | local (in-process transformers,
+    # named like a subject: `embedded` or `model` = hub name or folder; all-at-once simulator)
+    backend: str = "openai"
+    embedded: str | None = None  # local: an embedded model (smollm2-135m-instruct)
+    dtype: str = "auto"  # local: auto = bfloat16 on CUDA, float32 on CPU
+    device: str | None = None  # local: null = the top-level device
+    labels: list[str] | None = None  # local simulator labels; null = 0-10, or 0-9 if "10" is not one token
+    batch_tokens: int = 8192  # local simulator: padded tokens per forward
+    threads: int | None = None  # local: torch CPU threads while describing (1 is far faster on a busy CPU)
+    score_uniform: int = 10  # windows drawn uniformly from held-out text (features `uniform`), scored
+    # which units: `sample` picks N at random among alive units (a function of seed and the unit set);
+    # `units` a list of indices or a file of them (one per line or a JSON list); null = all
+    sample: int | None = None
+    units: Any = None
+    # pos: the unit's positive side; neg: its negative side (signed units: features.jsonl `neg`,
+    # bottom-k exemplars), described and scored separately, as the reference does
+    polarity: str = "pos"
+    tag: str | None = None  # output folder descriptions/<name>-<tag> (several describe runs side by side)
 
 
 # Keys that change what is computed (the rest only change how it is fetched).
 _RESULT_KEYS = ("explainer", "simulator", "explain_top", "score_top", "explain_per_bin", "score_per_bin",
                 "explain_random", "score_random", "min_explain", "min_score_firing", "min_score_random",
                 "fire_frac", "min_count", "max_items", "detection_threshold", "controls", "seed", "model",
-                "temperature", "explain_max_tokens", "top_logprobs", "candidates", "candidate_temperature")
+                "temperature", "explain_max_tokens", "top_logprobs", "candidates", "candidate_temperature",
+                "backend", "embedded", "dtype", "labels", "score_uniform", "sample", "units", "polarity")
 
 
 def load_config(cfg: DictConfig) -> DescribeConfig:
@@ -120,7 +143,22 @@ def load_config(cfg: DictConfig) -> DescribeConfig:
         raise UserError("config `describe.timeout` must be > 0 and `describe.backoff` >= 0")
     if dc.top_logprobs > 20:
         raise UserError(f"config `describe.top_logprobs`: at most 20 (OpenAI's limit), got {dc.top_logprobs}")
-    if uses_llm(dc):
+    if dc.polarity not in ("pos", "neg"):
+        raise UserError(f"config `describe.polarity`: expected pos or neg, got {dc.polarity!r}")
+    if dc.backend not in ("openai", "local"):
+        raise UserError(f"config `describe.backend`: expected openai or local, got {dc.backend!r}")
+    if dc.sample is not None and dc.sample < 1:
+        raise UserError(f"config `describe.sample`: must be >= 1 or null, got {dc.sample}")
+    if dc.batch_tokens < 1 or dc.score_uniform < 0 or (dc.threads is not None and dc.threads < 1):
+        raise UserError("config `describe.batch_tokens` and `describe.threads` must be >= 1, "
+                        "`describe.score_uniform` >= 0")
+    if dc.tag is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", dc.tag):
+        raise UserError(f"config `describe.tag`: letters, digits, `_.-` only, got {dc.tag!r}")
+    if uses_llm(dc) and dc.backend == "local":
+        if not (dc.model or dc.embedded):
+            raise UserError("config `describe.model` or `describe.embedded`: required with describe.backend="
+                            "local (e.g. describe.embedded=smollm2-135m-instruct or describe.model=PATH)")
+    elif uses_llm(dc):
         if not dc.model:
             raise UserError("config `describe.model`: required when describe.explainer or describe.simulator "
                             "is llm (e.g. describe.model=Qwen/Qwen2.5-7B-Instruct)")
@@ -128,11 +166,9 @@ def load_config(cfg: DictConfig) -> DescribeConfig:
             raise UserError(f"config `describe.base_url`: expected an http(s) URL, got {dc.base_url!r}")
     if dc.seed is None:
         dc.seed = int(cfg.seed)
+    if dc.device is None:
+        dc.device = resolve_device(str(OmegaConf.select(cfg, "device", default="cpu")))
     return dc
-
-
-def uses_llm(dc: DescribeConfig) -> bool:
-    return "llm" in (dc.explainer, dc.simulator)
 
 
 def unit_name(cfg: DictConfig) -> str:
@@ -143,214 +179,14 @@ def unit_name(cfg: DictConfig) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# one unit
-
-
-class Describer:
-    def __init__(self, dc: DescribeConfig, client: ChatClient | None, config_hash_: str,
-                 negative_frac: float = DEFAULT_NEGATIVE_FRAC):
-        self.dc, self.client, self.config_hash = dc, client, config_hash_
-        self.negative_frac = negative_frac
-        self.llm_sim = LLMSimulator(client, top_logprobs=dc.top_logprobs) if dc.simulator == "llm" else None
-
-    def split(self, unit: dict[str, Any]) -> Split:
-        d = self.dc
-        return split_exemplars(unit, explain_top=d.explain_top, score_top=d.score_top,
-                               explain_per_bin=d.explain_per_bin, score_per_bin=d.score_per_bin,
-                               explain_random=d.explain_random, score_random=d.score_random)
-
-    def skip_reason(self, unit: dict[str, Any], split: Split) -> str | None:
-        d = self.dc
-        if not unit.get("top"):
-            return "the unit never fired in the scan (no top exemplars)"
-        if len(split.explain) < d.min_explain:
-            return f"only {len(split.explain)} explanation exemplars (describe.min_explain={d.min_explain})"
-        if len(split.score_firing) < d.min_score_firing:
-            return (f"only {len(split.score_firing)} held-out firing contexts "
-                    f"(describe.min_score_firing={d.min_score_firing})")
-        if len(split.score_random) < d.min_score_random:
-            return (f"only {len(split.score_random)} held-out non-firing contexts "
-                    f"(describe.min_score_random={d.min_score_random})")
-        return None
-
-    def explain(self, split: Split, usage: Usage) -> Explanation:
-        d = self.dc
-        if d.explainer == "baseline":
-            return explain_baseline(split.explain, split.background, fire_frac=d.fire_frac,
-                                    min_count=d.min_count, max_items=d.max_items)
-        assert self.client is not None
-        if d.candidates == 1:
-            return explain_llm(self.client, split.explain, max_tokens=d.explain_max_tokens,
-                               temperature=d.temperature, usage=usage)
-        cands = [explain_llm(self.client, split.explain, max_tokens=d.explain_max_tokens,
-                             temperature=d.candidate_temperature, usage=usage, seed=d.seed + i)
-                 for i in range(d.candidates)]
-        ok = [c for c in cands if c.ok]
-        if not ok:
-            return cands[0]
-        # Choose on the explanation exemplars, never on the held-out scoring contexts.
-        kinds = ["top"] * len(split.explain)
-        acts = [ex["acts"] for ex in split.explain]
-        rated = []
-        for c in ok:
-            assert c.description is not None
-            sim = self.simulate(c.description, [list(ex["strs"]) for ex in split.explain], usage)
-            s = None if sim.not_applicable else score(kinds, acts, sim.preds, threshold=d.detection_threshold)
-            rated.append((c, None if s is None else s["simulation_top"]))
-        best = max(rated, key=lambda cr: -math.inf if cr[1] is None else cr[1])[0]
-        best.candidates = [{"description": c.description, "selection_score": v} for c, v in rated]
-        return best
-
-    def simulate(self, description: str, contexts: list[list[str]], usage: Usage) -> Simulation:
-        if self.llm_sim is None:
-            return simulate_baseline(description, contexts)
-        return self.llm_sim(description, contexts, usage)
-
-    def base_record(self, index: int) -> dict[str, Any]:
-        d = self.dc
-        return {"index": index, "status": "ok", "description": None, "explainer": d.explainer,
-                "simulator": d.simulator, "simulator_mode": None, "scores": None, "controls": None,
-                "reason": None, "raw": None, "prompt_hash": None,
-                "model": d.model if uses_llm(d) else "baseline", "seed": d.seed,
-                "config_hash": self.config_hash}
-
-    def run_simulation(self, description: str, split: Split, usage: Usage, shuffle_seed: list[int] | None
-                       ) -> tuple[dict[str, Any] | None, Simulation]:
-        """Scores of one description on the scoring contexts (tokens permuted when shuffle_seed)."""
-        scoring = split.scoring()
-        kinds = [k for k, _ in scoring]
-        acts = [ex["acts"] for _, ex in scoring]
-        contexts = [list(ex["strs"]) for _, ex in scoring]
-        if shuffle_seed is not None:
-            rng = np.random.default_rng(shuffle_seed)
-            contexts = [[strs[j] for j in rng.permutation(len(strs))] for strs in contexts]
-        sim = self.simulate(description, contexts, usage)
-        failed = sum(p is None for p in sim.preds)
-        if sim.not_applicable or failed * 2 > len(contexts):
-            return None, sim
-        # "activates the unit": the features stage's negative rule, relative to the unit's max
-        max_act = split.max_act if split.max_act is not None else max(max(a) for a in acts)
-        active = active_labels(acts, max_act, self.negative_frac)
-        return score(kinds, acts, sim.preds, threshold=self.dc.detection_threshold, active=active), sim
-
-    def score_unit(self, index: int, split: Split, expl: Explanation, other: tuple[int, str] | None,
-                   usage: Usage) -> dict[str, Any]:
-        rec = self.base_record(index)
-        rec.update(description=expl.description, prompt_hash=expl.prompt_hash, tokens=expl.tokens or None,
-                   exemplars=_exemplar_counts(split))
-        if expl.candidates:
-            rec["candidates"] = expl.candidates
-        assert expl.description is not None
-        scores, sim = self.run_simulation(expl.description, split, usage, None)
-        rec["simulator_mode"] = sim.mode
-        rec["failed_contexts"] = sum(p is None for p in sim.preds)
-        if scores is None:
-            first = sim.failures[0] if sim.failures else {}
-            rec.update(status="failed", raw=first.get("raw"),
-                       reason=sim.not_applicable or f"simulator failed on {rec['failed_contexts']} of "
-                       f"{len(sim.preds)} contexts (first: {first.get('reason')})")
-            return rec
-        rec["scores"] = scores
-        if self.dc.controls:
-            controls: dict[str, Any] = {}
-            if other is not None:
-                c, _ = self.run_simulation(other[1], split, usage, None)
-                controls["random_description"] = {**(c or dict.fromkeys(SCORES)), "from": other[0]}
-            else:
-                controls["random_description"] = None
-            c, _ = self.run_simulation(expl.description, split, usage, [self.dc.seed, index, 1])
-            controls["shuffled_tokens"] = c
-            rec["controls"] = controls
-        return rec
-
-
-def _exemplar_counts(split: Split) -> dict[str, int]:
-    return {"explain": len(split.explain), "background": len(split.background),
-            "score_top": len(split.score_top), "score_quantile": len(split.score_quantile),
-            "score_random": len(split.score_random), "dropped_overlap": split.dropped}
-
-
-def pick_other(pool: dict[int, str], index: int, seed: int) -> tuple[int, str] | None:
-    others = sorted(k for k in pool if k != index)
-    if not others:
-        return None
-    k = others[int(np.random.default_rng([seed, index]).integers(len(others)))]
-    return k, pool[k]
-
-
-# ---------------------------------------------------------------------------------------------
-# summary
-
-
-def _stats(values: list[float]) -> dict[str, Any]:
-    if not values:
-        return {"mean": None, "median": None, "n": 0}
-    return {"mean": round(statistics.fmean(values), 4), "median": round(statistics.median(values), 4),
-            "n": len(values)}
-
-
-def summarize(records: list[dict[str, Any]], n_units: int) -> dict[str, Any]:
-    ok = [r for r in records if r["status"] == "ok"]
-    scores = {k: _stats([r["scores"][k] for r in ok if r["scores"].get(k) is not None]) for k in SCORES}
-    controls = {c: {k: _stats([r["controls"][c][k] for r in ok if (r.get("controls") or {}).get(c)
-                               and r["controls"][c].get(k) is not None]) for k in SCORES} for c in CONTROLS}
-    usage: Counter[str] = Counter()
-    for r in records:
-        usage.update(r.get("usage") or {})
-    reasons = Counter((r.get("reason") or "")[:80] for r in records if r["status"] != "ok")
-    return {
-        "units": n_units, "described": len(ok),
-        "failed": sum(r["status"] == "failed" for r in records),
-        "skipped": sum(r["status"] == "skipped" for r in records),
-        "pending": n_units - len(records), "complete": len(records) == n_units,
-        "scores": scores, "controls": controls,
-        "simulator_modes": dict(Counter(r.get("simulator_mode") for r in ok if r.get("simulator_mode"))),
-        "usage": dict(usage), "reasons": dict(reasons.most_common(10)),
-    }
-
-
-def print_table(summary: dict[str, Any]) -> None:
-    print(f"\ndescriptions of {summary['name']}: {summary['described']} described, {summary['failed']} "
-          f"failed, {summary['skipped']} skipped of {summary['units']} units "
-          f"({summary['explainer']} explainer, {summary['simulator']} simulator)")
-    print(f"{'score':<16} {'mean':>7} {'median':>7} {'n':>5} | {'random desc':>11} {'shuffled':>9}")
-
-    def f(v: Any) -> str:
-        return "-" if v is None else f"{v:.3f}"
-
-    for k in SCORES:
-        s = summary["scores"][k]
-        c = summary["controls"]
-        print(f"{k:<16} {f(s['mean']):>7} {f(s['median']):>7} {s['n']:>5} | "
-              f"{f(c['random_description'][k]['mean']):>11} {f(c['shuffled_tokens'][k]['mean']):>9}")
-    u = summary["usage"]
-    if u.get("calls") or u.get("cached"):
-        print(f"LLM: {u.get('calls', 0)} calls ({u.get('cached', 0)} cached, {u.get('retries', 0)} retries), "
-              f"{u.get('prompt_tokens', 0)} prompt + {u.get('completion_tokens', 0)} completion tokens")
-
-
-def flat_figures(summary: dict[str, Any]) -> dict[str, Any]:
-    out = {k: summary[k] for k in ("units", "described", "failed", "skipped")}
-    for k in SCORES:
-        out[f"{k}_mean"] = summary["scores"][k]["mean"]
-        out[f"{k}_median"] = summary["scores"][k]["median"]
-        out[f"{k}_n"] = summary["scores"][k]["n"]
-        for c in CONTROLS:
-            out[f"{k}_{c}_mean"] = summary["controls"][c][k]["mean"]
-    u = summary["usage"]
-    out["tokens"] = int(u.get("prompt_tokens", 0)) + int(u.get("completion_tokens", 0))
-    out["llm_calls"] = int(u.get("calls", 0))
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
 # stage
 
 
-def _paths(cfg: DictConfig) -> tuple[str, Path, Path]:
+def _paths(cfg: DictConfig, dc: DescribeConfig) -> tuple[str, Path, Path]:
     name = unit_name(cfg)
     run_dir = Path(cfg.run_dir)
-    return name, run_dir / "features" / name, run_dir / "descriptions" / name
+    out = name + ("-neg" if dc.polarity == "neg" else "") + ("" if dc.tag is None else f"-{dc.tag}")
+    return name, run_dir / "features" / name, run_dir / "descriptions" / out
 
 
 def negative_frac(meta: dict[str, Any]) -> float:
@@ -373,7 +209,7 @@ def _config_hash(dc: DescribeConfig, features: Path, neg_frac: float = DEFAULT_N
 
 def done(cfg: DictConfig) -> bool:
     dc = load_config(cfg)
-    name, feats, out = _paths(cfg)
+    name, feats, out = _paths(cfg, dc)
     summary_path = out / "summary.json"
     if not summary_path.is_file() or not (out / "descriptions.jsonl").is_file():
         return False
@@ -391,9 +227,22 @@ def done(cfg: DictConfig) -> bool:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     dc = load_config(cfg)
-    name, feats_dir, out = _paths(cfg)
+    if dc.threads is None or not uses_llm(dc) or dc.backend != "local":
+        return _run(cfg, dc)
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(dc.threads)  # restored after: later stages of a pipeline share the process
+    try:
+        return _run(cfg, dc)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(cfg: DictConfig, dc: DescribeConfig) -> dict[str, Any]:
+    name, feats_dir, out = _paths(cfg, dc)
     feats = features_path(feats_dir)
-    indices = scan_indices(feats, dc.max_units)
+    indices = select_units(feats, scan_indices(feats, dc.max_units), dc)
     meta = _features_meta(feats_dir)
     neg_frac = negative_frac(meta)
     chash = _config_hash(dc, feats, neg_frac)
@@ -417,13 +266,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     client = None
     aborted: ServerUnreachable | None = None
     if pending:
-        if uses_llm(dc):
+        llm_sim = None
+        if uses_llm(dc) and dc.backend == "local":
+            client, llm_sim = _local_backend(cfg, dc)
+        elif uses_llm(dc):
             client = ChatClient(base_url=dc.base_url, model=str(dc.model), api_key_env=dc.api_key_env,
                                 timeout=dc.timeout, max_retries=dc.max_retries, backoff=dc.backoff,
                                 concurrency=dc.concurrency, cache_dir=out / "cache" if dc.cache else None)
-        describer = Describer(dc, client, chash, neg_frac)
+        describer = Describer(dc, client, chash, neg_frac, llm_sim)
         writer = RecordWriter(path)
-        workers = dc.concurrency if client is not None else 1
+        workers = dc.concurrency if isinstance(client, ChatClient) else 1
         chunk: list[dict[str, Any]] = []
         try:
             with tqdm(total=len(pending), desc=f"describe {name}", unit="unit") as bar:
@@ -443,7 +295,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     summary = {"format": "monosemantic.descriptions_summary/1", "name": name,
                "unit": meta.get("unit") or OmegaConf.select(cfg, "features.unit", default="sae"),
                "explainer": dc.explainer, "simulator": dc.simulator,
-               "model": dc.model if uses_llm(dc) else "baseline", "seed": dc.seed, "max_units": dc.max_units,
+               "model": model_name(dc), "seed": dc.seed, "max_units": dc.max_units, "tag": dc.tag,
                "negative_frac": neg_frac,
                "config_hash": chash, **summarize(final, len(indices))}
     summary["usage_this_run"] = client.usage.as_dict() if client else {}
@@ -453,11 +305,25 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                 "continue") from None
     print_table(summary)
     figures = flat_figures(summary)
-    figures["site"] = _render_site(Path(cfg.run_dir), name) if dc.site else None
+    figures["site"] = _render_site(Path(cfg.run_dir), name) if dc.site and dc.tag is None else None
     print(f"describe: {summary['described']} described, {summary['failed']} failed, {summary['skipped']} "
           f"skipped of {summary['units']} units -> {path} (+ summary.json)"
           + (f"; site {figures['site']}" if figures["site"] else ""), flush=True)
     return figures
+
+
+def _local_backend(cfg: DictConfig, dc: DescribeConfig) -> tuple[Any, Any]:
+    """The in-process model (explainer) and its all-at-once simulator; labels checked at start-up."""
+    from tools.describe.allatonce import AllAtOnceSimulator  # imports torch + transformers: only here
+    from tools.describe.local import LocalLM, LocalModelConfig
+
+    lm = LocalLM(LocalModelConfig(model=dc.model, embedded=dc.embedded, dtype=dc.dtype, device=str(dc.device),
+                                  data_dir=str(OmegaConf.select(cfg, "data_dir", default="data")),
+                                  batch_tokens=dc.batch_tokens))
+    sim = AllAtOnceSimulator(lm, dc.labels) if dc.simulator == "llm" else None
+    print(f"describe: local model {model_name(dc)} on {lm.device}"
+          + (f", simulator labels {sim.labels[0]}..{sim.labels[-1]}" if sim else ""), flush=True)
+    return lm, sim
 
 
 def _describe_pending(describer: Describer, units: list[dict[str, Any]], records: dict[int, dict[str, Any]],
@@ -481,14 +347,14 @@ def _describe_pending(describer: Describer, units: list[dict[str, Any]], records
         reason = describer.skip_reason(unit, split)
         if reason is not None:
             rec = describer.base_record(index)
-            rec.update(status="skipped", reason=reason, exemplars=_exemplar_counts(split))
+            rec.update(status="skipped", reason=reason, exemplars=exemplar_counts(split))
             finish(rec, usage)
             return
         expl = describer.explain(split, usage)
         if not expl.ok:
             rec = describer.base_record(index)
             rec.update(status="failed", reason=expl.reason, raw=expl.raw, prompt_hash=expl.prompt_hash,
-                       exemplars=_exemplar_counts(split))
+                       exemplars=exemplar_counts(split))
             finish(rec, usage)
             return
         splits[index] = split

@@ -32,6 +32,9 @@ class FeaturesConfig:
     per_bin: int = 5  # examples per bin
     n_random: int = 20  # random negative contexts (max activation <= negative_frac x the unit's max)
     negative_frac: float = 0.1  # a context is a negative when its max is <= this x the unit's max_act
+    # windows at (context, position) drawn uniformly from the scanned text, the same ones for every
+    # unit whatever it does there (Bills et al.'s "random" scoring windows; `uniform` in features.jsonl)
+    n_uniform: int = 10
     negative_candidates: int = 512  # contexts sampled up front whose per-unit max is kept (top-up negatives)
     window: int = 32  # tokens on each side of the hit
     logit_k: int = 10  # top positive and negative logit effects
@@ -50,7 +53,7 @@ class FeaturesConfig:
         for key in ("batch_tokens", "top_k", "bins", "per_bin", "logit_k", "unit_chunk"):
             if getattr(self, key) < 1:
                 raise UserError(f"features.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("n_random", "window", "layer", "negative_candidates"):
+        for key in ("n_random", "window", "layer", "negative_candidates", "n_uniform"):
             if getattr(self, key) < 0:
                 raise UserError(f"features.{key} must be >= 0, got {getattr(self, key)}")
         for key in ("contexts", "context_len"):

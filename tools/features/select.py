@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -88,6 +88,17 @@ class Plan:
     top: list[tuple[int, int]]
     quantiles: list[tuple[float, float, int, list[tuple[int, int]]]]
     random: list[tuple[int, int]]
+    uniform: list[tuple[int, int]] = field(default_factory=list)
+
+
+def uniform_picks(n_ctx: int, T: int, n: int, seed: int) -> list[tuple[int, int]]:
+    """n (ctx, pos) drawn uniformly over every scanned token, without repeating a context; a
+    function of the seed and the scan's size only, so every unit (feature or neuron) gets the same."""
+    if n == 0 or n_ctx == 0:
+        return []
+    rng = np.random.default_rng([seed, 4])
+    ctxs = np.sort(rng.choice(n_ctx, size=min(n, n_ctx), replace=False))
+    return [(int(c), int(rng.integers(T))) for c in ctxs]
 
 
 def plan_examples(st: dict[str, np.ndarray], u: int, fc: FeaturesConfig, T: int,

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from tools.features.config import FORMAT_META, NEGATIVES, FeaturesConfig
 from tools.features.scan import scan_sides
-from tools.features.select import Plan, _sig, act_quantiles, hist_record, plan_examples
+from tools.features.select import Plan, _sig, act_quantiles, hist_record, plan_examples, uniform_picks
 from tools.features.source import Inputs, UnitActs, logit_effects
 from transformer.config import resolve_device
 from transformer.files import atomic_path, read_json, write_json
@@ -32,7 +32,7 @@ def window_acts(plans: dict[int, Plan] | Iterable[Plan], acts: UnitActs, inp: In
     """Activations of each example's own unit over its window, keyed by (unit, ctx, start)."""
     wanted: set[tuple[int, int, int]] = set()
     for p in (plans.values() if isinstance(plans, dict) else plans):
-        pairs = p.top + p.random + [cp for q in p.quantiles for cp in q[3]]
+        pairs = p.top + p.random + p.uniform + [cp for q in p.quantiles for cp in q[3]]
         wanted.update((p.unit, c, _window_start(pos, inp.T, L, w)) for c, pos in pairs)
     items = sorted(wanted, key=lambda t: (t[1], t[2], t[0]))
     out: dict[tuple[int, int, int], np.ndarray] = {}
@@ -110,11 +110,14 @@ def build_examples(plan: Plan, win: Windows, maxv: float, sign: int = 1) -> dict
         a, b = interval(lo, hi)
         bins.append({"lo": _sig(a, 7), "hi": _sig(b, 7), "count": n,
                      "examples": [example(u, c, p) for c, p in ex]})
-    return {
+    out = {
         "top" if sign > 0 else "bottom": [example(u, c, p) for c, p in plan.top],
         "quantiles": bins if sign > 0 else bins[::-1],  # ascending by activation on both sides
         "random": [example(u, c, p) for c, p in plan.random],
     }
+    if sign > 0 and plan.uniform:  # the same windows for every unit, whatever it does there
+        out["uniform"] = [example(u, c, p) for c, p in plan.uniform]
+    return out
 
 
 def _side_stats(st: dict[str, np.ndarray], u: int, tokens: int, sign: int) -> dict[str, Any]:
@@ -141,11 +144,14 @@ def scan_and_write(cfg: DictConfig, fc: FeaturesConfig, name: str, inp: Inputs, 
     L = min(2 * fc.window + 1, inp.T)
     F = inp.n_units
     density = st["count"] / tokens_scanned
+    uniform = uniform_picks(inp.n_ctx, inp.T, fc.n_uniform, seed)
     with atomic_path(out / "features.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as fh:
         bar = tqdm(range(0, F, fc.unit_chunk), desc="examples", unit="chunk", leave=False)
         for u0 in bar:
             units = range(u0, min(u0 + fc.unit_chunk, F))
             plans = {u: plan_examples(st, u, fc, inp.T, rng) for u in units}
+            for p in plans.values():
+                p.uniform = uniform
             neg_plans = {u: plan_examples(sn, u, fc, inp.T, rng_neg) for u in units} if sn is not None else {}
             wins = window_acts([*plans.values(), *neg_plans.values()], acts, inp, L, fc.window, device)
             win = Windows(inp, wins, text, L, fc.window)  # decoded windows are shared by units

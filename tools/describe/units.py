@@ -1,0 +1,77 @@
+"""Which units a describe run covers: all, a listed set (`describe.units`), or a random sample of the
+alive ones (`describe.sample`), the sample a function of (seed, unit set) only."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tools.describe.records import INDEX_PREFIX
+from transformer.config import UserError
+
+if TYPE_CHECKING:
+    from tools.describe.stage import DescribeConfig
+
+_DENSITY = re.compile(rb'"density"\s*:\s*(-?[0-9.eE+-]+)')
+
+
+def _alive(feats: Path, indices: list[int]) -> list[int]:
+    """Units that fired in the scan (density > 0, or top exemplars when a line has no density)."""
+    wanted, alive = set(indices), []
+    with open(feats, "rb") as f:
+        for line in f:
+            m = INDEX_PREFIX.match(line)
+            if not m or int(m.group(1)) not in wanted:
+                continue
+            d = _DENSITY.search(line[:400])
+            if d is not None:
+                fired = float(d.group(1)) > 0
+            else:
+                fired = bool(json.loads(line).get("top"))
+            if fired:
+                alive.append(int(m.group(1)))
+    return alive
+
+
+def read_units(spec: Any) -> list[int]:
+    """`describe.units`: a list of indices, or a file with one index per line or a JSON list."""
+    if isinstance(spec, str):
+        path = Path(spec)
+        if not path.is_file():
+            raise UserError(f"config `describe.units`: {spec} is not a file (give a list or a file of "
+                            "indices)")
+        text = path.read_text(encoding="utf-8")
+        try:
+            spec = json.loads(text) if text.lstrip().startswith("[") else [
+                ln.split("#")[0].strip() for ln in text.splitlines() if ln.split("#")[0].strip()]
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: not a JSON list ({e.msg})") from None
+    try:
+        return [int(u) for u in spec]
+    except (TypeError, ValueError):
+        raise UserError(f"config `describe.units`: expected unit indices, got {spec!r}") from None
+
+
+def select_units(feats: Path, indices: list[int], dc: DescribeConfig) -> list[int]:
+    """`units` restricts to the listed ones; `sample` then draws N alive units uniformly at random,
+    a function of (seed, unit set) only, kept in file order."""
+    if dc.units is not None:
+        listed = read_units(dc.units)
+        missing = sorted(set(listed) - set(indices))
+        if missing:
+            raise UserError(f"config `describe.units`: {missing[:5]} not in {feats}")
+        keep = set(listed)
+        indices = [i for i in indices if i in keep]
+    if dc.sample is not None:
+        alive = sorted(_alive(feats, indices))
+        rng = np.random.default_rng([int(dc.seed or 0), 0x5A4D])
+        n = min(dc.sample, len(alive))
+        chosen = set(rng.choice(alive, size=n, replace=False).tolist()) if alive else set()
+        indices = [i for i in indices if i in chosen]
+        if not indices:
+            raise UserError(f"{feats}: no alive unit to sample (describe.sample={dc.sample})")
+    return indices
