@@ -394,19 +394,21 @@ def _run(cfg: DictConfig, a: ActivationsConfig, inp: Inputs, rank: int, world: i
             perm = np.random.default_rng([seed, SPLITS.index(a.split), 4]).permutation(n_res)
             step = max(1, (1 << 24) // (d * 2))
             try:
-                shards.write_shard(directory / shards.RESAMPLE,
-                                   (res[perm[i:i + step]] for i in range(0, n_res, step)), n_res, d)
+                res_sha = shards.write_shard(directory / shards.RESAMPLE,
+                                             (res[perm[i:i + step]] for i in range(0, n_res, step)),
+                                             n_res, d)["sha256"]
             except OSError as e:
                 raise UserError(f"writing {directory / shards.RESAMPLE} failed ({e}); rerun to resume") from e
             del res
         else:
+            res_sha = None
             (directory / shards.RESAMPLE).unlink(missing_ok=True)
         listed = {e["file"] for e in all_entries}
         for stale in directory.glob("shard_*.npy"):  # from an earlier, different config
             if stale.name not in listed:
                 stale.unlink()
         manifest = {**header, "total_rows": int(sum(e["rows"] for e in all_entries)), "shards": all_entries,
-                    "resample_rows": n_res, "complete": True}
+                    "resample_rows": n_res, "resample_sha256": res_sha, "complete": True}
         shards.write_manifest(directory, manifest)
     _barrier(world)
     shutil.rmtree(work, ignore_errors=True)

@@ -124,15 +124,16 @@ def write_shards(directory: str | os.PathLike, rows: np.ndarray, rows_per_shard:
     entries = [write_shard(directory / shard_name(i), rows[start:start + rows_per_shard])
                for i, start in enumerate(range(0, n, rows_per_shard))]
     n_res = min(n, 8192) if resample_rows is None else min(int(resample_rows), n)
+    res_sha = None
     if n_res > 0:
         pick = np.random.default_rng([seed, 7]).choice(n, size=n_res, replace=False)
-        write_npy(directory / RESAMPLE, rows[pick].astype(np.float16))
+        res_sha = write_shard(directory / RESAMPLE, rows[pick])["sha256"]
     manifest = {
         "d_in": int(d_in), "dtype": DTYPE, "hook_name": hook_name,
         "model": model or {"path": None, "config_hash": None}, "split": split,
         "contexts": contexts, "tokens_per_context": tokens_per_context, "block_size": block_size,
         "rows_per_shard": int(rows_per_shard), "total_rows": int(n), "shards": entries,
-        "resample_rows": int(n_res), "seed": seed, **extra, "complete": True,
+        "resample_rows": int(n_res), "resample_sha256": res_sha, "seed": seed, **extra, "complete": True,
     }
     write_manifest(directory, manifest)
     return read_json(directory / MANIFEST)
@@ -220,6 +221,53 @@ def check_shard(directory: Path, entry: dict[str, Any], d_in: int, *, sha256: bo
     return offset
 
 
+_VERIFIED: set[tuple[str, int, int, int, str]] = set()  # files whose sha256 matched, this process
+_VERIFIED_LOCK = threading.Lock()
+
+
+def _file_key(path: Path, sha256: str) -> tuple[str, int, int, int, str]:
+    st = path.stat()
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, sha256)
+
+
+def verify_once(path: str | os.PathLike, sha256: str, what: str = "shard",
+                stop: threading.Event | None = None) -> bool:
+    """Check `path`'s sha256 against the manifest's, once per process and file version.
+
+    UserError naming the file on a mismatch; False when `stop` was set before the hash finished.
+    """
+    path = Path(path)
+    try:
+        key = _file_key(path, sha256)
+    except FileNotFoundError:
+        raise UserError(f"{what} missing: {path}") from None
+    with _VERIFIED_LOCK:
+        if key in _VERIFIED:
+            return True
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):  # hashlib releases the GIL: training steps run meanwhile
+            h.update(block)
+            if stop is not None and stop.is_set():
+                return False
+    got = h.hexdigest()
+    if got != sha256:
+        raise UserError(f"{what} {path}: sha256 {got[:16]}..., manifest expects {sha256[:16]}... "
+                        "(altered or corrupt; regenerate it with autoencoder.generate overwrite=true); "
+                        "nothing was trained on it")
+    with _VERIFIED_LOCK:
+        _VERIFIED.add(key)
+    return True
+
+
+def verify_resample(directory: str | os.PathLike) -> None:
+    """Check `resample.npy` against the manifest's `resample_sha256` (not checked when not recorded)."""
+    directory = Path(directory)
+    m = read_json(directory / MANIFEST, "shard manifest") if (directory / MANIFEST).is_file() else {}
+    if m.get("resample_sha256"):
+        verify_once(directory / RESAMPLE, m["resample_sha256"], "resampling set")
+
+
 def verify_shards(directory: str | os.PathLike, *, progress: bool = False) -> dict[str, Any]:
     """Check every shard's sha256, header and size against the manifest (and `resample.npy`'s shape)."""
     directory = Path(directory)
@@ -243,11 +291,16 @@ def verify_shards(directory: str | os.PathLike, *, progress: bool = False) -> di
         if m.get("resample_rows") is not None and shape[0] != int(m["resample_rows"]):
             raise UserError(f"{resample}: {shape[0]} rows, manifest says {m['resample_rows']}")
         res_rows = int(shape[0])
+        verify_resample(directory)
     return {"directory": str(directory), "shards": len(entries), "rows": int(m["total_rows"]),
             "d_in": int(m["d_in"]), "bytes": nbytes, "resample_rows": res_rows, "ok": True}
 
 
 # ----------------------------------------------------------------------------------------- reading
+
+
+class _Stopped(Exception):
+    """The prefetch thread was told to stop while waiting for a shard's verification."""
 
 
 class _MappedShard:
@@ -294,11 +347,16 @@ class ShardReader:
     batch may span block and epoch boundaries. `state_dict()` is the position after the last
     batch handed out (not what the prefetch thread has read ahead), so a restored reader yields
     exactly the batches that would have come next.
+
+    With `verify` (the default) each shard's sha256 is checked against the manifest before any of
+    its rows are used, once per process: a verifier thread hashes the shards in the order the
+    prefetch thread will need them, at most `verify_ahead` shards ahead, so steps do not wait on it.
+    A mismatch is a UserError naming the shard, raised from the iterator.
     """
 
     def __init__(self, directory: str | os.PathLike, batch_size: int, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 prefetch: int = 2, block_rows: int = 8192):
+                 prefetch: int = 2, block_rows: int = 8192, verify: bool = True, verify_ahead: int = 2):
         if batch_size < 1:
             raise UserError(f"reader batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -323,6 +381,11 @@ class ShardReader:
         self._worker: tuple[threading.Thread, threading.Event, queue.Queue] | None = None
         self._mapped: tuple[int, _MappedShard] | None = None
         self._lock = threading.RLock()
+        self.verify, self.verify_ahead = bool(verify), max(1, int(verify_ahead))
+        self._checked: dict[int, UserError | None] = {}  # shard -> None (ok) or the refusal
+        self._cond = threading.Condition()
+        self._order: list[int] = []  # the verifier's shard order for the current iteration
+        self._pos = 0  # index in _order of the shard the prefetch thread reads
 
     # -- the deterministic order
     def _epoch_blocks(self, epoch: int) -> list[tuple[int, int]]:
@@ -345,8 +408,61 @@ class ShardReader:
     def _block_len(self, shard: int, block: int) -> int:
         return min(self.block_rows, int(self.entries[shard]["rows"]) - block * self.block_rows)
 
-    def _shard(self, shard: int) -> _MappedShard:
+    def _verify_order(self) -> list[int]:
+        """Shards in the order the prefetch thread will first need them from the current position."""
+        seen: dict[int, None] = {}
+        blocks = self._epoch_blocks(self._state["epoch"])[self._state["block"]:]
+        for s, _ in blocks + self._epoch_blocks(self._state["epoch"] + 1):
+            seen.setdefault(s, None)
+        for s in range(len(self.entries)):
+            seen.setdefault(s, None)
+        return list(seen)
+
+    def _verifier(self, order: list[int], stop: threading.Event) -> None:
+        for i, s in enumerate(order):
+            with self._cond:
+                while i > self._pos + self.verify_ahead and not stop.is_set():
+                    self._cond.wait(0.1)
+            if stop.is_set():
+                return
+            if s in self._checked:
+                continue
+            e = self.entries[s]
+            try:
+                ok = verify_once(self.directory / e["file"], str(e["sha256"]), stop=stop)
+                err = None
+            except UserError as ex:
+                ok, err = True, ex
+            if not ok:
+                return
+            with self._cond:
+                self._checked[s] = err
+                self._cond.notify_all()
+
+    def _wait_verified(self, shard: int, stop: threading.Event | None) -> None:
+        if not self.verify:
+            return
+        with self._cond:
+            if shard in self._order:
+                self._pos = max(self._pos, self._order.index(shard))
+                self._cond.notify_all()
+            while shard not in self._checked and (stop is None or not stop.is_set()):
+                if shard not in self._order:
+                    break
+                self._cond.wait(0.1)
+        if shard not in self._checked and (stop is None or not stop.is_set()):
+            e = self.entries[shard]  # not in the verifier's order: check here
+            verify_once(self.directory / e["file"], str(e["sha256"]))
+            self._checked[shard] = None
+        err = self._checked.get(shard)
+        if err is not None:
+            raise err
+
+    def _shard(self, shard: int, stop: threading.Event | None = None) -> _MappedShard:
         if self._mapped is None or self._mapped[0] != shard:
+            self._wait_verified(shard, stop)
+            if stop is not None and stop.is_set():
+                raise _Stopped
             if self._mapped is not None:
                 self._mapped[1].close()
             e = self.entries[shard]
@@ -378,7 +494,10 @@ class ShardReader:
                 shard, b = blocks[blk]
                 n, start = self._block_len(shard, b), b * self.block_rows
                 perm = np.random.default_rng([self.seed, epoch, shard, b, 1]).permutation(n)
-                m = self._shard(shard)
+                try:
+                    m = self._shard(shard, stop)
+                except _Stopped:
+                    return
                 if blk + 1 < len(blocks) and blocks[blk + 1][0] == shard:
                     nxt = blocks[blk + 1][1]
                     m.prefetch(nxt * self.block_rows, nxt * self.block_rows + self._block_len(shard, nxt))
@@ -421,7 +540,7 @@ class ShardReader:
     def _stop_worker(self) -> None:
         if self._worker is None:
             return
-        thread, stop, q = self._worker
+        thread, stop, q, checker = self._worker
         stop.set()
         while thread.is_alive():
             try:
@@ -429,6 +548,8 @@ class ShardReader:
             except queue.Empty:
                 pass
         thread.join()
+        if checker is not None:
+            checker.join()
         self._worker = None
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -437,7 +558,14 @@ class ShardReader:
             stop, q = threading.Event(), queue.Queue(maxsize=self.prefetch)
             thread = threading.Thread(target=self._producer, args=(dict(self._state), stop, q),
                                       name="shard-prefetch", daemon=True)
-            self._worker = (thread, stop, q)
+            checker = None
+            if self.verify:
+                self._order, self._pos = self._verify_order(), 0
+                checker = threading.Thread(target=self._verifier, args=(self._order, stop),
+                                           name="shard-verify", daemon=True)
+            self._worker = (thread, stop, q, checker)
+            if checker is not None:
+                checker.start()
             thread.start()
         try:
             while True:

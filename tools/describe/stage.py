@@ -96,7 +96,8 @@ class DescribeConfig:
 _RESULT_KEYS = ("explainer", "simulator", "explain_top", "score_top", "explain_per_bin", "score_per_bin",
                 "explain_random", "score_random", "min_explain", "min_score_firing", "min_score_random",
                 "fire_frac", "min_count", "max_items", "detection_threshold", "controls", "seed", "model",
-                "temperature", "explain_max_tokens", "top_logprobs", "candidates", "candidate_temperature")
+                "temperature", "explain_max_tokens", "top_logprobs", "candidates", "candidate_temperature",
+                "chunk_units")  # chunk_units: the random-description control draws within a chunk
 
 
 def load_config(cfg: DictConfig) -> DescribeConfig:
@@ -425,17 +426,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         writer = RecordWriter(path)
         workers = dc.concurrency if client is not None else 1
         chunk: list[dict[str, Any]] = []
+        # chunks are fixed slices of the whole unit list, so a resumed run draws the same controls
+        block = {u: i // dc.chunk_units for i, u in enumerate(indices)}
+
+        def flush() -> ServerUnreachable | None:
+            k = block[chunk[0]["index"]]
+            members = set(indices[k * dc.chunk_units:(k + 1) * dc.chunk_units])
+            return _describe_pending(describer, chunk, records, writer, workers, bar, members)
+
         try:
             with tqdm(total=len(pending), desc=f"describe {name}", unit="unit") as bar:
                 for unit in iter_units(feats, set(pending), dc.max_units):
-                    chunk.append(unit)
-                    if len(chunk) == dc.chunk_units:
-                        aborted = _describe_pending(describer, chunk, records, writer, workers, bar)
-                        chunk = []
+                    if chunk and block[unit["index"]] != block[chunk[0]["index"]]:
+                        aborted, chunk = flush(), []
                         if aborted:
                             break
+                    chunk.append(unit)
                 if chunk and not aborted:
-                    aborted = _describe_pending(describer, chunk, records, writer, workers, bar)
+                    aborted = flush()
         finally:
             writer.close()
 
@@ -461,9 +469,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _describe_pending(describer: Describer, units: list[dict[str, Any]], records: dict[int, dict[str, Any]],
-                      writer: RecordWriter, workers: int, bar: tqdm) -> ServerUnreachable | None:
-    """Explain a chunk of units, then score each: the random-description control draws from every
-    unit described so far, this chunk included."""
+                      writer: RecordWriter, workers: int, bar: tqdm,
+                      members: set[int]) -> ServerUnreachable | None:
+    """Explain the pending units of one chunk, then score each: the random-description control draws
+    from the chunk's described units (`members`: the whole fixed chunk, finished earlier or now), so
+    it is a function of (seed, unit) whatever was done before a restart."""
     dc = describer.dc
     splits: dict[int, Split] = {}
     explained: dict[int, tuple[Explanation, Usage]] = {}
@@ -502,7 +512,7 @@ def _describe_pending(describer: Describer, units: list[dict[str, Any]], records
     pool: dict[int, str] = {}
     for phase in ("explain", "score"):
         if phase == "score":
-            pool = {i: r["description"] for i, r in records.items() if r["status"] == "ok"}
+            pool = {i: r["description"] for i, r in records.items() if r["status"] == "ok" and i in members}
             pool.update({i: e.description for i, (e, _) in explained.items() if e.description})
         fn, items = (explain_one, units) if phase == "explain" else (score_one, sorted(explained))
         if workers == 1:

@@ -1,0 +1,228 @@
+"""Output guards every stage shares: one writer per folder, no finished output replaced unseen,
+no corrupt or stale input used.
+
+- `output_lock(folder, stage)`: an exclusive lock on `<parent>/.<folder>.lock` (an `flock` held for
+  the run, the file naming pid, host and stage). A second writer refuses with a line naming the
+  holder; a lock left by a killed process is detected (the kernel dropped its flock) and replaced.
+- `refuse_overwrite(...)`: a finished output made under another config or from other inputs is
+  replaced only with `overwrite=true` (or written under a new name).
+- `seal(folder, names)` / `verify_sealed(folder, names)`: sha256 of a stage's finished files in
+  `checksums.json`; consumers check them before use, so a flipped byte is a named refusal.
+- `provenance(files)` / `check_provenance(recorded, now)`: the sha256 of the inputs an output was
+  made from, and a refusal naming both when an input's producer changed since.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from transformer.config import UserError
+from transformer.files import sha256_file, write_json
+
+CHECKSUMS = "checksums.json"
+CHECKSUMS_FORMAT = "monosemantic.checksums/1"
+_HELD: dict[Path, int] = {}  # lock path -> depth, so a process may re-enter its own lock
+
+
+def lock_path(folder: str | os.PathLike) -> Path:
+    """The lock of an output folder sits beside it, so replacing the folder never drops the lock."""
+    folder = Path(folder).absolute()
+    return folder.parent / f".{folder.name}.lock"
+
+
+def _holder_text(info: dict[str, Any]) -> str:
+    if not info:
+        return "another process (no holder recorded yet)"
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info.get("time", 0))))
+    return f"{info.get('stage', '?')} (pid {info.get('pid')} on {info.get('host')}, since {started})"
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    try:
+        raw = os.pread(fd, 65536, 0)
+        return json.loads(raw.decode("utf-8")) if raw.strip() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def output_lock(folder: str | os.PathLike, stage: str) -> Iterator[Path]:
+    """Hold the exclusive lock of `folder` for the block; UserError naming the holder if taken.
+
+    Under torchrun only rank 0 locks (the ranks write one output together).
+    """
+    path = lock_path(folder)
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield path
+        return
+    if path in _HELD:
+        _HELD[path] += 1
+        try:
+            yield path
+        finally:
+            _HELD[path] -= 1
+        return
+    fd = _acquire(path, Path(folder), stage)
+    _HELD[path] = 1
+    try:
+        yield path
+    finally:
+        del _HELD[path]
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # safe: a waiter re-checks that the path is still the inode it locked
+        os.close(fd)
+
+
+def _acquire(path: Path, folder: Path, stage: str) -> int:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {path.parent} for {folder} ({e.strerror}); "
+                        "choose a writable run_dir / data_dir") from None
+    for _ in range(5):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"cannot create the lock {path} ({e.strerror}); "
+                            "choose a writable run_dir / data_dir") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise UserError(f"{folder} is being written by {_holder_text(holder)} (lock {path}); wait for "
+                            "it to finish, or write elsewhere (another run_dir or name)") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # the previous holder removed the file between our open and flock: retry
+            os.close(fd)
+            continue
+        old = _read_holder(fd)
+        if old and old.get("pid") != os.getpid():
+            alive = old.get("host") == socket.gethostname() and _pid_alive(int(old.get("pid", -1)))
+            state = "was still running but held no lock" if alive else "is gone"
+            print(f"note: replaced a stale lock {path} left by {_holder_text(old)}, which {state}",
+                  flush=True)
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "stage": stage, "time": time.time(),
+                "folder": str(folder)}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode("utf-8"), 0)
+        return fd
+    raise UserError(f"could not take the lock {path}: it keeps being replaced by other writers")
+
+
+def is_locked(folder: str | os.PathLike) -> bool:
+    """Whether some process holds `folder`'s lock (for tests and status tools)."""
+    path = lock_path(folder)
+    if not path.is_file():
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+# ---------------------------------------------------------------------------------------- overwrite
+
+
+def refuse_overwrite(folder: str | os.PathLike, what: str, old: Any, new: Any, *, overwrite: bool,
+                     rename_key: str | None = None) -> None:
+    """A finished `what` in `folder` made under `old` (hash) may become `new` only with overwrite=true."""
+    if overwrite or old == new:
+        return
+    alt = f" or choose a new `{rename_key}`" if rename_key else ""
+    raise UserError(f"{folder} holds a finished {what} made from another config or inputs (hash {old}, "
+                    f"now {new}); pass overwrite=true to replace it{alt}")
+
+
+# ---------------------------------------------------------------------------------------- checksums
+
+
+def seal(folder: str | os.PathLike, names: Iterable[str]) -> dict[str, Any]:
+    """Record the sha256 and size of each finished file of `folder` in `checksums.json` (merged)."""
+    folder = Path(folder)
+    path = folder / CHECKSUMS
+    try:
+        files = json.loads(path.read_text(encoding="utf-8")).get("files", {}) if path.is_file() else {}
+    except ValueError:
+        files = {}
+    for name in names:
+        p = folder / name
+        files[name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    out = {"format": CHECKSUMS_FORMAT, "files": dict(sorted(files.items()))}
+    write_json(path, out)
+    return out
+
+
+def verify_sealed(folder: str | os.PathLike, names: Iterable[str], what: str) -> None:
+    """Refuse, naming the file, when a file listed in `checksums.json` no longer matches it.
+
+    Files that `checksums.json` does not list (or folders from before checksums) are not checked.
+    """
+    folder = Path(folder)
+    path = folder / CHECKSUMS
+    if not path.is_file():
+        return
+    try:
+        files = json.loads(path.read_text(encoding="utf-8")).get("files", {})
+    except ValueError as e:
+        raise UserError(f"{path} is not valid JSON ({e}); rebuild the {what}") from None
+    for name in names:
+        want = files.get(name)
+        if want is None:
+            continue
+        p = folder / name
+        if not p.is_file():
+            raise UserError(f"{what} file {p} is missing (listed in {path}); rebuild the {what}")
+        got = sha256_file(p)
+        if got != want["sha256"]:
+            raise UserError(f"{what} file {p}: sha256 {got[:16]}..., {CHECKSUMS} expects "
+                            f"{want['sha256'][:16]}... (altered or corrupt); rebuild it with overwrite=true")
+
+
+# ---------------------------------------------------------------------------------------- provenance
+
+
+def provenance(files: dict[str, str | os.PathLike]) -> dict[str, dict[str, str]]:
+    """{role: {"path", "sha256"}} of the inputs an output is made from."""
+    return {k: {"path": str(v), "sha256": sha256_file(v)} for k, v in sorted(files.items())}
+
+
+def check_provenance(output: str | os.PathLike, recorded: dict[str, dict[str, str]] | None,
+                     rebuild: str) -> None:
+    """Refuse an input `output` whose recorded producers changed since, naming both.
+
+    `recorded` is what `provenance` returned when `output` was made; `rebuild` says how to remake it.
+    """
+    for role, rec in (recorded or {}).items():
+        p = Path(rec["path"])
+        if not p.is_file():
+            raise UserError(f"{output} was made from {role} {p}, which is gone; {rebuild}")
+        now = sha256_file(p)
+        if now != rec["sha256"]:
+            raise UserError(f"{output} was made from {role} {p} with sha256 {rec['sha256'][:16]}..., "
+                            f"which is now {now[:16]}... (changed since); {rebuild}")
