@@ -35,6 +35,7 @@ import torch
 from omegaconf import DictConfig
 
 from autoencoder import shards
+from transformer import guard
 from transformer.config import UserError, resolve_device, stage_main, typed
 from transformer.files import config_hash, read_json, sha256_file, write_json
 
@@ -316,14 +317,27 @@ def _barrier(world: int) -> None:
 def run(cfg: DictConfig) -> dict[str, Any]:
     a = check_config(typed(cfg.activations, ActivationsConfig, "activations"))
     inp = _inputs(cfg, a)
-    rank, world, own_pg = _dist()
-    try:
-        return _run(cfg, a, inp, rank, world)
-    finally:
-        if own_pg:
-            import torch.distributed as dist
+    with guard.output_lock(out_dir(cfg, a.split), "autoencoder.generate"):
+        _guard(cfg, a, inp)
+        rank, world, own_pg = _dist()
+        try:
+            return _run(cfg, a, inp, rank, world)
+        finally:
+            if own_pg:
+                import torch.distributed as dist
 
-            dist.destroy_process_group()
+                dist.destroy_process_group()
+
+
+def _guard(cfg: DictConfig, a: ActivationsConfig, inp: Inputs) -> None:
+    """Intact inputs (sealed model and tokens); a finished directory is replaced only with overwrite."""
+    guard.verify_sealed(inp.model_dir, ["model.safetensors"], "transformer")
+    guard.verify_sealed(inp.tokens_path.parent, [inp.tokens_path.name], "token")
+    directory, new = out_dir(cfg, a.split), output_hash(cfg, a, inp)
+    m = read_json(directory / shards.MANIFEST) if (directory / shards.MANIFEST).is_file() else {}
+    old = m.get("config_hash") if m.get("complete") is True else new  # unfinished: resumed or redone
+    guard.prepare_output(directory, "activation directory", marker=shards.MANIFEST, old=old, new=new,
+                         overwrite=bool(cfg.get("overwrite", False)))
 
 
 def _run(cfg: DictConfig, a: ActivationsConfig, inp: Inputs, rank: int, world: int) -> dict[str, Any]:

@@ -33,8 +33,9 @@ from autoencoder.metrics import (
 )
 from autoencoder.resample import load_resample_set, resample_dead
 from autoencoder.sae import ARCHITECTURES, SAE, SAEModelConfig, build_sae, geometric_median, save_sae
+from transformer import guard
 from transformer.config import UserError, resolve_device, stage_main, typed
-from transformer.files import atomic_path, config_hash, read_json, write_json
+from transformer.files import atomic_path, config_hash, read_json, sha256_file, write_json
 
 CKPT_FORMAT = "monosemantic.sae-checkpoint/1"
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -287,7 +288,8 @@ def save_checkpoint(ckpt: Path, *, sae: SAE, optimizer: torch.optim.Optimizer, s
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     with atomic_path(ckpt / "state.safetensors") as tmp:
         save_file(tensors, str(tmp), metadata={"step": str(step), "format": CKPT_FORMAT})
-    write_json(ckpt / "state.json", {"format": CKPT_FORMAT, "step": step, **state})
+    write_json(ckpt / "state.json", {"format": CKPT_FORMAT, "step": step,  # sha256: checked at resume
+                                     "tensors_sha256": sha256_file(ckpt / "state.safetensors"), **state})
 
 
 def load_checkpoint(ckpt: Path, *, sae: SAE, optimizer: torch.optim.Optimizer,
@@ -298,6 +300,8 @@ def load_checkpoint(ckpt: Path, *, sae: SAE, optimizer: torch.optim.Optimizer,
     from safetensors.torch import load_file
 
     meta = read_json(ckpt / "state.json", "SAE checkpoint")
+    guard.verify_file(ckpt / "state.safetensors", meta.get("tensors_sha256"), "SAE checkpoint",
+                      f"delete {ckpt} to train from the start")
     theirs = meta.get("config", {})
     diff = sorted(k for k in set(theirs) | set(expect) if theirs.get(k) != expect.get(k))
     if diff:
@@ -436,6 +440,37 @@ def done(cfg: DictConfig) -> bool:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    c = check_config(typed(cfg.sae, SAETrainConfig, "sae"))
+    _, train_dir, sae_dir = _paths(cfg, sae_name(c, _multirun_overrides()))
+    with guard.output_lock(sae_dir, "autoencoder.train"):
+        _guard(cfg, c, train_dir, sae_dir)
+        out = _run(cfg)
+        if "stopped_at" not in out and int(os.environ.get("RANK", "0")) == 0:
+            guard.seal(sae_dir, ["sae_weights.safetensors", "sparsity.safetensors"])
+        return out
+
+
+def _guard(cfg: DictConfig, c: SAETrainConfig, train_dir: Path, sae_dir: Path) -> None:
+    """Refuse shards made from a model that changed since, and replacing a finished SAE unasked."""
+    from autoencoder import shards
+
+    manifest = shards.read_manifest(train_dir)
+    model = manifest.get("model") or {}
+    weights = Path(str(model.get("path"))) / "model.safetensors"
+    if model.get("weights_sha256") and weights.is_file():
+        made_from = {"model": {"path": str(weights), "sha256": model["weights_sha256"]}}
+        guard.check_provenance(train_dir, made_from, "rerun autoencoder.generate with overwrite=true")
+    old = (read_json(sae_dir / "cfg.json", "SAE config").get("training") or {}).get("config_hash") \
+        if (sae_dir / "cfg.json").is_file() else None
+    ckpt = sae_dir / "checkpoint" / "state.json"
+    new = _stage_hash(c, manifest, int(os.environ.get("WORLD_SIZE", "1")))
+    resuming = ckpt.is_file() and read_json(ckpt, "SAE checkpoint").get("config_hash") == new
+    guard.prepare_output(sae_dir, "SAE", marker="cfg.json", sealed=["sae_weights.safetensors"], old=old,
+                         new=new, overwrite=bool(cfg.get("overwrite", False)) or resuming,
+                         rename_key="sae.name")
+
+
+def _run(cfg: DictConfig) -> dict[str, Any]:
     from autoencoder import shards
 
     c = check_config(typed(cfg.sae, SAETrainConfig, "sae"))

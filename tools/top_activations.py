@@ -42,6 +42,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from transformer import guard
 from transformer.config import UserError, resolve_device, stage_main, typed
 from transformer.files import atomic_path, config_hash, read_json, sha256_file, write_json
 
@@ -542,6 +543,15 @@ def _vocab_size(inp: Inputs, text) -> int:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    out = _out_dir(cfg)
+    with guard.output_lock(out, "tools.top_activations"):  # issue 13: lock, leftovers, checksums
+        guard.remove_stale_temps(out, ".site.tmp-*")
+        result = _run(cfg)
+        guard.seal(out, ["features.jsonl"], inputs=read_json(out / "meta.json").get("inputs"))
+        return result
+
+
+def _run(cfg: DictConfig) -> dict[str, Any]:
     from tools.html.site import render_site
     from tools.tokens import TokenText
 
@@ -552,8 +562,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     out = run_dir / "features" / name
     inp = load_inputs(cfg, fc, name, device)
+    for role, p in inp.files.items():  # inputs intact, and a finished feature set replaced only on request
+        guard.verify_sealed(Path(p).parent, [Path(p).name], role)
     chash = _hash_inputs(cfg, fc, inp.files)
     meta_path = out / "meta.json"
+    guard.prepare_output(out, "feature set", marker="meta.json", sealed=["features.jsonl"],
+                         old=read_json(meta_path).get("config_hash") if meta_path.is_file() else None,
+                         new=chash, overwrite=bool(cfg.get("overwrite", False)))
     if meta_path.is_file() and (out / "features.jsonl").is_file() and \
             read_json(meta_path).get("config_hash") == chash:
         meta = read_json(meta_path)

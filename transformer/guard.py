@@ -146,6 +146,26 @@ def is_locked(folder: str | os.PathLike) -> bool:
     return False
 
 
+def remove_stale_temps(folder: str | os.PathLike, pattern: str) -> list[Path]:
+    """Remove `folder/<pattern>` temporaries (named `...tmp-<pid>`) whose writer is no longer running."""
+    import re
+    import shutil
+
+    removed = []
+    for p in Path(folder).glob(pattern):
+        m = re.search(r"tmp-(\d+)$", p.name)
+        if not m or (int(m.group(1)) != os.getpid() and _pid_alive(int(m.group(1)))):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    if removed:
+        print(f"removed {len(removed)} temporary file(s) left by killed runs in {folder}", flush=True)
+    return removed
+
+
 # ---------------------------------------------------------------------------------------- overwrite
 
 
@@ -162,35 +182,55 @@ def refuse_overwrite(folder: str | os.PathLike, what: str, old: Any, new: Any, *
 # ---------------------------------------------------------------------------------------- checksums
 
 
-def seal(folder: str | os.PathLike, names: Iterable[str]) -> dict[str, Any]:
-    """Record the sha256 and size of each finished file of `folder` in `checksums.json` (merged)."""
-    folder = Path(folder)
+def _read_checksums(folder: Path) -> dict[str, Any]:
     path = folder / CHECKSUMS
+    if not path.is_file():
+        return {}
     try:
-        files = json.loads(path.read_text(encoding="utf-8")).get("files", {}) if path.is_file() else {}
-    except ValueError:
-        files = {}
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); rebuild this output with overwrite=true") from None
+    return data if isinstance(data, dict) else {}
+
+
+def seal(folder: str | os.PathLike, names: Iterable[str],
+         inputs: dict[str, str | os.PathLike] | None = None) -> dict[str, Any]:
+    """Record the sha256 and size of each finished file of `folder` in `checksums.json` (merged),
+    and, given `inputs` ({role: path}), the sha256 of the files it was made from."""
+    folder = Path(folder)
+    try:
+        old = _read_checksums(folder)
+    except UserError:
+        old = {}
+    files = dict(old.get("files") or {})
     for name in names:
         p = folder / name
         files[name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-    out = {"format": CHECKSUMS_FORMAT, "files": dict(sorted(files.items()))}
-    write_json(path, out)
+    out = {"format": CHECKSUMS_FORMAT, "files": dict(sorted(files.items())),
+           "inputs": provenance(inputs) if inputs is not None else old.get("inputs") or {}}
+    write_json(folder / CHECKSUMS, out)
     return out
 
 
-def verify_sealed(folder: str | os.PathLike, names: Iterable[str], what: str) -> None:
+def verify_file(path: str | os.PathLike, sha256: str | None, what: str, fix: str) -> None:
+    """Refuse `path` naming it when its sha256 is not the recorded one (None: nothing recorded)."""
+    if sha256 is None:
+        return
+    got = sha256_file(path)
+    if got != sha256:
+        raise UserError(f"{what} file {path}: sha256 {got[:16]}..., expected {sha256[:16]}... "
+                        f"(altered or corrupt); {fix}")
+
+
+def verify_sealed(folder: str | os.PathLike, names: Iterable[str], what: str,
+                  fix: str = "rebuild it with overwrite=true") -> None:
     """Refuse, naming the file, when a file listed in `checksums.json` no longer matches it.
 
     Files that `checksums.json` does not list (or folders from before checksums) are not checked.
     """
     folder = Path(folder)
     path = folder / CHECKSUMS
-    if not path.is_file():
-        return
-    try:
-        files = json.loads(path.read_text(encoding="utf-8")).get("files", {})
-    except ValueError as e:
-        raise UserError(f"{path} is not valid JSON ({e}); rebuild the {what}") from None
+    files = _read_checksums(folder).get("files") or {}
     for name in names:
         want = files.get(name)
         if want is None:
@@ -201,7 +241,7 @@ def verify_sealed(folder: str | os.PathLike, names: Iterable[str], what: str) ->
         got = sha256_file(p)
         if got != want["sha256"]:
             raise UserError(f"{what} file {p}: sha256 {got[:16]}..., {CHECKSUMS} expects "
-                            f"{want['sha256'][:16]}... (altered or corrupt); rebuild it with overwrite=true")
+                            f"{want['sha256'][:16]}... (altered or corrupt); {fix}")
 
 
 # ---------------------------------------------------------------------------------------- provenance
@@ -226,3 +266,32 @@ def check_provenance(output: str | os.PathLike, recorded: dict[str, dict[str, st
         if now != rec["sha256"]:
             raise UserError(f"{output} was made from {role} {p} with sha256 {rec['sha256'][:16]}..., "
                             f"which is now {now[:16]}... (changed since); {rebuild}")
+
+
+def check_sealed_inputs(folder: str | os.PathLike, rebuild: str) -> None:
+    """`check_provenance` on the inputs `seal` recorded for `folder` (nothing recorded: not checked)."""
+    check_provenance(folder, _read_checksums(Path(folder)).get("inputs"), rebuild)
+
+
+def prepare_output(folder: str | os.PathLike, what: str, *, marker: str, sealed: Iterable[str] = (),
+                   old: Any, new: Any, overwrite: bool, rename_key: str | None = None) -> bool:
+    """The overwrite rule for a stage about to write `folder` (whose `marker` file marks it finished).
+
+    Returns True when the finished output is current (made under `new`, its sealed files intact).
+    A finished output made under another hash, or with altered sealed files, is refused unless
+    `overwrite`; then `marker` is removed, so the output stops looking finished until rewritten.
+    """
+    folder = Path(folder)
+    if not (folder / marker).is_file():
+        return False
+    try:
+        verify_sealed(folder, sealed, what)
+        refuse_overwrite(folder, what, old, new, overwrite=overwrite, rename_key=rename_key)
+        if old == new:
+            return True
+    except UserError:
+        if not overwrite:
+            raise
+    print(f"overwrite=true: replacing the finished {what} in {folder}", flush=True)
+    (folder / marker).unlink()
+    return False

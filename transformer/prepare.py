@@ -24,6 +24,7 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from transformer import guard
 from transformer.config import UserError, stage_main, typed
 from transformer.files import atomic_path, config_hash, read_json, write_json
 
@@ -197,6 +198,14 @@ def _with_field(ds: Any, text_field: str, files: list[str]) -> Any:
         raise UserError(f"config `data.text_field`={text_field!r} not found in {files[0]}"
                         f"{' and others' if len(files) > 1 else ''}: columns are {ds.column_names}")
     ds = ds.select_columns([text_field])
+    missing = int(ds.data.column(text_field).null_count)
+    where = files[0] + (" and others" if len(files) > 1 else "")
+    if missing == len(ds):
+        raise UserError(f"none of the {len(ds)} records in {where} has a `{text_field}` value "
+                        "(config `data.text_field`)")
+    if missing:  # Arrow fills a record without the field with null; they are dropped, but counted
+        print(f"prepare: {missing} of {len(ds)} records in {where} have no `{text_field}` field (or null): "
+              "skipped", flush=True)
     return ds.rename_column(text_field, "text") if text_field != "text" else ds
 
 
@@ -331,6 +340,17 @@ def done(cfg: DictConfig) -> bool:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     d = check(typed(cfg.data, DataConfig, "data"))
+    with guard.output_lock(out_dir(cfg), "transformer.prepare"):
+        if (out_dir(cfg) / "meta.json").is_file():  # the overwrite rule (issue 13)
+            old = read_json(out_dir(cfg) / "meta.json").get("config_hash")
+            guard.prepare_output(out_dir(cfg), "token directory", marker="meta.json", old=old,
+                                 new=config_hash(_identity(d)), overwrite=bool(cfg.get("overwrite", False)))
+        out = _run(cfg, d)
+        guard.seal(out_dir(cfg), ["train.bin", "val.bin"])
+        return out
+
+
+def _run(cfg: DictConfig, d: DataConfig) -> dict[str, Any]:
     from transformer.tokenizer import get_encoding
 
     enc = get_encoding(d.tokenizer)

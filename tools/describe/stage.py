@@ -39,6 +39,7 @@ from tools.describe.records import (
 )
 from tools.describe.scorers import SCORES, active_labels, score
 from tools.describe.simulators import LLMSimulator, Simulation, simulate_baseline
+from transformer import guard
 from transformer.config import UserError, stage_main, typed
 from transformer.files import config_hash, read_json, sha256_file, write_json
 
@@ -391,6 +392,16 @@ def done(cfg: DictConfig) -> bool:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    load_config(cfg)
+    _, feats_dir, out = _paths(cfg)
+    fix = "rebuild the features: python -m tools.top_activations overwrite=true"
+    with guard.output_lock(out, "tools.describe"):  # issue 13: one writer, intact and current features
+        guard.verify_sealed(feats_dir, ["features.jsonl"], "features", fix)
+        guard.check_sealed_inputs(feats_dir, fix)
+        return _run(cfg)
+
+
+def _run(cfg: DictConfig) -> dict[str, Any]:
     dc = load_config(cfg)
     name, feats_dir, out = _paths(cfg)
     feats = features_path(feats_dir)
