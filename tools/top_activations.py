@@ -544,8 +544,7 @@ def _vocab_size(inp: Inputs, text) -> int:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     out = _out_dir(cfg)
-    with guard.output_lock(out, "tools.top_activations"):  # issue 13: lock, leftovers, checksums
-        guard.remove_stale_temps(out, ".site.tmp-*")
+    with guard.output_lock(out, "tools.top_activations"):  # issue 13: lock (cleans leftovers), checksums
         result = _run(cfg)
         guard.seal(out, ["features.jsonl"], inputs=read_json(out / "meta.json").get("inputs"))
         return result

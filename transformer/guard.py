@@ -3,7 +3,8 @@ no corrupt or stale input used.
 
 - `output_lock(folder, stage)`: an exclusive lock on `<parent>/.<folder>.lock` (an `flock` held for
   the run, the file naming pid, host and stage). A second writer refuses with a line naming the
-  holder; a lock left by a killed process is detected (the kernel dropped its flock) and replaced.
+  holder; a lock left by a killed process is detected (the kernel dropped its flock) and replaced,
+  and the temporaries killed writers left in the folder are removed.
 - `refuse_overwrite(...)`: a finished output made under another config or from other inputs is
   replaced only with `overwrite=true` (or written under a new name).
 - `seal(folder, names)` / `verify_sealed(folder, names)`: sha256 of a stage's finished files in
@@ -83,6 +84,8 @@ def output_lock(folder: str | os.PathLike, stage: str) -> Iterator[Path]:
     fd = _acquire(path, Path(folder), stage)
     _HELD[path] = 1
     try:
+        if Path(folder).is_dir():  # temporaries of killed writers (`.<name>.tmp-<pid>`, `.site.tmp-<pid>`)
+            remove_stale_temps(folder, "**/.*.tmp-*")
         yield path
     finally:
         del _HELD[path]
@@ -154,7 +157,7 @@ def remove_stale_temps(folder: str | os.PathLike, pattern: str) -> list[Path]:
     removed = []
     for p in Path(folder).glob(pattern):
         m = re.search(r"tmp-(\d+)$", p.name)
-        if not m or (int(m.group(1)) != os.getpid() and _pid_alive(int(m.group(1)))):
+        if not m or _pid_alive(int(m.group(1))):
             continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)

@@ -243,6 +243,9 @@ def load_checkpoint(path: Path, model: GPT, opt: torch.optim.Optimizer, device: 
         raise UserError(f"checkpoint tensors {file} named by state.json are missing")
     guard.verify_file(file, state.get("tensors_sha256"), "transformer checkpoint",
                       f"delete {path} (or set transformer.resume=false) to train from the start")
+    for old in path.glob("step_*.safetensors"):  # a kill between state.json and this cleanup leaves one
+        if old.name != file.name:
+            old.unlink(missing_ok=True)
     tensors = load_file(str(file), device="cpu")
     msd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(msd, strict=False)
