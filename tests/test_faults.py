@@ -143,8 +143,9 @@ def test_killed_stage_reruns_to_the_same_bytes(world, stage, one_thread):
     rng = np.random.default_rng([13, list(STAGES).index(stage)])
     n = world.commits[stage]
     assert n >= 2, (stage, n)
-    for _ in range(KILL_POINTS):
-        k, when = int(rng.integers(1, n + 1)), str(rng.choice(["before", "after"]))
+    for i in range(KILL_POINTS):  # one seeded point in each equal part of the run
+        lo, hi = 1 + i * n // KILL_POINTS, max(1 + i * n // KILL_POINTS, (i + 1) * n // KILL_POINTS)
+        k, when = int(rng.integers(lo, hi + 1)), str(rng.choice(["before", "after"]))
         shutil.rmtree(folder)
         r = run_cli([str(ROOT / "tests" / "fault_runner.py"), str(k), when, module, *world.overrides])
         assert r.returncode in (-9, 0), (stage, k, when, r.stderr[-2000:])
