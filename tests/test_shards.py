@@ -204,7 +204,7 @@ def test_inspect_cli(shard_dir, tmp_path, capsys):
     assert "verified 4 shards" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_pinned_batches_match_cpu(shard_dir):
     with ShardReader(shard_dir, 100, seed=1, device="cuda") as r:
         gpu = [b.cpu() for b in take(r, 12)]
