@@ -429,10 +429,11 @@ class ShardReader:
                 continue
             e = self.entries[s]
             try:
-                ok = verify_once(self.directory / e["file"], str(e["sha256"]), stop=stop)
-                err = None
+                ok, err = verify_once(self.directory / e["file"], str(e["sha256"]), stop=stop), None
             except UserError as ex:
                 ok, err = True, ex
+            except OSError as ex:
+                ok, err = True, UserError(f"shard {self.directory / e['file']}: cannot read it ({ex})")
             if not ok:
                 return
             with self._cond:

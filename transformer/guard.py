@@ -296,5 +296,5 @@ def prepare_output(folder: str | os.PathLike, what: str, *, marker: str, sealed:
         if not overwrite:
             raise
     print(f"overwrite=true: replacing the finished {what} in {folder}", flush=True)
-    (folder / marker).unlink()
+    (folder / marker).unlink(missing_ok=True)  # under torchrun every rank may get here
     return False
