@@ -198,7 +198,8 @@ def _with_field(ds: Any, text_field: str, files: list[str]) -> Any:
         raise UserError(f"config `data.text_field`={text_field!r} not found in {files[0]}"
                         f"{' and others' if len(files) > 1 else ''}: columns are {ds.column_names}")
     ds = ds.select_columns([text_field])
-    missing = int(ds.data.column(text_field).null_count)
+    table = getattr(ds, "data", None)  # an Arrow-backed Dataset; a streamed one is not counted
+    missing = int(table.column(text_field).null_count) if table is not None else 0
     where = files[0] + (" and others" if len(files) > 1 else "")
     if missing == len(ds):
         raise UserError(f"none of the {len(ds)} records in {where} has a `{text_field}` value "
