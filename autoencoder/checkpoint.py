@@ -10,8 +10,9 @@ from typing import Any
 import torch
 
 from autoencoder.sae import SAE
+from transformer import guard
 from transformer.config import UserError
-from transformer.files import atomic_path, read_json, write_json
+from transformer.files import atomic_path, read_json, sha256_file, write_json
 
 CKPT_FORMAT = "monosemantic.sae-checkpoint/2"
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -38,7 +39,8 @@ def save_checkpoint(ckpt: Path, *, sae: SAE, optimizer: torch.optim.Optimizer, s
     out = {k: v.detach().cpu().contiguous() for k, v in out.items()}
     with atomic_path(ckpt / "state.safetensors") as tmp:
         save_file(out, str(tmp), metadata={"step": str(step), "format": CKPT_FORMAT})
-    write_json(ckpt / "state.json", {"format": CKPT_FORMAT, "step": step, **state})
+    write_json(ckpt / "state.json", {"format": CKPT_FORMAT, "step": step,  # sha256: checked at resume
+                                     "tensors_sha256": sha256_file(ckpt / "state.safetensors"), **state})
 
 
 def load_checkpoint(ckpt: Path, *, sae: SAE, optimizer: torch.optim.Optimizer,
@@ -50,6 +52,8 @@ def load_checkpoint(ckpt: Path, *, sae: SAE, optimizer: torch.optim.Optimizer,
     from safetensors.torch import load_file
 
     meta = read_json(ckpt / "state.json", "SAE checkpoint")
+    guard.verify_file(ckpt / "state.safetensors", meta.get("tensors_sha256"), "SAE checkpoint",
+                      f"delete {ckpt} to train from the start")
     if meta.get("format") != CKPT_FORMAT:
         raise UserError(f"{ckpt / 'state.json'}: format {meta.get('format')!r}, expected {CKPT_FORMAT}; "
                         f"delete {ckpt} to start over")

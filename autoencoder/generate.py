@@ -39,6 +39,7 @@ from omegaconf import DictConfig
 
 from autoencoder import shards
 from autoencoder.scatter import CHUNK, SPLITS, WORK_FORMAT, ContextPlan, Scatter, pass2, resample_indices
+from transformer import guard
 from transformer.config import UserError, resolve_device, stage_main, typed
 from transformer.data import open_tokens
 from transformer.files import config_hash, read_json, write_json
@@ -219,14 +220,29 @@ def _barrier(world: int) -> None:
 def run(cfg: DictConfig) -> dict[str, Any]:
     a = check_config(typed(cfg.activations, ActivationsConfig, "activations"))
     inp = _inputs(cfg, a)
-    rank, world, own_pg = _dist()
-    try:
-        return _run(cfg, a, inp, rank, world)
-    finally:
-        if own_pg:
-            import torch.distributed as dist
+    with guard.output_lock(out_dir(cfg, a.split), "autoencoder.generate"):
+        _guard(cfg, a, inp)
+        rank, world, own_pg = _dist()
+        try:
+            return _run(cfg, a, inp, rank, world)
+        finally:
+            if own_pg:
+                import torch.distributed as dist
 
-            dist.destroy_process_group()
+                dist.destroy_process_group()
+
+
+def _guard(cfg: DictConfig, a: ActivationsConfig, inp: Inputs) -> None:
+    """Intact inputs (sealed model and tokens); a finished directory is replaced only with overwrite."""
+    if inp.spec.identity.get("kind") == "gpt":
+        guard.verify_sealed(inp.spec.identity["path"], ["model.safetensors"], "transformer")
+    guard.verify_sealed(inp.tokens_path.parent, [inp.tokens_path.name], "token")
+    for hook, directory in hook_dirs(cfg, a, inp).items():
+        new = output_hash(cfg, a, inp, hook)
+        m = read_json(directory / shards.MANIFEST) if (directory / shards.MANIFEST).is_file() else {}
+        old = m.get("config_hash") if m.get("complete") is True else new  # unfinished: resumed or redone
+        guard.prepare_output(directory, "activation directory", marker=shards.MANIFEST, old=old, new=new,
+                             overwrite=bool(cfg.get("overwrite", False)))
 
 
 def _device(cfg: DictConfig, rank: int, world: int) -> str:
@@ -312,6 +328,7 @@ def _finish(directory: Path, header: dict[str, Any], *, all_entries: list[dict[s
             res_all: np.ndarray, has_shards: list[bool], seed: int, split: str) -> None:
     """Rank 0, one hook: resample.npy from every rank's part, stale shards dropped, the manifest."""
     d, n_res = int(header["d_in"]), int(len(res_all))
+    res_sha = None
     if n_res:
         paths = [directory / f".work-rank{r:03d}" / "resample.npy" for r in range(len(has_shards))]
         parts = [np.load(p, mmap_mode="r") for r, p in enumerate(paths) if has_shards[r] and p.is_file()]
@@ -323,8 +340,8 @@ def _finish(directory: Path, header: dict[str, Any], *, all_entries: list[dict[s
         perm = np.random.default_rng([seed, SPLITS.index(split), 4]).permutation(n_res)
         step = max(1, (1 << 24) // (d * 2))
         try:
-            shards.write_shard(directory / shards.RESAMPLE,
-                               (res[perm[i:i + step]] for i in range(0, n_res, step)), n_res, d)
+            rows = (res[perm[i:i + step]] for i in range(0, n_res, step))
+            res_sha = shards.write_shard(directory / shards.RESAMPLE, rows, n_res, d)["sha256"]
         except OSError as e:
             raise UserError(f"writing {directory / shards.RESAMPLE} failed ({e}); rerun to resume") from e
         del res
@@ -335,7 +352,8 @@ def _finish(directory: Path, header: dict[str, Any], *, all_entries: list[dict[s
         if stale.name not in listed:
             stale.unlink()
     shards.write_manifest(directory, {**header, "total_rows": int(sum(e["rows"] for e in all_entries)),
-                                      "shards": all_entries, "resample_rows": n_res, "complete": True})
+                                      "shards": all_entries, "resample_rows": n_res,
+                                      "resample_sha256": res_sha, "complete": True})
 
 
 def _summary(m: dict[str, Any], directory: Path, seconds: float) -> dict[str, Any]:

@@ -58,6 +58,9 @@ def load_resample_set(path: Path, d_in: int) -> torch.Tensor:
     if not path.is_file():
         raise UserError(f"resampling subset not found: {path} (autoencoder.generate writes it; "
                         "or set sae.resample_steps=[] to train without resampling)")
+    from autoencoder.shards import verify_resample
+
+    verify_resample(path.parent)  # sha256 against the manifest, when it records one
     arr = np.load(path, mmap_mode="r", allow_pickle=False)
     if arr.ndim != 2 or arr.shape[1] != d_in:
         raise UserError(f"{path}: expected shape [n, {d_in}], got {list(arr.shape)}")

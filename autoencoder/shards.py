@@ -25,15 +25,23 @@ from typing import Any
 import numpy as np
 import torch
 
+from autoencoder.shard_check import (  # noqa: F401 (re-exported: the checking half of this module)
+    _VERIFIED,
+    DTYPE,
+    FORMAT,
+    MANIFEST,
+    RESAMPLE,
+    check_shard,
+    read_manifest,
+    verify_once,
+    verify_resample,
+    verify_shards,
+)
 from transformer.config import UserError, stage_main
-from transformer.files import atomic_path, read_json, sha256_file, write_json
+from transformer.files import atomic_path, read_json, write_json
 
-FORMAT = "monosemantic.activations/1"
 READER_FORMAT = "monosemantic.shard-reader/1"
-DTYPE = "float16"
 DEFAULT_HOOK = "blocks.0.mlp.hook_post"
-MANIFEST = "manifest.json"
-RESAMPLE = "resample.npy"
 
 
 def shard_name(index: int) -> str:
@@ -124,15 +132,16 @@ def write_shards(directory: str | os.PathLike, rows: np.ndarray, rows_per_shard:
     entries = [write_shard(directory / shard_name(i), rows[start:start + rows_per_shard])
                for i, start in enumerate(range(0, n, rows_per_shard))]
     n_res = min(n, 8192) if resample_rows is None else min(int(resample_rows), n)
+    res_sha = None
     if n_res > 0:
         pick = np.random.default_rng([seed, 7]).choice(n, size=n_res, replace=False)
-        write_npy(directory / RESAMPLE, rows[pick].astype(np.float16))
+        res_sha = write_shard(directory / RESAMPLE, rows[pick])["sha256"]
     manifest = {
         "d_in": int(d_in), "dtype": DTYPE, "hook_name": hook_name,
         "model": model or {"path": None, "config_hash": None}, "split": split,
         "contexts": contexts, "tokens_per_context": tokens_per_context, "block_size": block_size,
         "rows_per_shard": int(rows_per_shard), "total_rows": int(n), "shards": entries,
-        "resample_rows": int(n_res), "seed": seed, **extra, "complete": True,
+        "resample_rows": int(n_res), "resample_sha256": res_sha, "seed": seed, **extra, "complete": True,
     }
     write_manifest(directory, manifest)
     return read_json(directory / MANIFEST)
@@ -145,109 +154,11 @@ def write_npy(path: str | os.PathLike, array: np.ndarray) -> None:
             np.save(f, np.ascontiguousarray(array), allow_pickle=False)
 
 
-# ----------------------------------------------------------------------------------------- checking
-
-
-def read_manifest(directory: str | os.PathLike, *, d_in: int | None = None,
-                  dtype: str | None = None) -> dict[str, Any]:
-    """The manifest of a complete shard directory; UserError if missing, incomplete or mismatched."""
-    directory = Path(directory)
-    path = directory / MANIFEST
-    if not path.is_file():
-        raise UserError(f"shard manifest not found: {path} (run autoencoder.generate first)")
-    m = read_json(path, "shard manifest")
-    if not isinstance(m, dict):
-        raise UserError(f"{path}: not a JSON object")
-    if not str(m.get("format", "")).startswith("monosemantic.activations/"):
-        raise UserError(f"{path}: not an activation manifest "
-                        f"(format {m.get('format')!r}, expected {FORMAT!r})")
-    for key in ("d_in", "dtype", "shards", "total_rows"):
-        if key not in m:
-            raise UserError(f"{path}: missing key `{key}`")
-    if m.get("complete") is not True:
-        done = len(m.get("shards") or [])
-        raise UserError(f"{path}: incomplete (complete={m.get('complete')!r}, {done} shards listed); "
-                        "rerun autoencoder.generate to finish it")
-    if m["dtype"] != DTYPE:
-        raise UserError(f"{path}: dtype {m['dtype']!r}, expected {DTYPE!r}")
-    if dtype is not None and m["dtype"] != dtype:
-        raise UserError(f"{path}: dtype {m['dtype']!r} but {dtype!r} was expected")
-    if d_in is not None and int(m["d_in"]) != int(d_in):
-        raise UserError(f"{path}: d_in={m['d_in']} but d_in={d_in} was expected (config or model)")
-    if not m["shards"]:
-        raise UserError(f"{path}: lists no shards")
-    listed = sum(int(s["rows"]) for s in m["shards"])
-    if listed != int(m["total_rows"]):
-        raise UserError(f"{path}: total_rows={m['total_rows']} but the shards list {listed} rows")
-    return m
-
-
-def _open_npy(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
-    """Shape, dtype and data offset of an `.npy` file, from its header alone."""
-    try:
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, fortran, dt = np.lib.format.read_array_header_1_0(f)
-            else:
-                shape, fortran, dt = np.lib.format.read_array_header_2_0(f)
-            offset = f.tell()
-    except FileNotFoundError:
-        raise UserError(f"shard missing: {path}") from None
-    except (ValueError, OSError) as e:
-        raise UserError(f"shard {path}: not a readable .npy file ({e})") from e
-    if fortran:
-        raise UserError(f"shard {path}: Fortran-ordered, expected C order")
-    return shape, dt, offset
-
-
-def check_shard(directory: Path, entry: dict[str, Any], d_in: int, *, sha256: bool = False) -> int:
-    """Header, size (and optionally sha256) of one shard against its manifest entry; returns offset."""
-    path = directory / entry["file"]
-    shape, dt, offset = _open_npy(path)
-    want = (int(entry["rows"]), int(d_in))
-    if tuple(shape) != want or dt != np.dtype(DTYPE):
-        raise UserError(f"shard {path}: header says {dt} {list(shape)}, "
-                        f"manifest expects {DTYPE} {list(want)}")
-    size, expect = path.stat().st_size, offset + want[0] * want[1] * 2
-    if size != expect:
-        raise UserError(f"shard {path}: {size} bytes, expected {expect} (truncated or altered)")
-    if sha256:
-        got = sha256_file(path)
-        if got != entry["sha256"]:
-            raise UserError(f"shard {path}: sha256 {got[:16]}..., manifest expects {entry['sha256'][:16]}... "
-                            "(altered or corrupt; regenerate it)")
-    return offset
-
-
-def verify_shards(directory: str | os.PathLike, *, progress: bool = False) -> dict[str, Any]:
-    """Check every shard's sha256, header and size against the manifest (and `resample.npy`'s shape)."""
-    directory = Path(directory)
-    m = read_manifest(directory)
-    entries = m["shards"]
-    it = entries
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(entries, desc="verify", unit="shard")
-    nbytes = 0
-    for e in it:
-        check_shard(directory, e, int(m["d_in"]), sha256=True)
-        nbytes += (directory / e["file"]).stat().st_size
-    resample = directory / RESAMPLE
-    res_rows = None
-    if resample.is_file():
-        shape, dt, _ = _open_npy(resample)
-        if len(shape) != 2 or shape[1] != int(m["d_in"]) or dt != np.dtype(DTYPE):
-            raise UserError(f"{resample}: {dt} {list(shape)}, expected {DTYPE} [n, {m['d_in']}]")
-        if m.get("resample_rows") is not None and shape[0] != int(m["resample_rows"]):
-            raise UserError(f"{resample}: {shape[0]} rows, manifest says {m['resample_rows']}")
-        res_rows = int(shape[0])
-    return {"directory": str(directory), "shards": len(entries), "rows": int(m["total_rows"]),
-            "d_in": int(m["d_in"]), "bytes": nbytes, "resample_rows": res_rows, "ok": True}
-
-
 # ----------------------------------------------------------------------------------------- reading
+
+
+class _Stopped(Exception):
+    """The prefetch thread was told to stop while waiting for a shard's verification."""
 
 
 class _MappedShard:
@@ -294,11 +205,16 @@ class ShardReader:
     batch may span block and epoch boundaries. `state_dict()` is the position after the last
     batch handed out (not what the prefetch thread has read ahead), so a restored reader yields
     exactly the batches that would have come next.
+
+    With `verify` (the default) each shard's sha256 is checked against the manifest before any of
+    its rows are used, once per process: a verifier thread hashes the shards in the order the
+    prefetch thread will need them, at most `verify_ahead` shards ahead, so steps do not wait on it.
+    A mismatch is a UserError naming the shard, raised from the iterator.
     """
 
     def __init__(self, directory: str | os.PathLike, batch_size: int, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 prefetch: int = 2, block_rows: int = 8192):
+                 prefetch: int = 2, block_rows: int = 8192, verify: bool = True, verify_ahead: int = 2):
         if batch_size < 1:
             raise UserError(f"reader batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -320,9 +236,16 @@ class ShardReader:
         self._pin = self.device.type == "cuda"
         self._state = {"epoch": 0, "block": 0, "offset": 0}
         self._epoch_cache: tuple[int, list[tuple[int, int]]] | None = None
-        self._worker: tuple[threading.Thread, threading.Event, queue.Queue] | None = None
+        # (prefetch thread, stop event, batch queue, verifier thread or None)
+        self._worker: tuple[threading.Thread, threading.Event, queue.Queue, threading.Thread | None] | None \
+            = None
         self._mapped: tuple[int, _MappedShard] | None = None
         self._lock = threading.RLock()
+        self.verify, self.verify_ahead = bool(verify), max(1, int(verify_ahead))
+        self._checked: dict[int, UserError | None] = {}  # shard -> None (ok) or the refusal
+        self._cond = threading.Condition()
+        self._order: list[int] = []  # the verifier's shard order for the current iteration
+        self._pos = 0  # index in _order of the shard the prefetch thread reads
 
     # -- the deterministic order
     def _epoch_blocks(self, epoch: int) -> list[tuple[int, int]]:
@@ -345,8 +268,62 @@ class ShardReader:
     def _block_len(self, shard: int, block: int) -> int:
         return min(self.block_rows, int(self.entries[shard]["rows"]) - block * self.block_rows)
 
-    def _shard(self, shard: int) -> _MappedShard:
+    def _verify_order(self) -> list[int]:
+        """Shards in the order the prefetch thread will first need them from the current position."""
+        seen: dict[int, None] = {}
+        blocks = self._epoch_blocks(self._state["epoch"])[self._state["block"]:]
+        for s, _ in blocks + self._epoch_blocks(self._state["epoch"] + 1):
+            seen.setdefault(s, None)
+        for s in range(len(self.entries)):
+            seen.setdefault(s, None)
+        return list(seen)
+
+    def _verifier(self, order: list[int], stop: threading.Event) -> None:
+        for i, s in enumerate(order):
+            with self._cond:
+                while i > self._pos + self.verify_ahead and not stop.is_set():
+                    self._cond.wait(0.1)
+            if stop.is_set():
+                return
+            if s in self._checked:
+                continue
+            e = self.entries[s]
+            try:
+                ok, err = verify_once(self.directory / e["file"], str(e["sha256"]), stop=stop), None
+            except UserError as ex:
+                ok, err = True, ex
+            except OSError as ex:
+                ok, err = True, UserError(f"shard {self.directory / e['file']}: cannot read it ({ex})")
+            if not ok:
+                return
+            with self._cond:
+                self._checked[s] = err
+                self._cond.notify_all()
+
+    def _wait_verified(self, shard: int, stop: threading.Event | None) -> None:
+        if not self.verify:
+            return
+        with self._cond:
+            if shard in self._order:
+                self._pos = max(self._pos, self._order.index(shard))
+                self._cond.notify_all()
+            while shard not in self._checked and (stop is None or not stop.is_set()):
+                if shard not in self._order:
+                    break
+                self._cond.wait(0.1)
+        if shard not in self._checked and (stop is None or not stop.is_set()):
+            e = self.entries[shard]  # not in the verifier's order: check here
+            verify_once(self.directory / e["file"], str(e["sha256"]))
+            self._checked[shard] = None
+        err = self._checked.get(shard)
+        if err is not None:
+            raise err
+
+    def _shard(self, shard: int, stop: threading.Event | None = None) -> _MappedShard:
         if self._mapped is None or self._mapped[0] != shard:
+            self._wait_verified(shard, stop)
+            if stop is not None and stop.is_set():
+                raise _Stopped
             if self._mapped is not None:
                 self._mapped[1].close()
             e = self.entries[shard]
@@ -378,7 +355,10 @@ class ShardReader:
                 shard, b = blocks[blk]
                 n, start = self._block_len(shard, b), b * self.block_rows
                 perm = np.random.default_rng([self.seed, epoch, shard, b, 1]).permutation(n)
-                m = self._shard(shard)
+                try:
+                    m = self._shard(shard, stop)
+                except _Stopped:
+                    return
                 if blk + 1 < len(blocks) and blocks[blk + 1][0] == shard:
                     nxt = blocks[blk + 1][1]
                     m.prefetch(nxt * self.block_rows, nxt * self.block_rows + self._block_len(shard, nxt))
@@ -421,7 +401,7 @@ class ShardReader:
     def _stop_worker(self) -> None:
         if self._worker is None:
             return
-        thread, stop, q = self._worker
+        thread, stop, q, checker = self._worker
         stop.set()
         while thread.is_alive():
             try:
@@ -429,6 +409,8 @@ class ShardReader:
             except queue.Empty:
                 pass
         thread.join()
+        if checker is not None:
+            checker.join()
         self._worker = None
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -437,7 +419,14 @@ class ShardReader:
             stop, q = threading.Event(), queue.Queue(maxsize=self.prefetch)
             thread = threading.Thread(target=self._producer, args=(dict(self._state), stop, q),
                                       name="shard-prefetch", daemon=True)
-            self._worker = (thread, stop, q)
+            checker = None
+            if self.verify:
+                self._order, self._pos = self._verify_order(), 0
+                checker = threading.Thread(target=self._verifier, args=(self._order, stop),
+                                           name="shard-verify", daemon=True)
+            self._worker = (thread, stop, q, checker)
+            if checker is not None:
+                checker.start()
             thread.start()
         try:
             while True:

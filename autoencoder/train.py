@@ -25,6 +25,7 @@ from autoencoder.evaluator import summary
 from autoencoder.sae import ARCHITECTURES
 from autoencoder.step import TrainStep, l1_at, lr_at, make_optimizer, make_step
 from autoencoder.trainer import RunSpec, Trainer
+from transformer import guard
 from transformer.config import UserError, resolve_device, stage_main, typed
 from transformer.files import config_hash, read_json
 
@@ -234,6 +235,37 @@ def done(cfg: DictConfig) -> bool:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    c = check_config(typed(cfg.sae, SAETrainConfig, "sae"))
+    _, train_dir, sae_dir = _paths(cfg, sae_name(c, _multirun_overrides()))
+    with guard.output_lock(sae_dir, "autoencoder.train"):
+        _guard(cfg, c, train_dir, sae_dir)
+        out = _run(cfg)
+        if "stopped_at" not in out and int(os.environ.get("RANK", "0")) == 0:
+            guard.seal(sae_dir, ["sae_weights.safetensors", "sparsity.safetensors"])
+        return out
+
+
+def _guard(cfg: DictConfig, c: SAETrainConfig, train_dir: Path, sae_dir: Path) -> None:
+    """Refuse shards made from a model that changed since, and replacing a finished SAE unasked."""
+    from autoencoder import shards
+
+    manifest = shards.read_manifest(train_dir)
+    model = manifest.get("model") or {}
+    weights = Path(str(model.get("path"))) / "model.safetensors"
+    if model.get("weights_sha256") and weights.is_file():
+        made_from = {"model": {"path": str(weights), "sha256": model["weights_sha256"]}}
+        guard.check_provenance(train_dir, made_from, "rerun autoencoder.generate with overwrite=true")
+    old = (read_json(sae_dir / "cfg.json", "SAE config").get("training") or {}).get("config_hash") \
+        if (sae_dir / "cfg.json").is_file() else None
+    ckpt = sae_dir / "checkpoint" / "state.json"
+    new = _stage_hash(c, manifest, int(os.environ.get("WORLD_SIZE", "1")))
+    resuming = ckpt.is_file() and read_json(ckpt, "SAE checkpoint").get("config_hash") == new
+    guard.prepare_output(sae_dir, "SAE", marker="cfg.json", sealed=["sae_weights.safetensors"], old=old,
+                         new=new, overwrite=bool(cfg.get("overwrite", False)) or resuming,
+                         rename_key="sae.name")
+
+
+def _run(cfg: DictConfig) -> dict[str, Any]:
     from autoencoder import shards
 
     c = check_config(typed(cfg.sae, SAETrainConfig, "sae"))

@@ -37,3 +37,13 @@ def smollm2_data_dir(tmp_path_factory) -> Path:
     data_dir = Path(keep) if keep else tmp_path_factory.mktemp("smollm2")
     convert_embedded("smollm2-135m-instruct", data_dir)
     return data_dir
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` are skipped, with the reason, where no CUDA device is present."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run tools/bench/gpu_check.sh on a GPU)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

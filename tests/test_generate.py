@@ -153,7 +153,10 @@ def test_val_split_and_block_cap(world):
     assert m["block_size"] == L  # capped at the model's
     cfg = make_cfg(world, "run_a", "activations.split=val", "activations.block_size=32")
     assert not generate.done(cfg)
-    generate.run(cfg)
+    with pytest.raises(UserError, match="finished activation directory.*overwrite=true"):
+        generate.run(cfg)  # a finished output of another config is not replaced unasked
+    generate.run(make_cfg(world, "run_a", "activations.split=val", "activations.block_size=32",
+                          "overwrite=true"))
     assert shards.read_manifest(Path(cfg.run_dir) / "activations" / "val")["block_size"] == 32
 
 

@@ -148,7 +148,7 @@ def test_bad_inputs_fail_clearly_and_leave_no_complete_output(tmp_path, setup, o
     assert prepare.done(good)
     files = next((o for o in overrides if o.startswith("data.files=")), f"data.files={corpus}/*")
     rest = [o for o in overrides if not o.startswith("data.files=")]
-    cfg = cfg_for(tmp_path, "data=local", files.format(c=corpus), *rest)
+    cfg = cfg_for(tmp_path, "data=local", files.format(c=corpus), *rest, "overwrite=true")
     with pytest.raises(UserError, match=message):
         prepare.run(cfg)
     assert not (tmp_path / "data" / "local" / "meta.json").exists()

@@ -204,10 +204,28 @@ def test_inspect_cli(shard_dir, tmp_path, capsys):
     assert "verified 4 shards" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_pinned_batches_match_cpu(shard_dir):
     with ShardReader(shard_dir, 100, seed=1, device="cuda") as r:
         gpu = [b.cpu() for b in take(r, 12)]
     with ShardReader(shard_dir, 100, seed=1) as r:
         cpu = take(r, 12)
     assert all(g.dtype == torch.float32 and torch.equal(g, c) for g, c in zip(gpu, cpu, strict=True))
+
+
+def test_reader_refuses_a_corrupt_shard_before_using_its_rows(tmp_path):
+    rows = np.random.default_rng(3).standard_normal((600, 16)).astype(np.float16)
+    shards.write_shards(tmp_path, rows, 200)
+    with shards.ShardReader(tmp_path, 50, seed=1) as r:
+        want = [b for _, b in zip(range(12), r, strict=False)]  # every shard once (600 rows)
+    path = tmp_path / shards.shard_name(1)
+    data = bytearray(path.read_bytes())
+    data[-7] ^= 0x01  # one bit of one value, header and size intact
+    path.write_bytes(bytes(data))
+    with shards.ShardReader(tmp_path, 50, seed=1, verify=False) as r:  # the old reader: silently different
+        got = [b for _, b in zip(range(12), r, strict=False)]
+    assert any(not torch.equal(a, b) for a, b in zip(want, got, strict=True))
+    with shards.ShardReader(tmp_path, 50, seed=1) as r:
+        with pytest.raises(UserError, match=f"shard {path}: sha256"):
+            for _ in zip(range(12), r, strict=False):
+                pass

@@ -361,7 +361,8 @@ def test_top_up_negatives_leave_other_units_unchanged(tmp_path):
     run_dir, data_dir = make_run(tmp_path, n_features=16)
     ta.run(compose(overrides(run_dir, data_dir, "features.negative_candidates=0", "features.pages=[0]")))
     before = _records(run_dir, "tiny_sae")
-    ta.run(compose(overrides(run_dir, data_dir, "features.pages=[0]", "features.negative_frac=0.3")))
+    ta.run(compose(overrides(run_dir, data_dir, "features.pages=[0]", "features.negative_frac=0.3",
+                             "overwrite=true")))  # another config: replacing it needs overwrite=true
     after = _records(run_dir, "tiny_sae")
     changed = 0
     for x, y in zip(before, after, strict=True):

@@ -58,6 +58,7 @@ from tools.features.scan import ScanState, candidate_contexts, scan, scan_sides 
 from tools.features.select import Plan, pick_negatives, plan_examples, quantile_picks  # noqa: F401
 from tools.features.source import Inputs, UnitActs, load_inputs, logit_effects  # noqa: F401
 from tools.features.write import build_examples, scan_and_write, window_acts  # noqa: F401
+from transformer import guard
 from transformer.config import UserError, resolve_device, stage_main, typed
 from transformer.files import config_hash, read_json, sha256_file, write_json
 
@@ -104,6 +105,14 @@ def _tokenizer(cfg: DictConfig):
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    out = _out_dir(cfg)
+    with guard.output_lock(out, "tools.top_activations"):  # issue 13: lock (cleans leftovers), checksums
+        result = _run(cfg)
+        guard.seal(out, ["features.jsonl"], inputs=read_json(out / "meta.json").get("inputs"))
+        return result
+
+
+def _run(cfg: DictConfig) -> dict[str, Any]:
     from tools.html.site import render_site
     from tools.tokens import TokenText
 
@@ -115,8 +124,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out = run_dir / "features" / name
     tok = _tokenizer(cfg)
     inp = load_inputs(cfg, fc, name, device, fingerprint=tok.fingerprint)
+    for role, p in inp.files.items():  # inputs intact, and a finished feature set replaced only on request
+        guard.verify_sealed(Path(p).parent, [Path(p).name], role)
     chash = _hash_inputs(cfg, fc, inp.files)
     meta_path = out / "meta.json"
+    guard.prepare_output(out, "feature set", marker="meta.json", sealed=["features.jsonl"],
+                         old=read_json(meta_path).get("config_hash") if meta_path.is_file() else None,
+                         new=chash, overwrite=bool(cfg.get("overwrite", False)))
     if meta_path.is_file() and (out / "features.jsonl").is_file() and \
             read_json(meta_path).get("config_hash") == chash:
         meta = read_json(meta_path)

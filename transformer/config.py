@@ -45,20 +45,85 @@ def resolve_device(name: str) -> str:
     return name
 
 
+FULL_ERROR_ENV = "MONOSEMANTIC_FULL_ERROR"  # =1: full tracebacks instead of one-line errors
+
+
+def full_errors() -> bool:
+    return os.environ.get(FULL_ERROR_ENV, "") not in ("", "0")
+
+
+def _quote_hint(override: str) -> str:
+    key, eq, value = override.partition("=")
+    if not eq:
+        return "no `=`: a value with spaces was split into words by the shell; quote it: 'key=\"a b\"'"
+    return f"quote the value for Hydra inside shell quotes: '{key}=\"{value}\"'"
+
+
+def error_line(e: BaseException) -> str:
+    """One line for an error a user can fix: a bad override, a config problem, a file system error."""
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+
+    if isinstance(e, UserError):
+        return str(e)
+    if isinstance(e, OverrideParseException):
+        why = str(e).splitlines()[0].strip() if str(e).strip() else "syntax error"
+        return (f"cannot parse the override {e.override!r} ({why}); {_quote_hint(e.override)} "
+                "(see README: paths with spaces or non-ASCII characters)")
+    cause = e.__cause__
+    if isinstance(e, ConfigCompositionException) and isinstance(cause, OmegaConfBaseException):
+        key = getattr(cause, "full_key", None) or getattr(cause, "key", None)
+        first = str(e).splitlines()[0]
+        if "not in struct" in str(cause) and key:
+            return (f"unknown config key `{key}` ({first.rstrip('.')}); check its spelling "
+                    f"(`--cfg job` prints every key) or write +{key}=... to add a new one")
+        return f"{first} {str(cause).splitlines()[0]}" + (f" (key `{key}`)" if key else "")
+    if isinstance(e, (ConfigCompositionException, MissingConfigException, OmegaConfBaseException)):
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        if isinstance(e, MissingConfigException) and e.options:
+            return f"{lines[0]}; available: {', '.join(e.options)}"
+        return lines[0] if lines else type(e).__name__
+    if isinstance(e, OSError):
+        where = f" {e.filename}" if e.filename else ""
+        return (f"{e.strerror or e}:{where}; check that the path exists and is writable "
+                "(e.g. choose another run_dir=...)")
+    raise e
+
+
+def _report(e: BaseException) -> None:
+    try:
+        line = error_line(e)
+    except BaseException:
+        raise e from None
+    print(f"error: {line}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def stage_main(run: Callable[[DictConfig], Any]) -> Callable[[], None]:
-    """Wrap a stage's `run(cfg)` as a Hydra app over conf/config.yaml with clean error exits."""
+    """Wrap a stage's `run(cfg)` as a Hydra app over conf/config.yaml with clean error exits.
+
+    Bad overrides, config errors, `UserError` and file system errors print one line and exit 2;
+    MONOSEMANTIC_FULL_ERROR=1 (or HYDRA_FULL_ERROR=1) gives the traceback instead.
+    """
 
     @functools.wraps(run)
     def task(cfg: DictConfig) -> Any:
         try:
             return run(cfg)
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(2)
+        except Exception as e:  # reported here, or Hydra logs its own line first
+            if full_errors():
+                raise
+            _report(e)
 
     def main() -> None:
-        os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-        hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")(task)()
+        if os.environ.get("HYDRA_FULL_ERROR", "") not in ("", "0"):
+            os.environ[FULL_ERROR_ENV] = "1"
+        os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises; we print the one line
+        try:
+            hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")(task)()
+        except Exception as e:
+            if full_errors():
+                raise
+            _report(e)
 
     return main
 

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
+from transformer import guard
 from transformer.config import UserError, stage_main, typed
 from transformer.data import token_dir
 from transformer.files import config_hash, read_json, write_json
@@ -236,6 +237,15 @@ def _with_field(ds: Any, text_field: str, files: list[str]) -> Any:
         raise UserError(f"config `data.text_field`={text_field!r} not found in {files[0]}"
                         f"{' and others' if len(files) > 1 else ''}: columns are {ds.column_names}")
     ds = ds.select_columns([text_field])
+    table = getattr(ds, "data", None)  # an Arrow-backed Dataset; a streamed one is not counted
+    missing = int(table.column(text_field).null_count) if table is not None else 0
+    where = files[0] + (" and others" if len(files) > 1 else "")
+    if missing == len(ds):
+        raise UserError(f"none of the {len(ds)} records in {where} has a `{text_field}` value "
+                        "(config `data.text_field`)")
+    if missing:  # Arrow fills a record without the field with null; they are dropped, but counted
+        print(f"prepare: {missing} of {len(ds)} records in {where} have no `{text_field}` field (or null): "
+              "skipped", flush=True)
     return ds.rename_column(text_field, "text") if text_field != "text" else ds
 
 
@@ -349,9 +359,23 @@ def done(cfg: DictConfig) -> bool:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    d = check(typed(cfg.data, DataConfig, "data"))
+    folder = out_dir(cfg)
+    with guard.output_lock(folder, "transformer.prepare"):
+        if (folder / "meta.json").is_file():  # a finished token folder of another config: overwrite=true
+            ident = _identity(d, tokenizer_of(cfg, d), subject_of(cfg).chat_prefix)
+            guard.prepare_output(folder, "token directory", marker="meta.json",
+                                 old=read_json(folder / "meta.json").get("config_hash"),
+                                 new=config_hash(ident), overwrite=bool(cfg.get("overwrite", False)))
+        out = _run(cfg, d)
+        guard.seal(folder, [f"{split}.bin" for split in ("train", "val", "test")
+                            if (folder / f"{split}.bin").is_file()])
+        return out
+
+
+def _run(cfg: DictConfig, d: DataConfig) -> dict[str, Any]:
     from transformer.token_write import tokenize_split, tokens_by_source, unigram_entropy, write_bin
 
-    d = check(typed(cfg.data, DataConfig, "data"))
     sc = subject_of(cfg)
     tok = tokenizer_of(cfg, d)
     folder = out_dir(cfg)

@@ -23,9 +23,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from transformer import guard
 from transformer.config import UserError, resolve_device, stage_main, typed
 from transformer.data import TokenBatches
-from transformer.files import config_hash, read_json, write_json
+from transformer.files import config_hash, read_json, sha256_file, write_json
 from transformer.model import GPT, GPTConfig, save_model
 from transformer.tracking import WandbConfig, init_wandb
 
@@ -216,6 +217,7 @@ def save_checkpoint(path: Path, step: int, model: GPT, opt: torch.optim.Optimize
         save_file(tensors, str(tmp))
     groups = [{k: v for k, v in g.items() if k != "params"} for g in osd["param_groups"]]
     write_json(path / "state.json", {"format": CKPT_FORMAT, "step": step, "tensors": name,
+                                     "tensors_sha256": sha256_file(path / name),  # checked at resume
                                      "param_groups": groups, **info})
     for old in path.glob("step_*.safetensors"):  # only once state.json points at the new file
         if old.name != name:
@@ -239,6 +241,11 @@ def load_checkpoint(path: Path, model: GPT, opt: torch.optim.Optimizer, device: 
     file = path / state["tensors"]
     if not file.is_file():
         raise UserError(f"checkpoint tensors {file} named by state.json are missing")
+    guard.verify_file(file, state.get("tensors_sha256"), "transformer checkpoint",
+                      f"delete {path} (or set transformer.resume=false) to train from the start")
+    for old in path.glob("step_*.safetensors"):  # a kill between state.json and this cleanup leaves one
+        if old.name != file.name:
+            old.unlink(missing_ok=True)
     tensors = load_file(str(file), device="cpu")
     msd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(msd, strict=False)
@@ -304,6 +311,28 @@ def _final_hash(c: TrainConfig, meta: dict, cfg: DictConfig) -> str:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    with guard.output_lock(Path(str(cfg.run_dir)) / "transformer", "transformer.train"):
+        _guard(cfg)
+        out = _run(cfg)
+        if out.get("complete") and int(os.environ.get("RANK", "0")) == 0:
+            guard.seal(Path(str(cfg.run_dir)) / "transformer", ["model.safetensors"])
+        return out
+
+
+def _guard(cfg: DictConfig) -> None:
+    """Intact token files; a finished model of another config is replaced only with overwrite=true."""
+    c = check(typed(cfg.transformer, TrainConfig, "transformer"))
+    data_dir = Path(str(cfg.data_dir)) / str(cfg.data.name)
+    guard.verify_sealed(data_dir, ["train.bin", "val.bin"], "token")
+    out = Path(str(cfg.run_dir)) / "transformer"
+    if (out / "config.json").is_file() and (data_dir / "meta.json").is_file():
+        old = read_json(out / "config.json").get("config_hash")
+        new = _final_hash(c, read_json(data_dir / "meta.json"), cfg)
+        guard.prepare_output(out, "transformer", marker="config.json", sealed=["model.safetensors"],
+                             old=old, new=new, overwrite=bool(cfg.get("overwrite", False)))
+
+
+def _run(cfg: DictConfig) -> dict[str, Any]:
     c = check(typed(cfg.transformer, TrainConfig, "transformer"))
     wcfg = typed(cfg.wandb, WandbConfig, "wandb")
     run_dir = Path(str(cfg.run_dir))

@@ -7,6 +7,8 @@ Figures (key=value lines):
     L2 + L1 loss, fwd + bwd + Adam), written inline in plain PyTorch, on an in-memory batch;
   * reader_vs_step: goal >= 3, so training from shards runs at >= 0.95 of training from memory;
   * from_shards_vs_memory: the same steps fed by the reader vs by one in-memory tensor;
+  * from_verified_shards_vs_memory: the same from a fresh reader that checks each shard's sha256
+    first (in its verifier thread, as training does; goal >= 0.95); verify_mb_per_s: sha256 alone;
   * rss_mb_*: resident memory while streaming the shards twice (should stay flat however large
     the data: the reader releases each block's pages; use --rows larger than RAM/page cache).
 Timings on shared CPUs are noisy; run it alone for numbers to quote.
@@ -165,6 +167,26 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         fed = time.perf_counter() - t0
         figures["from_shards_vs_memory"] = mem / fed
         reader.close()
+
+        # 4. the same from a fresh reader that still has to verify every shard's sha256 (issue 13)
+        from autoencoder import shards
+
+        shards._VERIFIED.clear()
+        t0 = time.perf_counter()
+        for e in reader.entries:
+            shards.verify_once(directory / e["file"], e["sha256"])
+        figures["verify_mb_per_s"] = total * reader.d_in * 2 / 1e6 / (time.perf_counter() - t0)
+        shards._VERIFIED.clear()
+        fresh = ShardReader(directory, args.batch_size, seed=0, device=device)
+        sync()
+        t0 = time.perf_counter()
+        it = iter(fresh)
+        for _ in range(args.steps):
+            step(next(it))
+        sync()
+        figures["from_verified_shards_vs_memory"] = mem / (time.perf_counter() - t0)
+        figures["goal_from_verified_shards_vs_memory"] = 0.95
+        fresh.close()
     finally:
         if temp:
             shutil.rmtree(directory, ignore_errors=True)

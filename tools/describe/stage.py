@@ -45,6 +45,7 @@ from tools.describe.records import (
 )
 from tools.describe.summary import flat_figures, print_table, summarize
 from tools.describe.units import select_units
+from transformer import guard
 from transformer.config import UserError, resolve_device, stage_main, typed
 from transformer.files import config_hash, read_json, sha256_file, write_json
 
@@ -119,7 +120,8 @@ _RESULT_KEYS = ("explainer", "simulator", "explain_top", "score_top", "explain_p
                 "explain_random", "score_random", "min_explain", "min_score_firing", "min_score_random",
                 "fire_frac", "min_count", "max_items", "detection_threshold", "controls", "seed", "model",
                 "temperature", "explain_max_tokens", "top_logprobs", "candidates", "candidate_temperature",
-                "backend", "embedded", "dtype", "labels", "score_uniform", "sample", "units", "polarity")
+                "backend", "embedded", "dtype", "labels", "score_uniform", "sample", "units", "polarity",
+                "chunk_units")  # chunk_units: the random-description control draws within a chunk
 
 
 def load_config(cfg: DictConfig) -> DescribeConfig:
@@ -227,16 +229,21 @@ def done(cfg: DictConfig) -> bool:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     dc = load_config(cfg)
-    if dc.threads is None or not uses_llm(dc) or dc.backend != "local":
-        return _run(cfg, dc)
-    import torch
+    _, feats_dir, out = _paths(cfg, dc)
+    fix = "rebuild the features: python -m tools.top_activations overwrite=true"
+    with guard.output_lock(out, "tools.describe"):  # one writer, intact and current features
+        guard.verify_sealed(feats_dir, ["features.jsonl"], "features", fix)
+        guard.check_sealed_inputs(feats_dir, fix)
+        if dc.threads is None or not uses_llm(dc) or dc.backend != "local":
+            return _run(cfg, dc)
+        import torch
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(dc.threads)  # restored after: later stages of a pipeline share the process
-    try:
-        return _run(cfg, dc)
-    finally:
-        torch.set_num_threads(before)
+        before = torch.get_num_threads()
+        torch.set_num_threads(dc.threads)  # restored after: later stages of a pipeline share the process
+        try:
+            return _run(cfg, dc)
+        finally:
+            torch.set_num_threads(before)
 
 
 def _run(cfg: DictConfig, dc: DescribeConfig) -> dict[str, Any]:
@@ -277,17 +284,24 @@ def _run(cfg: DictConfig, dc: DescribeConfig) -> dict[str, Any]:
         writer = RecordWriter(path)
         workers = dc.concurrency if isinstance(client, ChatClient) else 1
         chunk: list[dict[str, Any]] = []
+        # chunks are fixed slices of the whole unit list, so a resumed run draws the same controls
+        block = {u: i // dc.chunk_units for i, u in enumerate(indices)}
+
+        def flush() -> ServerUnreachable | None:
+            k = block[chunk[0]["index"]]
+            members = set(indices[k * dc.chunk_units:(k + 1) * dc.chunk_units])
+            return _describe_pending(describer, chunk, records, writer, workers, bar, members)
+
         try:
             with tqdm(total=len(pending), desc=f"describe {name}", unit="unit") as bar:
                 for unit in iter_units(feats, set(pending), dc.max_units):
-                    chunk.append(unit)
-                    if len(chunk) == dc.chunk_units:
-                        aborted = _describe_pending(describer, chunk, records, writer, workers, bar)
-                        chunk = []
+                    if chunk and block[unit["index"]] != block[chunk[0]["index"]]:
+                        aborted, chunk = flush(), []
                         if aborted:
                             break
+                    chunk.append(unit)
                 if chunk and not aborted:
-                    aborted = _describe_pending(describer, chunk, records, writer, workers, bar)
+                    aborted = flush()
         finally:
             writer.close()
 
@@ -327,9 +341,11 @@ def _local_backend(cfg: DictConfig, dc: DescribeConfig) -> tuple[Any, Any]:
 
 
 def _describe_pending(describer: Describer, units: list[dict[str, Any]], records: dict[int, dict[str, Any]],
-                      writer: RecordWriter, workers: int, bar: tqdm) -> ServerUnreachable | None:
-    """Explain a chunk of units, then score each: the random-description control draws from every
-    unit described so far, this chunk included."""
+                      writer: RecordWriter, workers: int, bar: tqdm,
+                      members: set[int]) -> ServerUnreachable | None:
+    """Explain the pending units of one chunk, then score each: the random-description control draws
+    from the chunk's described units (`members`: the whole fixed chunk, finished earlier or now), so
+    it is a function of (seed, unit) whatever was done before a restart."""
     dc = describer.dc
     splits: dict[int, Split] = {}
     explained: dict[int, tuple[Explanation, Usage]] = {}
@@ -368,7 +384,7 @@ def _describe_pending(describer: Describer, units: list[dict[str, Any]], records
     pool: dict[int, str] = {}
     for phase in ("explain", "score"):
         if phase == "score":
-            pool = {i: r["description"] for i, r in records.items() if r["status"] == "ok"}
+            pool = {i: r["description"] for i, r in records.items() if r["status"] == "ok" and i in members}
             pool.update({i: e.description for i, (e, _) in explained.items() if e.description})
         fn, items = (explain_one, units) if phase == "explain" else (score_one, sorted(explained))
         if workers == 1:

@@ -1,0 +1,269 @@
+"""Fault injection over the whole pipeline at toy size (issue 13).
+
+- every stage, SIGKILLed at seeded commit points (an atomic rename or an fsync, just before or
+  after it) and rerun, ends with the same bytes as an uninterrupted run, no temporaries and no lock;
+- a flipped byte in each kind of artifact is refused with a line naming the file;
+- two writers on one folder: one wins, the other refuses; a changed SAE is not described unseen.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from transformer import guard
+from transformer.config import UserError, compose
+
+ROOT = Path(__file__).resolve().parent.parent
+NAME = "tiny"
+WORDS = ("the cat sat on a mat while dogs ran far away and birds sang songs of old kings who ruled "
+         "green hills with stone towers near the sea").split()
+TINY = [
+    "data=local", "data.num_proc=1", "data.val_fraction=0.1", "device=cpu", "wandb.mode=disabled",
+    "transformer.n_embd=32", "transformer.n_head=2", "transformer.block_size=32", "transformer.batch_size=4",
+    "transformer.max_steps=6", "transformer.eval_interval=3", "transformer.eval_batches=1",
+    "transformer.checkpoint_interval=2", "transformer.log_interval=2", "transformer.warmup_steps=1",
+    "transformer.threads=1",
+    "activations.contexts=48", "activations.tokens_per_context=8", "activations.rows_per_shard=128",
+    "activations.resample_rows=96", "activations.batch_contexts=16",
+    f"sae.name={NAME}", "sae.n_features=64", "sae.batch_size=32", "sae.steps=24", "sae.lr_warmup_steps=2",
+    "sae.checkpoint_every=8", "sae.eval_every=12", "sae.resample_steps=[12]", "sae.resample_window=6",
+    "sae.b_dec_init_rows=64", "sae.eval_rows=64", "sae.eval_contexts=4", "sae.log_every=6",
+    "sae.kernel=dense",
+    f"features.sae={NAME}", "features.contexts=24", "features.window=4", "features.top_k=4",
+    "features.per_bin=1", "features.n_random=3", "features.negative_candidates=16", "features.logit_k=3",
+    "describe.chunk_units=4", "describe.max_units=24", "describe.site=false",
+]
+# stage -> (module, output folder relative to the tmp root)
+STAGES = {
+    "prepare": ("transformer.prepare", "data/local"),
+    "transformer": ("transformer.train", "run/transformer"),
+    "activations": ("autoencoder.generate", "run/activations/train"),
+    "sae": ("autoencoder.train", f"run/sae/{NAME}"),
+    "features": ("tools.top_activations", f"run/features/{NAME}"),
+    "describe": ("tools.describe.stage", f"run/descriptions/{NAME}"),
+}
+VOLATILE = {"scan_tokens_per_s"}  # a timing, the one figure that may differ between runs
+KILL_POINTS = 2  # per stage; seeded
+
+
+@dataclass
+class World:
+    root: Path
+    overrides: list[str]
+    commits: dict[str, int]  # commit points of each stage's uninterrupted run
+    ref: dict[str, dict[str, object]]  # each stage's output, uninterrupted
+
+    def cfg(self, *extra: str):
+        return compose([*self.overrides, *extra])
+
+
+def read_tree(folder: Path) -> dict[str, object]:
+    """Every file under `folder` (hidden ones too); JSON parsed with timings dropped; site/ skipped
+    (describe re-renders it)."""
+    out: dict[str, object] = {}
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if not p.is_file() or rel.startswith("site/"):
+            continue
+        data = p.read_bytes()
+        if p.suffix == ".json":
+            obj = json.loads(data)
+            if isinstance(obj, dict):
+                obj = {k: v for k, v in obj.items() if k not in VOLATILE}
+            out[rel] = obj
+        else:
+            out[rel] = data
+    return out
+
+
+def write_corpus(folder: Path) -> None:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    for i in range(60):
+        words = rng.choice(WORDS, size=int(rng.integers(30, 80)))
+        (folder / f"doc{i:03d}.txt").write_text(" ".join(words) + ".\n", encoding="utf-8")
+
+
+def count_commits(fn) -> int:
+    n = [0]
+
+    def wrap(real):
+        def commit(*a, **k):
+            n[0] += 1
+            return real(*a, **k)
+        return commit
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "replace", wrap(os.replace))
+        mp.setattr(os, "fsync", wrap(os.fsync))
+        fn()
+    return n[0]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> World:
+    root = tmp_path_factory.mktemp("faults")
+    write_corpus(root / "corpus")
+    overrides = [f"run_dir={root / 'run'}", f"data_dir={root / 'data'}", f"data.files={root}/corpus/*.txt",
+                 *TINY]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the killed subprocesses: the same arithmetic
+    try:
+        commits, ref = {}, {}
+        for stage, (module, out) in STAGES.items():
+            mod = importlib.import_module(module)
+            commits[stage] = count_commits(lambda mod=mod: mod.run(compose(overrides)))
+            ref[stage] = read_tree(root / out)
+        yield World(root, overrides, commits, ref)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_cli(args: list[str], timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **kw.pop("env", {})}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_killed_stage_reruns_to_the_same_bytes(world, stage, one_thread):
+    module, out = STAGES[stage]
+    folder = world.root / out
+    rng = np.random.default_rng([13, list(STAGES).index(stage)])
+    n = world.commits[stage]
+    assert n >= 2, (stage, n)
+    for i in range(KILL_POINTS):  # one seeded point in each equal part of the run
+        lo, hi = 1 + i * n // KILL_POINTS, max(1 + i * n // KILL_POINTS, (i + 1) * n // KILL_POINTS)
+        k, when = int(rng.integers(lo, hi + 1)), str(rng.choice(["before", "after"]))
+        shutil.rmtree(folder)
+        r = run_cli([str(ROOT / "tests" / "fault_runner.py"), str(k), when, module, *world.overrides])
+        assert r.returncode in (-9, 0), (stage, k, when, r.stderr[-2000:])
+        importlib.import_module(module).run(world.cfg())
+        got = read_tree(folder)
+        assert sorted(got) == sorted(world.ref[stage]), (stage, k, when, sorted(got))  # no leftovers
+        for rel, data in world.ref[stage].items():
+            assert got[rel] == data, (stage, k, when, rel)
+        assert not guard.lock_path(folder).exists()
+
+
+def flip(path: Path, at: int | None = None) -> int:
+    """XOR one byte (default: 3/4 into the file, past any header); returns its offset."""
+    at = path.stat().st_size * 3 // 4 if at is None else at
+    with open(path, "r+b") as f:
+        f.seek(at)
+        b = f.read(1)
+        f.seek(at)
+        f.write(bytes([b[0] ^ 0x5A]))
+    return at
+
+
+@pytest.fixture
+def flipped(world):
+    """flipped(path) corrupts a byte of a world file and restores it after the test."""
+    done: list[tuple[Path, int]] = []
+
+    def do(path: Path) -> Path:
+        done.append((path, flip(path)))
+        return path
+
+    yield do
+    for path, at in done:
+        flip(path, at)
+
+
+def test_flipped_token_file_is_refused(world, flipped):
+    bad = flipped(world.root / "data/local/train.bin")
+    with pytest.raises(UserError, match=f"token file {bad}: sha256"):
+        importlib.import_module("transformer.train").run(world.cfg())
+
+
+def test_flipped_shard_is_never_trained_on(world, flipped):
+    bad = flipped(world.root / "run/activations/train/shard_00001.npy")
+    with pytest.raises(UserError, match=f"shard {bad}: sha256.*nothing was trained on it"):
+        importlib.import_module("autoencoder.train").run(world.cfg("sae.name=other", "sae.resample_steps=[]"))
+    assert not (world.root / "run/sae/other/sae_weights.safetensors").exists()
+
+
+def test_flipped_resample_set_is_refused(world, flipped):
+    bad = flipped(world.root / "run/activations/train/resample.npy")
+    with pytest.raises(UserError, match=f"resampling set {bad}: sha256"):
+        importlib.import_module("autoencoder.train").run(world.cfg("sae.name=other2"))
+
+
+def test_flipped_sae_weights_are_refused(world, flipped):
+    bad = flipped(world.root / f"run/sae/{NAME}/sae_weights.safetensors")
+    with pytest.raises(UserError, match=f"sae file {bad}: sha256"):
+        importlib.import_module("tools.top_activations").run(world.cfg())
+
+
+def test_flipped_checkpoints_are_refused(world, flipped):
+    sae_train = importlib.import_module("autoencoder.train")
+    sae_train.run(world.cfg("sae.name=ckpt", "sae.stop_at=8"))
+    bad = flipped(world.root / "run/sae/ckpt/checkpoint/state.safetensors")
+    with pytest.raises(UserError, match=f"SAE checkpoint file {bad}: sha256.*delete"):
+        sae_train.run(world.cfg("sae.name=ckpt"))
+    lm_train = importlib.import_module("transformer.train")
+    lm_train.run(world.cfg(f"run_dir={world.root / 'lm2'}", "transformer.halt_at_step=2"))
+    state = json.loads((world.root / "lm2/transformer/checkpoint/state.json").read_text())
+    bad = flipped(world.root / "lm2/transformer/checkpoint" / state["tensors"])
+    with pytest.raises(UserError, match=f"transformer checkpoint file {bad}: sha256"):
+        lm_train.run(world.cfg(f"run_dir={world.root / 'lm2'}"))
+
+
+def test_flipped_features_are_refused(world, flipped):
+    bad = flipped(world.root / f"run/features/{NAME}/features.jsonl")
+    with pytest.raises(UserError, match=f"features file {bad}: sha256"):
+        importlib.import_module("tools.describe.stage").run(world.cfg())
+
+
+def test_second_writer_refuses_naming_the_holder(world):
+    with guard.output_lock(world.root / "run/sae/busy", "test holder"):
+        r = run_cli(["-m", "autoencoder.train", *world.overrides, "sae.name=busy"])
+    assert r.returncode == 2, r.stderr[-2000:]
+    line = r.stderr.strip().splitlines()[-1]
+    assert f"is being written by test holder (pid {os.getpid()}" in line, r.stderr
+
+
+def test_two_trainers_one_name_one_result(world):
+    """The issue's case: same sae.name, different l1_coeff, started together. Whichever order they
+    run in, exactly one succeeds and the other refuses (the lock, or the overwrite rule)."""
+    args = [sys.executable, "-m", "autoencoder.train", *world.overrides, "sae.name=race", "sae.steps=8"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([*args, f"sae.l1_coeff={c}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for c in (0.001, 0.002)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], [o[1][-1500:] for o in outs]
+    loser = outs[[p.returncode for p in procs].index(2)][1].strip().splitlines()[-1]
+    assert "being written by" in loser or "overwrite=true" in loser, loser
+    winner = [0.001, 0.002][[p.returncode for p in procs].index(0)]
+    meta = json.loads((world.root / "run/sae/race/cfg.json").read_text())
+    assert meta["training"]["config"]["l1_coeff"] == winner
+
+
+def test_changed_sae_is_not_overwritten_or_described_unseen(world):
+    sae_dir = world.root / f"run/sae/{NAME}"
+    backup = world.root / "sae-backup"
+    shutil.copytree(sae_dir, backup)
+    try:
+        sae_train = importlib.import_module("autoencoder.train")
+        with pytest.raises(UserError, match=f"{sae_dir} holds a finished SAE .*overwrite=true.*sae.name"):
+            sae_train.run(world.cfg("sae.n_features=32"))
+        sae_train.run(world.cfg("sae.n_features=32", "overwrite=true"))
+        with pytest.raises(UserError, match=r"was made from sae .*sae_weights.safetensors .*changed since.*"
+                                            r"tools.top_activations overwrite=true"):
+            importlib.import_module("tools.describe.stage").run(world.cfg())
+    finally:
+        shutil.rmtree(sae_dir)
+        shutil.move(backup, sae_dir)
