@@ -29,9 +29,10 @@ class Evaluator:
 
     def load_model(self, cfg: DictConfig, run_dir: Path, d_in: int):
         """(subject, val contexts) for loss recovered, or (None, None) when either is missing."""
+        from transformer.data import token_dir
         from transformer.subject import load_subject, subject_config
 
-        val_bin = Path(cfg.data_dir) / str(cfg.data.name) / "val.bin"
+        val_bin = token_dir(cfg) / "val.bin"
         self.val_bin = val_bin
         model_dir = run_dir / "transformer"
         gpt = subject_config(cfg).kind == "gpt"

@@ -41,7 +41,7 @@ from autoencoder import shards
 from autoencoder.scatter import CHUNK, SPLITS, WORK_FORMAT, ContextPlan, Scatter, pass2, resample_indices
 from transformer import guard
 from transformer.config import UserError, resolve_device, stage_main, typed
-from transformer.data import open_tokens
+from transformer.data import open_tokens, token_dir
 from transformer.files import config_hash, read_json, write_json
 from transformer.subject import HOOK_KINDS, Subject, SubjectSpec, hook_point, load_subject, subject_spec
 
@@ -113,7 +113,7 @@ def _inputs(cfg: DictConfig, a: ActivationsConfig) -> Inputs:
     if a.tokens_per_context > ctx:
         raise UserError(f"config `activations.tokens_per_context`={a.tokens_per_context} exceeds the "
                         f"context length {ctx}")
-    tokens_path = Path(str(cfg.data_dir)) / str(cfg.data.name) / f"{a.split}.bin"
+    tokens_path = token_dir(cfg) / f"{a.split}.bin"
     if not tokens_path.is_file():
         raise UserError(f"tokens not found: {tokens_path} (run transformer.prepare first)")
     meta_path = tokens_path.parent / "meta.json"

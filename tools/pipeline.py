@@ -28,6 +28,8 @@ class PipelineConfig:
     sweep_l1_coeffs: list[float] = field(default_factory=list)
     describe: bool = True  # run the describe-and-score stage
     neurons: bool = True  # also analyse and describe the MLP's own neurons, for comparison
+    # layers whose neurons are analysed and described (each its own site); null = [features.layer]
+    neuron_layers: list[int] | None = None
     # Describe a random sample of this many alive units per side (SAE features, neurons) with an
     # in-process LLM explainer + all-at-once simulator, beside the baseline on the same units; 0 = off.
     llm_sample: int = 0
@@ -48,9 +50,11 @@ class Stage:
 
 
 def plan(cfg: DictConfig, pcfg: PipelineConfig) -> list[Stage]:
-    stages = [
-        Stage("prepare", "transformer.prepare", {}),
-        Stage("transformer", "transformer.train", {}),
+    gpt = str(OmegaConf.select(cfg, "subject.kind", default="gpt")) == "gpt"
+    stages = [Stage("prepare", "transformer.prepare", {})]
+    if gpt:  # a Hugging Face subject comes trained
+        stages.append(Stage("transformer", "transformer.train", {}))
+    stages += [
         Stage("activations/train", "autoencoder.generate", {"activations.split": "train"}),
         Stage("activations/val", "autoencoder.generate", {"activations.split": "val"}),
     ]
@@ -65,13 +69,17 @@ def plan(cfg: DictConfig, pcfg: PipelineConfig) -> list[Stage]:
             stages.append(Stage(f"describe/{slot}", "tools.describe.stage", unit, slot))
             stages += _llm_stages(pcfg, slot, unit, slot)
     if pcfg.neurons:
-        stages.append(Stage("features/neurons", "tools.top_activations", {"features.unit": "neuron"}))
-        if pcfg.describe:
-            stages.append(Stage("describe/neurons", "tools.describe.stage", {"features.unit": "neuron"}))
-            # signed units: the negative side described and scored separately, from its bottom-k exemplars
-            stages.append(Stage("describe/neurons-neg", "tools.describe.stage",
-                                {"features.unit": "neuron", "describe.polarity": "neg"}))
-            stages += _llm_stages(pcfg, "neurons", {"features.unit": "neuron"}, None)
+        layers = pcfg.neuron_layers or [int(OmegaConf.select(cfg, "features.layer", default=0))]
+        for layer in layers:
+            side = "neurons" if gpt and layer == 0 else f"neurons-L{layer}"  # the features stage's name
+            unit = {"features.unit": "neuron", "features.layer": layer}
+            stages.append(Stage(f"features/{side}", "tools.top_activations", unit))
+            if pcfg.describe:
+                stages.append(Stage(f"describe/{side}", "tools.describe.stage", unit))
+                # signed units: the negative side described and scored separately, from its bottom-k
+                stages.append(Stage(f"describe/{side}-neg", "tools.describe.stage",
+                                    {**unit, "describe.polarity": "neg"}))
+                stages += _llm_stages(pcfg, side, unit, None)
     return stages
 
 
@@ -146,9 +154,10 @@ def _fmt(value: Any, digits: int = 3) -> str:
 def summary_table(results: dict[str, Any]) -> str:
     """A Markdown table of the figures that matter, from the stages' summaries."""
     rows: list[tuple[str, str]] = []
-    lm = results.get("transformer", {})
-    rows.append(("LM val loss (nats/token)", _fmt(lm.get("val_loss"))))
-    rows.append(("corpus unigram entropy (nats/token)", _fmt(lm.get("unigram_entropy_nats"))))
+    if "transformer" in results:  # our GPT (a Hugging Face subject is not trained here)
+        lm = results["transformer"]
+        rows.append(("LM val loss (nats/token)", _fmt(lm.get("val_loss"))))
+        rows.append(("corpus unigram entropy (nats/token)", _fmt(lm.get("unigram_entropy_nats"))))
     for key in sorted(k for k in results if k == "sae" or k.startswith("sae/")):
         sae = results[key]
         rows.append((f"SAE `{sae.get('name')}` L0", _fmt(sae.get("l0"), 1)))
