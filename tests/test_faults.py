@@ -37,7 +37,7 @@ TINY = [
     "activations.contexts=48", "activations.tokens_per_context=8", "activations.rows_per_shard=128",
     "activations.resample_rows=96", "activations.batch_contexts=16",
     f"sae.name={NAME}", "sae.n_features=64", "sae.batch_size=32", "sae.steps=24", "sae.lr_warmup_steps=2",
-    "sae.checkpoint_every=8", "sae.eval_every=12", "sae.resample_steps=[12]", "sae.resample_window=6",
+    "sae.checkpoint_every=8", "sae.eval_every=12", "sae.resample_steps=[12]", "sae.dead_tokens=192",
     "sae.b_dec_init_rows=64", "sae.eval_rows=64", "sae.eval_contexts=4", "sae.log_every=6",
     "sae.kernel=dense",
     f"features.sae={NAME}", "features.contexts=24", "features.window=4", "features.top_k=4",
