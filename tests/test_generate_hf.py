@@ -27,7 +27,7 @@ def world(tmp_path_factory):
     LlamaForCausalLM(cfg).save_pretrained(root / "tiny-llama")
     tokens = np.random.default_rng(0).integers(0, V, 4000)
     for name, dtype in (("tiny", np.uint16), ("tiny32", np.uint32)):
-        data = root / "data" / name
+        data = root / "data" / f"{name}--tiny-llama"  # an HF subject's own token folder
         data.mkdir(parents=True)
         tokens.astype(dtype).tofile(data / "train.bin")
         write_json(data / "meta.json", {"format": "monosemantic.tokens/1", "tokenizer": "test",
@@ -67,7 +67,7 @@ def test_several_hooks_in_one_run(world):
 
     # every row is the subject's own capture, and row i of both hooks is the same token
     subject = load_subject(cfg, "cpu")
-    tokens = np.fromfile(world / "data" / "tiny" / "train.bin", dtype=np.uint16)
+    tokens = np.fromfile(world / "data" / "tiny--tiny-llama" / "train.bin", dtype=np.uint16)
     plan = generate.ContextPlan(int(cfg.seed), "train", len(tokens), L, T)
     starts, pos = plan.get(0, C)
     got = subject.capture(torch.from_numpy(tokens[starts[:, None] + np.arange(L)].astype(np.int64)), hooks)
