@@ -59,7 +59,7 @@ from tools.features.select import Plan, pick_negatives, plan_examples, quantile_
 from tools.features.source import Inputs, UnitActs, load_inputs, logit_effects  # noqa: F401
 from tools.features.write import build_examples, scan_and_write, window_acts  # noqa: F401
 from transformer import guard
-from transformer.config import UserError, resolve_device, stage_main, typed
+from transformer.config import UserError, resolve_device, stage_main
 from transformer.files import config_hash, read_json, sha256_file, write_json
 
 
@@ -97,11 +97,10 @@ def done(cfg: DictConfig) -> bool:
 
 def _tokenizer(cfg: DictConfig):
     """The subject's tokenizer (GPT-2 for our GPT): token text on the pages, checked against the tokens."""
-    from transformer.subject_config import SubjectConfig
+    from transformer.subject import subject_config
     from transformer.tokenizer import load_tokenizer
 
-    sc = typed(cfg.get("subject") or {}, SubjectConfig, "subject").check()
-    return load_tokenizer(sc, str(cfg.data_dir))
+    return load_tokenizer(subject_config(cfg), str(cfg.data_dir))
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
