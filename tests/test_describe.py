@@ -127,12 +127,12 @@ def test_stage_never_scores_what_the_explainer_saw(tmp_path, monkeypatch):
     seen: dict[int, set] = {}
     real = stage.Describer.run_simulation
 
-    def spy(self, description, split, usage, shuffle_seed):
+    def spy(self, description, windows, split, usage, shuffle_seed):
         explained = {e["ctx"] for e in split.explain + split.background}
-        scored = {e["ctx"] for _, e in split.scoring()}
-        assert explained.isdisjoint(scored)
+        scored = {e["ctx"] for _, e in windows}
+        assert scored and explained.isdisjoint(scored)
         seen.setdefault(id(split), scored)
-        return real(self, description, split, usage, shuffle_seed)
+        return real(self, description, windows, split, usage, shuffle_seed)
 
     monkeypatch.setattr(stage.Describer, "run_simulation", spy)
     stage.run(cfg_for(run_dir))

@@ -46,7 +46,7 @@ def describe_unit(unit: dict[str, Any], *, lm: tuple[LocalLM, Any] | None = None
     reason = describer.skip_reason(unit, split)
     if reason is not None:
         return {**rec, "status": "skipped", "reason": reason}
-    expl = describer.explain(split, usage)
+    expl = describer.explain(split, usage, int(unit["index"]))
     if not expl.ok:
         return {**rec, "status": "failed", "reason": expl.reason, "raw": expl.raw}
     rec = describer.score_unit(rec["index"], split, expl, (-1, other) if other else None, usage)

@@ -4,15 +4,15 @@ shuffled, predictions put back in each token's own place before scoring)."""
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tools.describe.client import ChatClient, Usage
-from tools.describe.exemplars import Split, negative_side, split_exemplars
+from tools.describe.exemplars import Example, Split, negative_side, split_exemplars, split_validation
 from tools.describe.explainers import Explanation, explain_baseline, explain_llm
-from tools.describe.scorers import SCORES, active_labels, score, with_failures_as_zero
+from tools.describe.scorers import SCORES, score, with_failures_as_zero
+from tools.describe.selection import candidate_records, candidate_subsets, choose, subset_size
 from tools.describe.simulators import LLMSimulator, Simulation, simulate_baseline
 
 if TYPE_CHECKING:
@@ -37,9 +37,11 @@ class Describer:
     `llm_sim` is the simulator for simulator=llm (None = the lexical baseline)."""
 
     def __init__(self, dc: DescribeConfig, client: Any, config_hash_: str,
-                 negative_frac: float = DEFAULT_NEGATIVE_FRAC, llm_sim: Any = None):
+                 negative_frac: float = DEFAULT_NEGATIVE_FRAC, llm_sim: Any = None,
+                 quantile_probs: list[float] | None = None):
         self.dc, self.client, self.config_hash = dc, client, config_hash_
         self.negative_frac = negative_frac
+        self.quantile_probs = quantile_probs  # meta.json `act_quantiles`: the records' probabilities
         if llm_sim is None and dc.simulator == "llm" and isinstance(client, ChatClient):
             llm_sim = LLMSimulator(client, top_logprobs=dc.top_logprobs)
         self.llm_sim = llm_sim
@@ -52,10 +54,11 @@ class Describer:
 
     def split(self, unit: dict[str, Any]) -> Split:
         d = self.dc
-        return split_exemplars(self.side(unit), explain_top=d.explain_top, score_top=d.score_top,
-                               explain_per_bin=d.explain_per_bin, score_per_bin=d.score_per_bin,
-                               explain_random=d.explain_random, score_random=d.score_random,
-                               score_uniform=d.score_uniform)
+        split = split_exemplars(self.side(unit), explain_top=d.explain_top, score_top=d.score_top,
+                                explain_per_bin=d.explain_per_bin, score_per_bin=d.score_per_bin,
+                                explain_random=d.explain_random, score_random=d.score_random,
+                                score_uniform=d.score_uniform)
+        return split_validation(split) if d.candidates > 1 else split
 
     def skip_reason(self, unit: dict[str, Any], split: Split) -> str | None:
         d = self.dc
@@ -71,35 +74,39 @@ class Describer:
         if len(split.score_random) < d.min_score_random:
             return (f"only {len(split.score_random)} held-out non-firing contexts "
                     f"(describe.min_score_random={d.min_score_random})")
+        firing = sum(kind in ("top", "quantile") for kind, _ in split.validation)
+        if d.candidates > 1 and firing < d.min_score_firing:
+            return (f"only {firing} firing validation contexts for the three-way split "
+                    f"(describe.min_score_firing={d.min_score_firing}; candidates={d.candidates})")
         return None
 
-    def explain(self, split: Split, usage: Usage) -> Explanation:
+    def explain(self, split: Split, usage: Usage, index: int = 0) -> Explanation:
+        """One description, or with candidates > 1 the best of several on the validation windows."""
+        d = self.dc
+        if d.candidates == 1:
+            return self._explain_one(split.explain, split.background, usage, d.temperature, None)
+        size = subset_size(len(split.explain), d.candidate_exemplars, d.min_explain)
+        subsets = candidate_subsets(len(split.explain), d.candidates, size, [d.seed, index, 7])
+
+        def write(exemplars: list[Example], k: int) -> Explanation:
+            return self._explain_one(exemplars, split.background, usage, d.candidate_temperature, d.seed + k)
+
+        def rate(description: str, windows: list[tuple[str, Example]]) -> dict[str, Any] | None:
+            return self.run_simulation(description, windows, split, usage, None)[0]
+
+        best, cands = choose(split, subsets, write, rate)
+        best.candidates = candidate_records(cands, split, best)
+        return best
+
+    def _explain_one(self, explain: list[Example], background: list[Example], usage: Usage,
+                     temperature: float, seed: int | None) -> Explanation:
         d = self.dc
         if d.explainer == "baseline":
-            return explain_baseline(split.explain, split.background, fire_frac=d.fire_frac,
-                                    min_count=d.min_count, max_items=d.max_items)
+            return explain_baseline(explain, background, fire_frac=d.fire_frac, min_count=d.min_count,
+                                    max_items=d.max_items)
         assert self.client is not None
-        if d.candidates == 1:
-            return explain_llm(self.client, split.explain, max_tokens=d.explain_max_tokens,
-                               temperature=d.temperature, usage=usage)
-        cands = [explain_llm(self.client, split.explain, max_tokens=d.explain_max_tokens,
-                             temperature=d.candidate_temperature, usage=usage, seed=d.seed + i)
-                 for i in range(d.candidates)]
-        ok = [c for c in cands if c.ok]
-        if not ok:
-            return cands[0]
-        # Choose on the explanation exemplars, never on the held-out scoring contexts.
-        kinds = ["top"] * len(split.explain)
-        acts = [ex["acts"] for ex in split.explain]
-        rated = []
-        for c in ok:
-            assert c.description is not None
-            sim = self.simulate(c.description, [list(ex["strs"]) for ex in split.explain], usage)
-            s = None if sim.not_applicable else score(kinds, acts, sim.preds, threshold=d.detection_threshold)
-            rated.append((c, None if s is None else s["simulation_top"]))
-        best = max(rated, key=lambda cr: -math.inf if cr[1] is None else cr[1])[0]
-        best.candidates = [{"description": c.description, "selection_score": v} for c, v in rated]
-        return best
+        return explain_llm(self.client, explain, max_tokens=d.explain_max_tokens, temperature=temperature,
+                           usage=usage, seed=seed)
 
     def simulate(self, description: str, contexts: list[list[str]], usage: Usage) -> Simulation:
         if self.llm_sim is None:
@@ -114,13 +121,37 @@ class Describer:
                 "model": model_name(d), "seed": d.seed, "polarity": d.polarity,
                 "config_hash": self.config_hash}
 
-    def run_simulation(self, description: str, split: Split, usage: Usage, shuffle_seed: list[int] | None
-                       ) -> tuple[dict[str, Any] | None, Simulation]:
-        """Scores of one description on the scoring contexts (tokens permuted when shuffle_seed)."""
-        scoring = split.scoring()
-        kinds = [k for k, _ in scoring]
-        acts = [ex["acts"] for _, ex in scoring]
-        contexts = [list(ex["strs"]) for _, ex in scoring]
+    def truth_threshold(self, split: Split) -> tuple[float, str]:
+        """The activation a window's max must exceed to count as activating the unit (detection):
+        negative_frac x the unit's max (the features stage's rule for negatives), raised to the unit's
+        own `detection_quantile` activation quantile when features.jsonl has it, so a unit active on
+        most tokens (a GELU neuron) has negatives too. Returns the threshold and the rule in words."""
+        d = self.dc
+        max_act = split.max_act if split.max_act is not None else max(
+            (max(ex["acts"]) for _, ex in split.scoring()), default=0.0)
+        thr, rule = self.negative_frac * max(max_act, 0.0), f"{self.negative_frac:g} x max_act"
+        q = self._side_quantile(split, d.detection_quantile) if d.detection_quantile is not None else None
+        if q is not None and q > thr:
+            thr, rule = q, f"q{d.detection_quantile:g}"
+        return float(thr), rule
+
+    def _side_quantile(self, split: Split, p: float) -> float | None:
+        """The activation quantile p of this side: q(p) for pos, -q(1 - p) of the signed unit for neg."""
+        probs, values = self.quantile_probs, split.act_quantiles
+        if not probs or not values or len(probs) != len(values):
+            return None
+        want = p if self.dc.polarity == "pos" else 1.0 - p
+        hit = [v for q, v in zip(probs, values, strict=True) if abs(q - want) < 1e-9]
+        if not hit or not isinstance(hit[0], (int, float)):
+            return None
+        return float(hit[0]) if self.dc.polarity == "pos" else -float(hit[0])
+
+    def run_simulation(self, description: str, windows: list[tuple[str, Example]], split: Split, usage: Usage,
+                       shuffle_seed: list[int] | None) -> tuple[dict[str, Any] | None, Simulation]:
+        """Scores of one description on (kind, window) pairs (tokens permuted when shuffle_seed)."""
+        kinds = [k for k, _ in windows]
+        acts = [ex["acts"] for _, ex in windows]
+        contexts = [list(ex["strs"]) for _, ex in windows]
         perms = None
         if shuffle_seed is not None:
             rng = np.random.default_rng(shuffle_seed)
@@ -133,9 +164,8 @@ class Describer:
         failed = sum(p is None for p in sim.preds)
         if sim.not_applicable or failed * 2 > len(contexts):
             return None, sim
-        # "activates the unit": the features stage's negative rule, relative to the unit's max
-        max_act = split.max_act if split.max_act is not None else max(max(a) for a in acts)
-        active = active_labels(acts, max_act, self.negative_frac)
+        truth, _ = self.truth_threshold(split)
+        active = [max(a) > truth for a in acts]
         thr = self.dc.detection_threshold
         out = score(kinds, acts, sim.preds, threshold=thr, active=active)
         zeros = with_failures_as_zero(sim.preds, [len(a) for a in acts])
@@ -150,7 +180,10 @@ class Describer:
         if expl.candidates:
             rec["candidates"] = expl.candidates
         assert expl.description is not None
-        scores, sim = self.run_simulation(expl.description, split, usage, None)
+        test = split.scoring()
+        scores, sim = self.run_simulation(expl.description, test, split, usage, None)
+        truth, rule = self.truth_threshold(split)
+        rec["detection_truth"] = {"threshold": round(truth, 6), "rule": rule}
         rec["simulator_mode"] = sim.mode
         rec["failed_contexts"] = sum(p is None for p in sim.preds)
         if scores is None:
@@ -160,17 +193,39 @@ class Describer:
                        f"{len(sim.preds)} contexts (first: {first.get('reason')})")
             return rec
         rec["scores"] = scores
+        if expl.candidates:
+            rec["selection"] = self._selection(expl, test, split, scores, usage)
         if self.dc.controls:
             controls: dict[str, Any] = {}
             if other is not None:
-                c, _ = self.run_simulation(other[1], split, usage, None)
+                c, _ = self.run_simulation(other[1], test, split, usage, None)
                 controls["random_description"] = {**(c or dict.fromkeys(SCORES)), "from": other[0]}
             else:
                 controls["random_description"] = None
-            c, _ = self.run_simulation(expl.description, split, usage, [self.dc.seed, index, 1])
+            c, _ = self.run_simulation(expl.description, test, split, usage, [self.dc.seed, index, 1])
             controls["shuffled_tokens"] = c
             rec["controls"] = controls
         return rec
+
+
+    def _selection(self, expl: Explanation, test: list[tuple[str, Example]], split: Split,
+                   scores: dict[str, Any], usage: Usage) -> dict[str, Any]:
+        """Which candidate won, its validation score, and the first candidate's test score (an
+        unselected candidate on the same test windows: the gain from selection, like for like)."""
+        cands = expl.candidates or []
+        chosen = next(k for k, c in enumerate(cands) if c["chosen"])
+        first = cands[0]
+        if chosen == 0:
+            first_test = scores.get("simulation_all")
+        elif first["description"] is None:
+            first_test = None
+        else:
+            s, _ = self.run_simulation(first["description"], test, split, usage, None)
+            first_test = None if s is None else s.get("simulation_all")
+        return {"candidates": len(cands), "chosen": chosen,
+                "validation_windows": len(split.validation),
+                "validation_simulation_all": (cands[chosen]["validation"] or {}).get("simulation_all"),
+                "first_candidate_test_simulation_all": first_test}
 
 
 def unpermute(values: list[float], perm: np.ndarray) -> list[float]:

@@ -1,14 +1,16 @@
 """Split a unit's exemplars into what the explainer sees and what it is scored on.
 
 Scoring on contexts the explainer saw inflates scores (delphi's defaults put 10-20 of 40 scoring
-examples in the explainer's prompt), so the two sets here are disjoint by context index: a
-scoring window whose `ctx` also appears among the explanation windows is dropped, even when the
-windows themselves do not overlap.
+examples in the explainer's prompt), so the sets here are disjoint by context index: a scoring
+window whose `ctx` also appears among the explanation windows is dropped, even when the windows
+themselves do not overlap. With candidate selection (Transluce's recipe: several descriptions, the
+best by simulation on a validation split, reported on a test split) the held-out windows are split
+again, by context: every window of one context (a scanned passage) goes to one side only.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 Example = dict[str, Any]
@@ -26,6 +28,8 @@ class Split:
     max_act: float | None = None  # the unit's max activation over the scan (for the detection label)
     score_uniform: list[Example] = field(default_factory=list)  # windows drawn uniformly from held-out text
     density: float | None = None  # fraction of scanned tokens where the unit fired (features stage)
+    validation: list[tuple[str, Example]] = field(default_factory=list)  # (kind, window), selection only
+    act_quantiles: list[float | None] | None = None  # the unit's activation quantiles (features stage)
 
     @property
     def score_firing(self) -> list[Example]:
@@ -39,6 +43,29 @@ class Split:
             + [("random", e) for e in self.score_random]
             + [("uniform", e) for e in self.score_uniform]
         )
+
+
+def split_validation(split: Split) -> Split:
+    """Move about half of the held-out windows to `validation`, by context: within each kind the
+    contexts alternate test, validation, test, ... in the split's order (so both sides get strong
+    and weak top windows), and a window whose context is already on one side goes to that side.
+    No window is on two sides, and no context has windows on both."""
+    side: dict[int, str] = {}
+    out: dict[str, list[Example]] = {"top": [], "quantile": [], "random": [], "uniform": []}
+    validation: list[tuple[str, Example]] = []
+    for kind, group in (("top", split.score_top), ("quantile", split.score_quantile),
+                        ("random", split.score_random), ("uniform", split.score_uniform)):
+        turn = 0
+        for ex in group:
+            if ex["ctx"] not in side:
+                side[ex["ctx"]] = "test" if turn % 2 == 0 else "validation"
+                turn += 1
+            if side[ex["ctx"]] == "test":
+                out[kind].append(ex)
+            else:
+                validation.append((kind, ex))
+    return replace(split, score_top=out["top"], score_quantile=out["quantile"], score_random=out["random"],
+                   score_uniform=out["uniform"], validation=validation)
 
 
 def check_example(ex: Any, where: str) -> Example:
@@ -80,7 +107,9 @@ def negative_side(record: dict[str, Any]) -> dict[str, Any] | None:
     return {"index": record["index"], "density": neg.get("density"),
             "max_act": -min_act if isinstance(min_act, (int, float)) else None,
             "top": [_flip(e) for e in neg.get("bottom") or []], "quantiles": bins,
-            "random": [_flip(e) for e in neg.get("random") or []]}
+            "random": [_flip(e) for e in neg.get("random") or []],
+            "uniform": [_flip(e) for e in record.get("uniform") or []],
+            "act_quantiles": record.get("act_quantiles")}  # signed: the Describer reads them mirrored
 
 
 def split_exemplars(
@@ -120,6 +149,8 @@ def split_exemplars(
     dropped = len(s_top) + len(s_q) + len(s_rand) + len(s_uni) - sum(len(g) for g in kept)
     max_act = record.get("max_act")
     density = record.get("density")
+    quantiles = record.get("act_quantiles")
     return Split(explain, background, kept[0], kept[1], kept[2], dropped, score_uniform=kept[3],
                  max_act=float(max_act) if isinstance(max_act, (int, float)) else None,
-                 density=float(density) if isinstance(density, (int, float)) else None)
+                 density=float(density) if isinstance(density, (int, float)) else None,
+                 act_quantiles=quantiles if isinstance(quantiles, list) else None)

@@ -91,8 +91,15 @@ class DescribeConfig:
     concurrency: int = 4
     temperature: float = 0.0
     explain_max_tokens: int = 120
-    candidates: int = 1  # llm explainer: sample this many and keep the best on the explanation exemplars
-    candidate_temperature: float = 0.7  # sampling temperature when candidates > 1
+    # candidates > 1: Transluce-style selection. Each candidate is written from its own random subset of
+    # the explanation exemplars, the best by simulation_all on a validation split is kept, and scores are
+    # measured on the test split (held-out windows split again by context; see exemplars.split_validation)
+    candidates: int = 1
+    candidate_exemplars: int | None = None  # exemplars per candidate (None = two thirds of them)
+    candidate_temperature: float = 0.7  # llm explainer's sampling temperature for candidates
+    # detection truth: a window activates the unit when its max exceeds max(negative_frac x max_act, the
+    # unit's activation quantile at this probability from features.jsonl `act_quantiles`); None = the former
+    detection_quantile: float | None = 0.999
     top_logprobs: int = 5  # 0 = never ask for logprobs
     cache: bool = True
     # LLM backend: openai (any OpenAI-compatible server at base_url) | local (in-process transformers,
@@ -120,6 +127,7 @@ _RESULT_KEYS = ("explainer", "simulator", "explain_top", "score_top", "explain_p
                 "explain_random", "score_random", "min_explain", "min_score_firing", "min_score_random",
                 "fire_frac", "min_count", "max_items", "detection_threshold", "controls", "seed", "model",
                 "temperature", "explain_max_tokens", "top_logprobs", "candidates", "candidate_temperature",
+                "candidate_exemplars", "detection_quantile",
                 "backend", "embedded", "dtype", "labels", "score_uniform", "sample", "units", "polarity",
                 "chunk_units")  # chunk_units: the random-description control draws within a chunk
 
@@ -137,6 +145,12 @@ def load_config(cfg: DictConfig) -> DescribeConfig:
     for key in ("max_items", "concurrency", "explain_max_tokens", "chunk_units", "candidates"):
         if getattr(dc, key) < 1:
             raise UserError(f"config `describe.{key}`: must be >= 1, got {getattr(dc, key)}")
+    if dc.candidate_exemplars is not None and dc.candidate_exemplars < 1:
+        raise UserError(f"config `describe.candidate_exemplars`: must be >= 1 or null, got "
+                        f"{dc.candidate_exemplars}")
+    if dc.detection_quantile is not None and not 0 < dc.detection_quantile < 1:
+        raise UserError(f"config `describe.detection_quantile`: must be in (0, 1) or null, got "
+                        f"{dc.detection_quantile}")
     if dc.max_units is not None and dc.max_units < 1:
         raise UserError(f"config `describe.max_units`: must be >= 1 or null, got {dc.max_units}")
     if not 0 < dc.fire_frac <= 1:
@@ -199,6 +213,14 @@ def negative_frac(meta: dict[str, Any]) -> float:
     return float(v)
 
 
+def quantile_probs(meta: dict[str, Any]) -> list[float] | None:
+    """The probabilities of each record's `act_quantiles` (features meta.json), when valid."""
+    v = meta.get("act_quantiles")
+    if isinstance(v, list) and v and all(isinstance(q, (int, float)) and 0 <= q <= 1 for q in v):
+        return [float(q) for q in v]
+    return None
+
+
 def _features_meta(feats_dir: Path) -> dict[str, Any]:
     return read_json(feats_dir / "meta.json", "features meta") if (feats_dir / "meta.json").is_file() else {}
 
@@ -249,8 +271,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def _run(cfg: DictConfig, dc: DescribeConfig) -> dict[str, Any]:
     name, feats_dir, out = _paths(cfg, dc)
     feats = features_path(feats_dir)
-    indices = select_units(feats, scan_indices(feats, dc.max_units), dc)
     meta = _features_meta(feats_dir)
+    layer = meta.get("layer") if isinstance(meta.get("layer"), int) else None
+    indices = select_units(feats, scan_indices(feats, dc.max_units), dc, layer)
     neg_frac = negative_frac(meta)
     chash = _config_hash(dc, feats, neg_frac)
     path = out / "descriptions.jsonl"
@@ -280,7 +303,7 @@ def _run(cfg: DictConfig, dc: DescribeConfig) -> dict[str, Any]:
             client = ChatClient(base_url=dc.base_url, model=str(dc.model), api_key_env=dc.api_key_env,
                                 timeout=dc.timeout, max_retries=dc.max_retries, backoff=dc.backoff,
                                 concurrency=dc.concurrency, cache_dir=out / "cache" if dc.cache else None)
-        describer = Describer(dc, client, chash, neg_frac, llm_sim)
+        describer = Describer(dc, client, chash, neg_frac, llm_sim, quantile_probs(meta))
         writer = RecordWriter(path)
         workers = dc.concurrency if isinstance(client, ChatClient) else 1
         chunk: list[dict[str, Any]] = []
@@ -366,7 +389,7 @@ def _describe_pending(describer: Describer, units: list[dict[str, Any]], records
             rec.update(status="skipped", reason=reason, exemplars=exemplar_counts(split))
             finish(rec, usage)
             return
-        expl = describer.explain(split, usage)
+        expl = describer.explain(split, usage, index)
         if not expl.ok:
             rec = describer.base_record(index)
             rec.update(status="failed", reason=expl.reason, raw=expl.raw, prompt_hash=expl.prompt_hash,

@@ -56,6 +56,20 @@ def density_deciles(ok: list[dict[str, Any]], key: str = "simulation_all") -> li
     return out
 
 
+def selection_stats(ok: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """With candidates > 1: the chosen candidates' test simulation_all beside the first (unselected)
+    candidate's on the same test windows, and their paired difference (the gain from selection)."""
+    pairs = [(r["scores"]["simulation_all"], r["selection"]["first_candidate_test_simulation_all"],
+              r["selection"].get("validation_simulation_all")) for r in ok if r.get("selection")]
+    if not pairs:
+        return None
+    both = [(c, f) for c, f, _ in pairs if c is not None and f is not None]
+    return {"units": len(pairs),
+            "chosen_validation": stats([v for _, _, v in pairs if v is not None]),
+            "chosen_test": stats([c for c, _ in both]), "first_candidate_test": stats([f for _, f in both]),
+            "gain": stats([round(c - f, 6) for c, f in both])}
+
+
 def summarize(records: list[dict[str, Any]], n_units: int) -> dict[str, Any]:
     ok = [r for r in records if r["status"] == "ok"]
     keys = _score_keys(ok)
@@ -73,7 +87,7 @@ def summarize(records: list[dict[str, Any]], n_units: int) -> dict[str, Any]:
         "pending": n_units - len(records), "complete": len(records) == n_units,
         "failed_contexts": sum(int(r.get("failed_contexts") or 0) for r in records),
         "scores": scores, "controls": controls,
-        "by_density_decile": density_deciles(ok),
+        "by_density_decile": density_deciles(ok), "selection": selection_stats(ok),
         "simulator_modes": dict(Counter(r.get("simulator_mode") for r in ok if r.get("simulator_mode"))),
         "usage": dict(usage), "reasons": dict(reasons.most_common(10)),
     }

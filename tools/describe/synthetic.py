@@ -61,9 +61,14 @@ def contexts(n: int, length: int, seed: int, extra: dict[str, float] | None = No
     return [[words[j] for j in rng.choice(len(words), size=length, p=p)] for _ in range(n)]
 
 
+QUANTILE_PROBS = (0.0001, 0.001, 0.01, 0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)  # the features stage's
+
+
 def unit_record(index: int, ctxs: list[list[str]], rule: Rule, seed: int, *, top_k: int = 20,
-                bins: int = 3, per_bin: int = 4, n_random: int = 20, negative_frac: float = 0.1
-                ) -> dict[str, Any]:
+                bins: int = 3, per_bin: int = 4, n_random: int = 20, negative_frac: float = 0.1,
+                n_uniform: int = 0, quantiles: bool = False) -> dict[str, Any]:
+    """One unit's record; `n_uniform` windows drawn uniformly over the contexts (the same for every
+    unit), `quantiles` adds the signed activation quantiles at QUANTILE_PROBS."""
     rng = np.random.default_rng([seed, index])
     acts = [rule(strs, rng) for strs in ctxs]
 
@@ -87,27 +92,38 @@ def unit_record(index: int, ctxs: list[list[str]], rule: Rule, seed: int, *, top
     random_ex = [example(int(c)) for c in rng.permutation(silent)[:n_random]]
     positive = np.concatenate([np.array(a)[np.array(a) > 0] for a in acts]) if firing else np.zeros(0)
     n_tokens = sum(len(a) for a in acts)
-    return {"index": index, "density": float(positive.size / n_tokens), "max_act": float(maxes.max()),
-            "mean_act": float(positive.mean()) if positive.size else 0.0,
-            "hist": {"edges": [0.0, 1.0], "counts": [int(positive.size)]},
-            "logits": {"pos": [], "neg": []}, "top": top, "quantiles": quantiles, "random": random_ex}
+    rec = {"index": index, "density": float(positive.size / n_tokens), "max_act": float(maxes.max()),
+           "mean_act": float(positive.mean()) if positive.size else 0.0,
+           "hist": {"edges": [0.0, 1.0], "counts": [int(positive.size)]},
+           "logits": {"pos": [], "neg": []}, "top": top, "quantiles": quantiles, "random": random_ex}
+    if n_uniform:
+        n = min(n_uniform, len(ctxs))
+        picks = np.random.default_rng([seed, 4]).choice(len(ctxs), size=n, replace=False)
+        rec["uniform"] = [example(int(c)) for c in picks]
+    if quantiles:
+        every = np.concatenate([np.asarray(a, dtype=np.float64) for a in acts])
+        rec["act_quantiles"] = [float(v) for v in np.quantile(every, QUANTILE_PROBS)]
+    return rec
 
 
 def write_features(run_dir: str | Path, name: str, rules: list[Rule], *, n_ctx: int = 300, length: int = 24,
                    seed: int = 0, extra: dict[str, float] | None = None, unit: str = "sae",
-                   negative_frac: float | None = 0.1) -> Path:
+                   negative_frac: float | None = 0.1, **record: Any) -> Path:
     """Write run_dir/features/<name>/{features.jsonl,meta.json} for the given rules; returns the folder.
-    negative_frac=None writes a meta.json without the key (as older scans did; describe assumes 0.1)."""
+    negative_frac=None writes a meta.json without the key (as older scans did; describe assumes 0.1);
+    `record` goes to unit_record (n_uniform, quantiles)."""
     ctxs = contexts(n_ctx, length, seed, extra)
     folder = Path(run_dir) / "features" / name
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "features.jsonl", "w", encoding="utf-8") as f:
         for i, rule in enumerate(rules):
             frac = 0.1 if negative_frac is None else negative_frac
-            f.write(json.dumps(unit_record(i, ctxs, rule, seed, negative_frac=frac)) + "\n")
+            f.write(json.dumps(unit_record(i, ctxs, rule, seed, negative_frac=frac, **record)) + "\n")
     meta = {"format": "monosemantic.features_meta/1", "unit": unit, "name": name, "n_units": len(rules),
             "split": "val", "contexts": n_ctx, "tokens_scanned": n_ctx * length, "window": length}
     if negative_frac is not None:
         meta["negative_frac"] = negative_frac
+    if record.get("quantiles"):
+        meta["act_quantiles"] = list(QUANTILE_PROBS)
     (folder / "meta.json").write_text(json.dumps(meta, indent=2))
     return folder

@@ -37,30 +37,62 @@ def _alive(feats: Path, indices: list[int]) -> list[int]:
     return alive
 
 
-def read_units(spec: Any) -> list[int]:
-    """`describe.units`: a list of indices, or a file with one index per line or a JSON list."""
+def read_units(spec: Any, layer: int | None = None) -> list[int]:
+    """`describe.units`: a list of unit ids, or a file of them (one per line, or a JSON list). An id is
+    an index (`123`) or, as in the reference's neuron lists, `layer:index` (`10:123`, or a JSON pair
+    `[10, 123]`); ids of other layers than this unit set's `layer` are left out, so one file can
+    serve the runs of every layer."""
+    where = "config `describe.units`"
     if isinstance(spec, str):
         path = Path(spec)
         if not path.is_file():
-            raise UserError(f"config `describe.units`: {spec} is not a file (give a list or a file of "
-                            "indices)")
+            raise UserError(f"{where}: {spec} is not a file (give a list or a file of unit ids)")
+        where = str(path)
         text = path.read_text(encoding="utf-8")
         try:
             spec = json.loads(text) if text.lstrip().startswith("[") else [
                 ln.split("#")[0].strip() for ln in text.splitlines() if ln.split("#")[0].strip()]
         except json.JSONDecodeError as e:
             raise UserError(f"{path}: not a JSON list ({e.msg})") from None
+    if not isinstance(spec, (list, tuple)) and not hasattr(spec, "__iter__"):
+        raise UserError(f"{where}: expected a list of unit ids, got {spec!r}")
+    out, other_layers = [], 0
+    for item in spec:
+        unit_layer, index = _unit_id(item, where)
+        if unit_layer is not None and layer is None:
+            raise UserError(f"{where}: {item!r} names a layer, but this unit set's features meta.json has "
+                            "no `layer`")
+        if unit_layer is None or unit_layer == layer:
+            out.append(index)
+        else:
+            other_layers += 1
+    if not out and other_layers:
+        raise UserError(f"{where}: none of the {other_layers} listed units is in layer {layer} "
+                        "(ids are layer:index)")
+    return out
+
+
+def _unit_id(item: Any, where: str) -> tuple[int | None, int]:
     try:
-        return [int(u) for u in spec]
+        if isinstance(item, str) and ":" in item:
+            a, b = item.split(":", 1)
+            return int(a), int(b)
+        if isinstance(item, (list, tuple)) or (hasattr(item, "__len__") and not isinstance(item, str)):
+            if len(item) != 2:
+                raise ValueError
+            return int(item[0]), int(item[1])
+        if isinstance(item, bool):
+            raise ValueError
+        return None, int(item)
     except (TypeError, ValueError):
-        raise UserError(f"config `describe.units`: expected unit indices, got {spec!r}") from None
+        raise UserError(f"{where}: expected a unit id (index or layer:index), got {item!r}") from None
 
 
-def select_units(feats: Path, indices: list[int], dc: DescribeConfig) -> list[int]:
+def select_units(feats: Path, indices: list[int], dc: DescribeConfig, layer: int | None = None) -> list[int]:
     """`units` restricts to the listed ones; `sample` then draws N alive units uniformly at random,
     a function of (seed, unit set) only, kept in file order."""
     if dc.units is not None:
-        listed = read_units(dc.units)
+        listed = read_units(dc.units, layer)
         missing = sorted(set(listed) - set(indices))
         if missing:
             raise UserError(f"config `describe.units`: {missing[:5]} not in {feats}")
