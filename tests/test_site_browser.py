@@ -21,6 +21,45 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
         "--disable-component-update", "--no-first-run", "--disable-sync"]
 HOSTILE_DESC = '<img src=x onerror="window.__pwned=9"> fires on </script> & "quotes" \u202eevil'
 SHOWN_DESC = HOSTILE_DESC.replace("\u202e", "<U+202E>")  # the bidi override is shown, not obeyed
+HOSTILE_LLM = '<script>alert(1)</script><img src=x onerror="window.__pwned=7"> the " king"'
+
+
+def _summary(name: str, tag: str | None, explainer: str, model: str, mean: float) -> dict:
+    s = {"mean": mean, "median": mean, "n": 2, "ci95": [mean - 0.1, mean + 0.1]}
+    return {"name": name, "tag": tag, "explainer": explainer, "simulator": explainer, "model": model,
+            "units": 2, "described": 2, "failed": 0, "skipped": 0, "complete": True,
+            "simulator_modes": {"all_at_once" if explainer == "llm" else "lexical": 2},
+            "scores": {"simulation_all": s, "detection_auc": s},
+            "controls": {"random_description": {"simulation_all": {**s, "mean": 0.01}},
+                         "shuffled_tokens": {"simulation_all": {**s, "mean": 0.02}}}}
+
+
+def _more_runs(run_dir: Path) -> None:
+    """Beside the baseline: an LLM-tagged run (one description hostile), a negative-side run, and a
+    run of another unit set whose name starts like this one's."""
+    def write(folder: str, summary: dict, recs: list[dict]) -> None:
+        d = run_dir / "descriptions" / folder
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+        (d / "descriptions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+
+    ctrl = {"random_description": {"simulation_all": 0.05, "simulation_top": 0.04, "detection_auc": 0.51,
+                                   "from": 7},
+            "shuffled_tokens": {"simulation_all": 0.33, "simulation_top": 0.3, "detection_auc": 0.6}}
+    llm = [{"index": i, "status": "ok", "description": HOSTILE_LLM if i == 3 else "llm says thou",
+            "explainer": "llm", "simulator": "llm", "simulator_mode": "all_at_once", "model": "tiny-llm",
+            "polarity": "pos",
+            "scores": {"simulation_all": 0.42, "simulation_top": 0.61, "detection_auc": 0.77},
+            "controls": ctrl} for i in (3, 5)]
+    llm.append({"index": 4, "status": "failed", "description": None, "explainer": "llm", "model": "tiny-llm",
+                "polarity": "pos", "reason": "no parsable <b>answer</b>", "scores": None, "controls": None})
+    write("tiny_sae-llm", _summary("tiny_sae", "llm", "llm", "tiny-llm", 0.4), llm)
+    write("tiny_sae-neg", _summary("tiny_sae", None, "baseline", "baseline", 0.2),
+          [{"index": 3, "status": "ok", "description": "below zero on commas", "explainer": "baseline",
+            "simulator": "baseline", "simulator_mode": "lexical", "polarity": "neg",
+            "scores": {"simulation_all": 0.21}}])
+    write("tiny_sae-L10", _summary("tiny_sae-L10", None, "baseline", "baseline", 0.9),
+          [{"index": 3, "status": "ok", "description": "ANOTHER UNIT SET", "polarity": "pos"}])
 
 
 def test_embed_json_escapes_markup():
@@ -48,6 +87,7 @@ def site(tmp_path_factory):
     lines.append({"index": 12, "status": "failed", "description": None, "reason": "bad json", "scores": {}})
     (desc_dir / "descriptions.jsonl").write_text(
         "".join(json.dumps(x) + "\n" for x in lines) + '{"index": 13, "trunc', encoding="utf-8")
+    _more_runs(run_dir)
     index = render_site(run_dir, "tiny_sae")
     feats = run_dir / "features" / "tiny_sae" / "features.jsonl"
     recs = [json.loads(x) for x in feats.open(encoding="utf-8")]
@@ -120,7 +160,7 @@ def test_index_sort_filter_search(site, browser, tmp_path):
     page.fill("#search", "onerror")  # the hostile description is searchable text
     assert _rows(page) == ["3"]
     cell = page.text_content("#rows tr td.descr")
-    assert cell == SHOWN_DESC
+    assert cell == SHOWN_DESC + "+llm"  # the primary description, and a mark for the LLM run
     assert page.locator("img").count() == 0
     page.fill("#search", "")
     page.select_option("#pagesize", "50")
@@ -172,7 +212,7 @@ def test_feature_page_keyboard_and_description(site, browser, tmp_path):
     page.goto((index.parent / "feature" / "3.html").as_uri())
     page.screenshot(path=str(tmp_path / "feature_3.png"))
     assert page.text_content("#desc .description") == SHOWN_DESC
-    assert "simulation_all 0.87" in page.text_content("#desc .scores")
+    assert "0.87" in page.text_content("#desc .scores")
     assert page.locator("img").count() == 0
     assert page.locator("svg.hist rect").count() == len(recs[3]["hist"]["counts"])
     assert page.locator("#logits-pos tr").count() == 10
@@ -210,6 +250,44 @@ def test_feature_page_keyboard_and_description(site, browser, tmp_path):
     assert page.get_attribute("#next", "aria-disabled") == "true"
     page.keyboard.press("ArrowRight")  # nothing after the last unit
     assert page.url.endswith("/63.html")
+    w.clean()
+
+
+def test_every_description_run_with_its_explainer_and_scores(site, browser, tmp_path):
+    """Unit 3 has a baseline, a negative-side and an LLM description (hostile); the index lists the runs."""
+    index, _ = site
+    w = Watch(browser)
+    page = w.page
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.goto((index.parent / "feature" / "3.html").as_uri())
+    page.screenshot(path=str(tmp_path / "feature_3_runs.png"), full_page=True)
+    cards = page.locator("#desc .dcard")
+    assert cards.count() == 3
+    heads = [cards.nth(i).locator(".dhead").text_content() for i in range(3)]
+    assert heads[0].startswith("positive side") and "tiny_sae" in heads[0]
+    assert "explainer baseline" in heads[0]
+    assert heads[1].startswith("negative side") and "tiny_sae-neg" in heads[1]
+    assert "tiny_sae-llm" in heads[2] and "explainer llm (tiny-llm)" in heads[2] and "all_at_once" in heads[2]
+    llm = cards.nth(2)
+    assert llm.locator(".description").text_content() == HOSTILE_LLM  # shown as text
+    rows = llm.locator("table.scores tr").all_text_contents()
+    assert any("this description" in r and "0.42" in r and "0.61" in r and "0.77" in r for r in rows), rows
+    assert any("random description (unit 7's)" in r and "0.05" in r for r in rows), rows
+    assert any("shuffled tokens" in r and "0.33" in r for r in rows), rows
+    assert "below zero on commas" in cards.nth(1).text_content()
+    assert "ANOTHER UNIT SET" not in page.content()  # tiny_sae-L10 belongs to another unit set
+    assert page.locator("img").count() == 0 and page.locator("script").count() == 2 and not dialogs
+    w.clean()
+    page.goto((index.parent / "feature" / "4.html").as_uri())  # the LLM failed there: its reason shows
+    assert "(failed: no parsable <b>answer</b>)" in page.text_content("#desc")
+    page.goto(index.as_uri())
+    runs = page.locator("#runs tbody tr").all_text_contents()
+    assert len(runs) == 3 and runs[0].startswith("tiny_sae") and "tiny_sae-neg" in runs[1], runs
+    assert "llm (tiny-llm)" in runs[2] and "0.4 [0.3, 0.5]" in runs[2] and "0.01" in runs[2], runs
+    page.select_option("#klass", "several")
+    assert _rows(page) == ["3", "5"]  # only the units the LLM run described
+    assert page.locator("img").count() == 0 and not dialogs
     w.clean()
 
 

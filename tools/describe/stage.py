@@ -342,7 +342,7 @@ def _run(cfg: DictConfig, dc: DescribeConfig) -> dict[str, Any]:
                                 "continue") from None
     print_table(summary)
     figures = flat_figures(summary)
-    figures["site"] = _render_site(Path(cfg.run_dir), name) if dc.site and dc.tag is None else None
+    figures["site"] = _render_site(Path(cfg.run_dir), name) if dc.site else None  # every run shows there
     print(f"describe: {summary['described']} described, {summary['failed']} failed, {summary['skipped']} "
           f"skipped of {summary['units']} units -> {path} (+ summary.json)"
           + (f"; site {figures['site']}" if figures["site"] else ""), flush=True)

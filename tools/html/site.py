@@ -9,6 +9,8 @@ styles only from the site's own files and forbids every network load.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import html
 import json
 import math
@@ -21,6 +23,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from tools.html.descriptions import candidates, find_runs, run_view, short_label, unit_views
 from transformer.config import UserError
 from transformer.files import read_json
 
@@ -31,6 +34,7 @@ STATIC = HERE / "static"
 CSP = ("default-src 'none'; script-src 'self' file:; style-src 'self' file:; img-src data:; "
        "connect-src 'none'; font-src 'none'; media-src 'none'; object-src 'none'; frame-src 'none'; "
        "base-uri 'none'; form-action 'none'")
+RENDER_FORMAT = "monosemantic.site_render/1"
 ULTRA_LOW = 1e-5  # density below which a live unit counts as "ultra-low" in the index filter
 
 
@@ -94,34 +98,6 @@ def _density_svg(meta: dict) -> str:
                          title="Histogram of log10 feature density", log_x_label=True)
 
 
-def _read_descriptions(run_dir: Path, name: str) -> dict[int, dict]:
-    path = run_dir / "descriptions" / name / "descriptions.jsonl"
-    out: dict[int, dict] = {}
-    if not path.is_file():
-        return out
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            try:
-                rec = json.loads(line)
-                out[int(rec["index"])] = rec  # later lines win (a rerun appends)
-            except (ValueError, KeyError, TypeError):
-                continue  # a line cut by an interrupted append: skip it, the rest still show
-    return out
-
-
-def _desc_view(d: dict | None) -> dict | None:
-    if not d:
-        return None
-    scores = d.get("scores") if isinstance(d.get("scores"), dict) else {}
-    from tools.tokens import visible
-
-    clean = {str(k): v for k, v in scores.items()
-             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-    # model output is as untrusted as the corpus: bidi overrides and controls shown, not obeyed
-    view = {k: visible(str(d.get(k) or "")) for k in ("status", "description", "explainer", "reason")}
-    return {**view, "scores": clean}
-
-
 def _alone(s: str) -> str:
     """A token shown out of context (logit tables, index cells): a whitespace-only token would be
     invisible there, so its spaces show as ␣."""
@@ -152,7 +128,7 @@ def _top_tokens(rec: dict, n: int = 3) -> list[str]:
     return [s for s, _ in c.most_common(n)]
 
 
-def _page(rec: dict, meta: dict, desc: dict | None, prev: int | None, nxt: int | None, text) -> dict:
+def _page(rec: dict, meta: dict, descs: list[dict], prev: int | None, nxt: int | None, text) -> dict:
 
     vocab: dict[int, str] = {}
     logits = {side: [[_alone(e.get("str", "")), e.get("value"), e.get("id")]
@@ -177,7 +153,7 @@ def _page(rec: dict, meta: dict, desc: dict | None, prev: int | None, nxt: int |
         "name": meta.get("name"), "layer": meta.get("layer"), "prev": prev, "next": nxt,
         "neg": neg_view, "act_quantiles": {"p": probs[:len(vals)], "v": vals[:len(probs)]},
         "density": rec.get("density"), "max_act": rec.get("max_act"), "mean_act": rec.get("mean_act"),
-        "tokens_scanned": meta.get("tokens_scanned"), "desc": _desc_view(desc), "logits": logits,
+        "tokens_scanned": meta.get("tokens_scanned"), "descs": descs, "logits": logits,
         "top": [_example(e, vocab, text) for e in rec.get("top", [])],
         "quantiles": [{"lo": q.get("lo"), "hi": q.get("hi"), "count": q.get("count"),
                        "examples": [_example(e, vocab, text) for e in q.get("examples", [])]}
@@ -217,27 +193,70 @@ def _layer_label(meta: dict) -> str:
     return f" · layer {int(meta['layer'])}" if isinstance(meta.get("layer"), int) else ""
 
 
+def _stamp(path: Path) -> list | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _code_hash() -> str:
+    h = hashlib.sha256()
+    files = [HERE / "site.py", HERE / "descriptions.py", *sorted(TEMPLATES.iterdir()),
+             *sorted(STATIC.iterdir())]
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _state(run_dir: Path, feat_dir: Path, name: str) -> tuple[dict, dict]:
+    """What every page depends on (features, meta, this code) and what the description files are now."""
+    base = {"format": RENDER_FORMAT, "code": _code_hash(), "features": _stamp(feat_dir / "features.jsonl"),
+            "meta": _stamp(feat_dir / "meta.json")}
+    inputs = {d.name: [_stamp(d / "descriptions.jsonl"), _stamp(d / "summary.json")]
+              for d in candidates(run_dir / "descriptions", name)}
+    return base, inputs
+
+
 def render_site(run_dir: Path, name: str) -> Path:
-    """(Re)build `run_dir/features/<name>/site/` from features.jsonl + meta.json (+ descriptions).
+    """(Re)build `run_dir/features/<name>/site/` from features.jsonl + meta.json (+ every description run).
 
-    Built in a temporary folder and swapped in whole, so a reader never sees a half-written site.
-    Returns the path of index.html.
+    Built in a temporary folder and swapped in whole, so a reader never sees a half-written site;
+    renders of one site wait for each other. `site/render.json` records what each page was made from:
+    nothing changed returns at once, and a page whose inputs did not change is linked from the old
+    site instead of rebuilt (a describe run of a few units rebuilds a few pages). Returns index.html.
     """
-    from tools.tokens import TokenText
-
     run_dir = Path(run_dir)
     feat_dir = run_dir / "features" / name
+    if not feat_dir.is_dir():
+        raise UserError(f"{feat_dir} not found (run tools.top_activations)")
+    with open(feat_dir / ".site.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _render(run_dir, feat_dir, name)
+
+
+def _render(run_dir: Path, feat_dir: Path, name: str) -> Path:
+    from tools.tokens import TokenText
+
     meta = read_json(feat_dir / "meta.json", "features meta")
     feats = feat_dir / "features.jsonl"
     if not feats.is_file():
         raise UserError(f"{feats} not found (run tools.top_activations)")
-    descs = _read_descriptions(run_dir, name)
+    site = feat_dir / "site"
+    base, inputs = _state(run_dir, feat_dir, name)
+    old = _read_state(site / "render.json")
+    if old.get("base") == base and old.get("inputs") == inputs and (site / "index.html").is_file():
+        return site / "index.html"
+    reuse = old.get("pages", {}) if old.get("base") == base else {}
+    runs = find_runs(run_dir, name)
+    primary = runs[0] if runs and runs[0].primary else None  # find_runs puts it first
+    labels = [(short_label(r), r) for r in runs if r.tag is not None]  # index chips: the tagged runs
     pages = (meta.get("config") or {}).get("pages")
     n_units = int(meta.get("n_units", 0))
     rendered = sorted(set(range(n_units)) if pages is None else {int(p) for p in pages if 0 <= p < n_units})
     order = {u: i for i, u in enumerate(rendered)}
     text = TokenText(_tokenizer(meta))
-    site = feat_dir / "site"
     tmp = feat_dir / f".site.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -246,22 +265,27 @@ def render_site(run_dir: Path, name: str) -> Path:
     for f in ("site.css", "site.js"):
         shutil.copyfile(STATIC / f, tmp / "static" / f)
     title_name = html.escape(str(meta.get("name", name)))
-    rows = []
+    rows, hashes, built = [], {}, 0
     for rec in tqdm(_iter_features(feats), total=n_units, desc="pages", unit="page", leave=False):
         u = int(rec["index"])
-        d = _desc_view(descs.get(u))
+        views = unit_views(runs, u)
+        d = views[0] if primary is not None and u in primary.records else {}
         has_page = u in order
-        score = (d or {}).get("scores", {}).get("simulation_all")
+        others = [lab for lab, r in labels if r.records.get(u, {}).get("status") == "ok"]
         rows.append([u, rec.get("density", 0.0), rec.get("max_act", 0.0), _top_tokens(rec),
-                     visible_logits(rec), (d or {}).get("description", ""), score,
-                     (d or {}).get("status", ""), 1 if has_page else 0,
-                     (rec.get("neg") or {}).get("min_act")])
+                     visible_logits(rec),
+                     d.get("description", ""), d.get("scores", {}).get("simulation_all"), d.get("status", ""),
+                     1 if has_page else 0, (rec.get("neg") or {}).get("min_act"), others])
         if not has_page:
+            continue
+        key = hashes[str(u)] = hashlib.sha256(embed_json(views).encode()).hexdigest()[:16]
+        dest = tmp / "feature" / f"{u}.html"
+        if reuse.get(str(u)) == key and _link(site / "feature" / f"{u}.html", dest):
             continue
         i = order[u]
         prev = rendered[i - 1] if i > 0 else None
         nxt = rendered[i + 1] if i + 1 < len(rendered) else None
-        data = _page(rec, meta, descs.get(u), prev, nxt, text)
+        data = _page(rec, meta, views, prev, nxt, text)
         hist = rec.get("hist") or {}
         svg = svg_histogram(hist.get("edges") or [], hist.get("counts") or [], label="activation",
                             title=f"Activation histogram of unit {u} (firing tokens)")
@@ -272,24 +296,49 @@ def render_site(run_dir: Path, name: str) -> Path:
         page = _fill("feature.html", title=f"{'Neuron' if meta.get('unit') == 'neuron' else 'Feature'} {u}"
                      f"{_layer_label(meta)} · {title_name}", static="../", data=embed_json(data),
                      hist_svg=svg, neg_hist_svg=neg_svg)
-        (tmp / "feature" / f"{u}.html").write_text(page, encoding="utf-8")
+        dest.write_text(page, encoding="utf-8")
+        built += 1
     index_data = {"name": meta.get("name", name), "unit": meta.get("unit"), "n_units": n_units,
                   "layer": meta.get("layer"), "negative_side": bool(meta.get("negative_side")),
                   "tokens_scanned": meta.get("tokens_scanned"), "contexts": meta.get("contexts"),
                   "split": meta.get("split"), "alive": meta.get("alive"), "dead": meta.get("dead"),
                   "sae_metrics": _flat_metrics(meta.get("sae_metrics")), "ultra_low": ULTRA_LOW,
                   "bins": meta.get("bins"), "described": sum(1 for r in rows if r[7] == "ok"),
-                  "rows": rows}
+                  "runs": [run_view(r) for r in runs], "rows": rows}
     index = _fill("index.html", title=f"Features{_layer_label(meta)} · {title_name}",
                   data=embed_json(index_data), density_svg=_density_svg(meta))
     (tmp / "index.html").write_text(index, encoding="utf-8")
-    old = feat_dir / f".site.old-{os.getpid()}"
+    state = {"base": base, "inputs": inputs, "pages": hashes, "built": built}
+    (tmp / "render.json").write_text(json.dumps(state, separators=(",", ":")), encoding="utf-8")
+    stale = feat_dir / f".site.old-{os.getpid()}"
     if site.exists():
-        os.replace(site, old)
+        os.replace(site, stale)
     os.replace(tmp, site)
-    if old.exists():
-        shutil.rmtree(old)
+    if stale.exists():
+        shutil.rmtree(stale)
     return site / "index.html"
+
+
+def _read_state(path: Path) -> dict:
+    try:
+        v = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return v if isinstance(v, dict) and v.get("base", {}).get("format") == RENDER_FORMAT else {}
+
+
+def _link(src: Path, dest: Path) -> bool:
+    """Hard-link an unchanged page into the new site (a copy where links are not possible)."""
+    try:
+        os.link(src, dest)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            shutil.copyfile(src, dest)
+        except OSError:
+            return False
+    return True
 
 
 def visible_logits(rec: dict, n: int = 3) -> list[str]:

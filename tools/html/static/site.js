@@ -17,6 +17,11 @@
     if (a < 1e-3 || a >= 1e4) return x.toExponential(digits === undefined ? 2 : digits - 1);
     return x.toPrecision(digits === undefined ? 3 : digits).replace(/\.?0+$/, "");
   }
+  function side(s) { return s === "neg" ? "negative" : "positive"; }
+  function stat(x) {
+    if (!x || typeof x.mean !== "number") return "-";
+    return fmt(x.mean, 3) + (x.ci95 ? " [" + fmt(x.ci95[0], 2) + ", " + fmt(x.ci95[1], 2) + "]" : "");
+  }
   function typing(ev) {
     var t = ev.target;
     return t && (t.tagName === "INPUT" || t.tagName === "SELECT" || t.tagName === "TEXTAREA");
@@ -24,7 +29,8 @@
 
   // ---- index ----------------------------------------------------------------------------------
   function index() {
-    // [index, density, max act, [top tokens], [top logits], description, score, status, has page]
+    // [index, density, max act, [top tokens], [top logits], description, score, status, has page,
+    //  min act, [labels of the tagged runs that describe it]]
     var rows = data.rows;
     var view = rows.slice();
     var sortCol = 0, sortDir = 1, page = 0;
@@ -48,6 +54,23 @@
       mt.appendChild(tr);
     });
 
+    var runs = data.runs || [], rb = document.querySelector("#runs tbody");
+    document.getElementById("runs-section").hidden = !runs.length;
+    runs.forEach(function (r) {
+      var tr = el("tr"), c = r.controls || {};
+      tr.appendChild(el("th", null, r.run)).scope = "row";
+      tr.appendChild(el("td", "side " + r.side, side(r.side)));
+      tr.appendChild(el("td", null, r.explainer));
+      tr.appendChild(el("td", null, r.simulator + (r.modes ? ", " + r.modes : "")));
+      tr.appendChild(el("td", "num", r.described + " of " + r.units + (r.failed ? ", " + r.failed + " failed" : "") +
+        (r.skipped ? ", " + r.skipped + " skipped" : "") + (r.complete ? "" : " (incomplete)")));
+      tr.appendChild(el("td", "num", stat(r.scores.simulation_all)));
+      tr.appendChild(el("td", "num", stat((c.random_description || {}).simulation_all)));
+      tr.appendChild(el("td", "num", stat((c.shuffled_tokens || {}).simulation_all)));
+      tr.appendChild(el("td", "num", stat(r.scores.detection_auc)));
+      rb.appendChild(tr);
+    });
+
     function chips(list) {
       var td = el("td", "toks");
       list.forEach(function (t) { td.appendChild(el("span", "chip", t)); });
@@ -64,10 +87,11 @@
         if (q.klass === "dead" && k !== "dead") return false;
         if (q.klass === "alive" && k === "dead") return false;
         if (q.klass === "ultralow" && k !== "ultralow") return false;
+        if (q.klass === "several" && !r[10].length) return false;
         var ld = r[1] > 0 ? Math.log10(r[1]) : -Infinity;
         if (q.dmin !== null && ld < q.dmin) return false;
         if (q.dmax !== null && ld > q.dmax) return false;
-        if (s && (r[3].join("\u0000") + "\u0000" + r[4].join("\u0000") + "\u0000" + r[5])
+        if (s && (r[3].join("\u0000") + "\u0000" + r[4].join("\u0000") + "\u0000" + r[5] + "\u0000" + r[10].join("\u0000"))
             .toLowerCase().indexOf(s) < 0 &&
             String(r[0]) !== s) return false;
         return true;
@@ -100,7 +124,13 @@
         tr.appendChild(el("td", "num", fmt(r[2]) + (r[9] === null || r[9] === undefined ? "" : " / " + fmt(r[9]))));
         tr.appendChild(chips(r[3]));
         tr.appendChild(chips(r[4]));
-        tr.appendChild(el("td", "descr", r[5] || (r[7] && r[7] !== "ok" ? "(" + r[7] + ")" : "")));
+        var dc = el("td", "descr", r[5] || (r[7] && r[7] !== "ok" ? "(" + r[7] + ")" : ""));
+        r[10].forEach(function (lab) {
+          var chip = el("span", "also", "+" + lab);
+          chip.title = "also described by the tagged run " + lab + " (see the unit's page)";
+          dc.appendChild(chip);
+        });
+        tr.appendChild(dc);
         tr.appendChild(el("td", "num", fmt(r[6], 2)));
         frag.appendChild(tr);
       }
@@ -173,15 +203,43 @@
       document.getElementById("act-quantiles").textContent = "activation quantiles (all tokens): " +
         aq.p.map(function (p, i) { return "q" + p + " " + (aq.v[i] === null ? "?" : fmt(aq.v[i])); }).join(" · ");
     }
-    var d = data.desc, box = document.getElementById("desc");
-    if (d) {
-      box.appendChild(el("p", "description", d.description || "(" + d.status + (d.reason ? ": " + d.reason : "") + ")"));
-      var sc = Object.keys(d.scores || {});
-      if (sc.length) {
-        box.appendChild(el("p", "scores", sc.map(function (k) { return k + " " + fmt(d.scores[k], 3); }).join(" · ")));
+    var box = document.getElementById("desc");
+    var labels = {simulation_all: "simulation_all", simulation_top: "simulation_top", detection_auc: "detection AUC"};
+    if (!data.descs.length) box.appendChild(el("p", "muted", "No description yet (run tools.describe)."));
+    data.descs.forEach(function (d) {
+      var card = el("article", "dcard " + d.side);
+      card.setAttribute("aria-label", side(d.side) + " side, " + d.run);
+      var head = el("p", "dhead");
+      head.appendChild(el("span", "side " + d.side, side(d.side) + " side"));
+      head.appendChild(el("span", "run", d.run));
+      head.appendChild(el("span", "muted", "explainer " + (d.explainer || "?") +
+        (d.simulator ? " · simulator " + d.simulator + (d.mode ? ", " + d.mode : "") : "")));
+      card.appendChild(head);
+      card.appendChild(el("p", "description" + (d.status === "ok" ? "" : " muted"), d.status === "ok" ?
+        d.description : "(" + d.status + (d.reason ? ": " + d.reason : "") + ")"));
+      var keys = Object.keys(labels).filter(function (k) {
+        return k in d.scores || Object.keys(d.controls).some(function (c) { return k in d.controls[c]; });
+      });
+      if (keys.length) {
+        var t = el("table", "scores"), hr = el("tr");
+        hr.appendChild(el("th", null, "score"));
+        keys.forEach(function (k) { hr.appendChild(el("th", "num", labels[k])).scope = "col"; });
+        t.appendChild(el("thead")).appendChild(hr);
+        var tb = t.appendChild(el("tbody"));
+        [["this description", d.scores],
+         ["random description" + (d.control_from === null ? "" : " (unit " + d.control_from + "'s)"),
+          d.controls.random_description],
+         ["shuffled tokens", d.controls.shuffled_tokens]].forEach(function (row) {
+          if (!row[1]) return;
+          var tr = el("tr");
+          tr.appendChild(el("th", null, row[0])).scope = "row";
+          keys.forEach(function (k) { tr.appendChild(el("td", "num", fmt(row[1][k], 3))); });
+          tb.appendChild(tr);
+        });
+        card.appendChild(t);
       }
-      if (d.explainer) box.appendChild(el("p", "muted small", "explainer: " + d.explainer));
-    } else box.appendChild(el("p", "muted", "No description yet (run tools.describe)."));
+      box.appendChild(card);
+    });
 
     ["prev", "next"].forEach(function (k) {
       var a = document.getElementById(k);
