@@ -109,7 +109,8 @@ def test_detection_truth_from_unit_quantile_gives_gelu_neurons_negatives(tmp_pat
         return [float(rng.uniform(4, 6)) if s == " thou" else float(rng.uniform(-0.1, 2.0)) for s in strs]
 
     run_dir = make_run(tmp_path, rules=[broad], n_uniform=10, quantiles=True)
-    old = run(run_dir, "describe.detection_quantile=null", "describe.overwrite=true", "describe.controls=false")
+    old = run(run_dir, "describe.detection_quantile=null", "describe.overwrite=true",
+              "describe.controls=false")
     assert old[0]["status"] == "ok" and old[0]["scores"]["detection"] is None
     new = run(run_dir, "describe.overwrite=true", "describe.controls=false")
     truth = new[0]["detection_truth"]
