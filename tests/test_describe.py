@@ -365,7 +365,7 @@ def test_gelu_like_neuron_gets_negatives_and_a_detection_score(tmp_path):
     gelu = units[0]
     assert len(gelu["random"]) == 20 and all(max(e["acts"]) > 0 for e in gelu["random"])  # never silent
     assert all(max(e["acts"]) <= 0.1 * gelu["max_act"] for e in gelu["random"])
-    figures = stage.run(cfg_for(tmp_path, "features.unit=neuron"))
+    figures = stage.run(cfg_for(tmp_path, "features.unit=neuron", "describe.score_random=10"))
     assert figures["described"] == 3
     rec = {r["index"]: r for r in read_lines(tmp_path, "neurons")}[0]
     assert '" thou"' in rec["description"] and rec["exemplars"]["score_random"] >= 2
@@ -384,15 +384,22 @@ def test_negative_frac_from_meta_and_units_without_negatives_are_skipped(tmp_pat
     a meta.json without the key means 0.1."""
     write_features(tmp_path, "neurons", [gelu_like_on(" thou")], unit="neuron", extra={" thou": 0.04},
                    negative_frac=0.0)
-    stage.run(cfg_for(tmp_path, "features.unit=neuron", "describe.min_score_random=2"))
+    stage.run(cfg_for(tmp_path, "features.unit=neuron", "describe.min_score_random=2",
+                      "describe.score_random=10"))
     rec = read_lines(tmp_path, "neurons")[0]
     assert rec["status"] == "skipped" and "non-firing contexts" in rec["reason"]
     assert json.loads((tmp_path / "descriptions/neurons/summary.json").read_text())["negative_frac"] == 0.0
-    # by default (min_score_random=0) it is still described and simulated, with no detection score
-    stage.run(cfg_for(tmp_path, "features.unit=neuron"))
+    # with min_score_random=0 it is still described and simulated; without uniform windows or quantiles
+    # there is no negative, so no detection score
+    stage.run(cfg_for(tmp_path, "features.unit=neuron", "describe.score_uniform=0",
+                      "describe.detection_quantiles=[]"))
     rec = read_lines(tmp_path, "neurons")[0]
     assert rec["status"] == "ok" and rec["scores"]["detection"] is None
     assert rec["scores"]["simulation_top"] > 0.8
+    # by default its uniform windows and its own quantiles give it negatives, and a detection score
+    stage.run(cfg_for(tmp_path, "features.unit=neuron"))
+    rec = read_lines(tmp_path, "neurons")[0]
+    assert rec["scores"]["detection"] is not None and rec["detection_truth"]["rule"].startswith("q")
     write_features(tmp_path, "neurons", [gelu_like_on(" thou")], unit="neuron", extra={" thou": 0.04},
                    negative_frac=None)
     assert not stage.done(cfg_for(tmp_path, "features.unit=neuron"))

@@ -130,6 +130,8 @@ def test_negative_side_described_separately(tmp_path):
     recs[0]["neg"] = {"density": king["density"], "min_act": -king["max_act"], "quantiles": bins,
                       "bottom": [negated(e) for e in king["top"]],
                       "random": [negated(e) for e in king["random"]]}
+    # uniform windows carry the unit's signed activations: here negative on " king"
+    recs[0]["uniform"] = [{**e, "acts": [-a for a in e["acts"]]} for e in king["uniform"]]
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     stage.run(cfg_for(run_dir, "describe.polarity=neg"))
     out = {r["index"]: r for r in indices_or_records(run_dir / "descriptions/l1-neg")}

@@ -104,23 +104,25 @@ def test_too_few_windows_for_three_way_split_skips_with_reason(tmp_path):
 
 def test_detection_truth_from_unit_quantile_gives_gelu_neurons_negatives(tmp_path):
     """A GELU-like neuron is above 0.1 x max somewhere in nearly every window, so the max-fraction rule
-    leaves it no negatives; its own 99.9th percentile does."""
+    leaves it no negatives; its own high quantile does. A sparse unit keeps the max-fraction rule."""
     def broad(strs, rng):  # active everywhere at up to a third of its max, like a dense GELU neuron
         return [float(rng.uniform(4, 6)) if s == " thou" else float(rng.uniform(-0.1, 2.0)) for s in strs]
 
     run_dir = make_run(tmp_path, rules=[broad], n_uniform=10, quantiles=True)
-    old = run(run_dir, "describe.detection_quantile=null", "describe.overwrite=true",
+    old = run(run_dir, "describe.detection_quantiles=[]", "describe.overwrite=true",
               "describe.controls=false")
     assert old[0]["status"] == "ok" and old[0]["scores"]["detection"] is None
     new = run(run_dir, "describe.overwrite=true", "describe.controls=false")
     truth = new[0]["detection_truth"]
-    assert truth["rule"] == "q0.999" and truth["threshold"] > 2.0  # above the dense floor
+    assert truth["rule"] in ("q0.99", "q0.999") and truth["threshold"] > 2.0  # above the dense floor
     assert new[0]["scores"]["detection"] is not None and new[0]["scores"]["detection_auc"] is not None
+    sparse = run(make_run(tmp_path / "sparse"), "describe.controls=false")
+    assert {r["detection_truth"]["rule"] for r in sparse if r["status"] == "ok"} == {"0.1 x max_act"}
 
 
 def test_bad_selection_settings_are_one_line_errors(tmp_path):
     run_dir = make_run(tmp_path)
-    for bad in ("describe.candidate_exemplars=0", "describe.detection_quantile=1.5"):
+    for bad in ("describe.candidate_exemplars=0", "describe.detection_quantiles=[1.5]"):
         with pytest.raises(UserError, match=bad.split("=")[0]):
             stage.run(compose([f"run_dir={run_dir}", "describe.site=false", bad]))
 

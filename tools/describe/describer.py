@@ -122,18 +122,27 @@ class Describer:
                 "config_hash": self.config_hash}
 
     def truth_threshold(self, split: Split) -> tuple[float, str]:
-        """The activation a window's max must exceed to count as activating the unit (detection):
-        negative_frac x the unit's max (the features stage's rule for negatives), raised to the unit's
-        own `detection_quantile` activation quantile when features.jsonl has it, so a unit active on
-        most tokens (a GELU neuron) has negatives too. Returns the threshold and the rule in words."""
+        """The activation a window's max must exceed to count as activating the unit (detection).
+        The first of negative_frac x max_act (the features stage's rule for negatives), then the unit's
+        own activation quantiles at `detection_quantiles` (features.jsonl `act_quantiles`), under which
+        at least `detection_negatives` of the unit's uniform windows fall: SAE features keep the first
+        (their uniform windows are mostly silent), a GELU neuron, active a little on most tokens, gets
+        a quantile. Returns the threshold and the rule in words."""
         d = self.dc
         max_act = split.max_act if split.max_act is not None else max(
             (max(ex["acts"]) for _, ex in split.scoring()), default=0.0)
-        thr, rule = self.negative_frac * max(max_act, 0.0), f"{self.negative_frac:g} x max_act"
-        q = self._side_quantile(split, d.detection_quantile) if d.detection_quantile is not None else None
-        if q is not None and q > thr:
-            thr, rule = q, f"q{d.detection_quantile:g}"
-        return float(thr), rule
+        ladder = [(self.negative_frac * max(max_act, 0.0), f"{self.negative_frac:g} x max_act")]
+        for p in d.detection_quantiles:
+            q = self._side_quantile(split, p)
+            if q is not None and q > ladder[-1][0]:
+                ladder.append((q, f"q{p:g}"))
+        uniform = [max(ex["acts"]) for ex in split.score_uniform]
+        uniform += [max(ex["acts"]) for kind, ex in split.validation if kind == "uniform"]
+        if uniform:
+            for thr, rule in ladder:
+                if sum(m <= thr for m in uniform) >= d.detection_negatives * len(uniform):
+                    return float(thr), rule
+        return float(ladder[-1][0] if uniform else ladder[0][0]), ladder[-1][1] if uniform else ladder[0][1]
 
     def _side_quantile(self, split: Split, p: float) -> float | None:
         """The activation quantile p of this side: q(p) for pos, -q(1 - p) of the signed unit for neg."""

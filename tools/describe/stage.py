@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,7 @@ class DescribeConfig:
     explain_per_bin: int = 1
     score_per_bin: int = 1
     explain_random: int = 2  # non-firing contexts the explainer may use as background
-    score_random: int = 10
+    score_random: int = 0  # 0: uniform windows are the negatives of every unit alike (see baseline.yaml)
     min_explain: int = 3  # fewer explanation exemplars than this -> unit skipped
     min_score_firing: int = 2
     # fewer held-out negatives -> unit skipped; 0 keeps units without negatives (no detection score):
@@ -97,9 +97,11 @@ class DescribeConfig:
     candidates: int = 1
     candidate_exemplars: int | None = None  # exemplars per candidate (None = two thirds of them)
     candidate_temperature: float = 0.7  # llm explainer's sampling temperature for candidates
-    # detection truth: a window activates the unit when its max exceeds max(negative_frac x max_act, the
-    # unit's activation quantile at this probability from features.jsonl `act_quantiles`); None = the former
-    detection_quantile: float | None = 0.999
+    # detection truth: a window activates the unit when its max exceeds the first of negative_frac x
+    # max_act and the unit's activation quantiles at these probabilities (features `act_quantiles`) under
+    # which at least `detection_negatives` of its uniform windows fall (so every unit has negatives)
+    detection_quantiles: list[float] = field(default_factory=lambda: [0.99, 0.999])
+    detection_negatives: float = 0.2
     top_logprobs: int = 5  # 0 = never ask for logprobs
     cache: bool = True
     # LLM backend: openai (any OpenAI-compatible server at base_url) | local (in-process transformers,
@@ -127,7 +129,7 @@ _RESULT_KEYS = ("explainer", "simulator", "explain_top", "score_top", "explain_p
                 "explain_random", "score_random", "min_explain", "min_score_firing", "min_score_random",
                 "fire_frac", "min_count", "max_items", "detection_threshold", "controls", "seed", "model",
                 "temperature", "explain_max_tokens", "top_logprobs", "candidates", "candidate_temperature",
-                "candidate_exemplars", "detection_quantile",
+                "candidate_exemplars", "detection_quantiles", "detection_negatives",
                 "backend", "embedded", "dtype", "labels", "score_uniform", "sample", "units", "polarity",
                 "chunk_units")  # chunk_units: the random-description control draws within a chunk
 
@@ -148,9 +150,10 @@ def load_config(cfg: DictConfig) -> DescribeConfig:
     if dc.candidate_exemplars is not None and dc.candidate_exemplars < 1:
         raise UserError(f"config `describe.candidate_exemplars`: must be >= 1 or null, got "
                         f"{dc.candidate_exemplars}")
-    if dc.detection_quantile is not None and not 0 < dc.detection_quantile < 1:
-        raise UserError(f"config `describe.detection_quantile`: must be in (0, 1) or null, got "
-                        f"{dc.detection_quantile}")
+    if not all(0 < q < 1 for q in dc.detection_quantiles) or not 0 <= dc.detection_negatives <= 1:
+        raise UserError(f"config `describe.detection_quantiles`: probabilities in (0, 1), got "
+                        f"{dc.detection_quantiles}; `describe.detection_negatives` in [0, 1]")
+    dc.detection_quantiles = sorted(dc.detection_quantiles)
     if dc.max_units is not None and dc.max_units < 1:
         raise UserError(f"config `describe.max_units`: must be >= 1 or null, got {dc.max_units}")
     if not 0 < dc.fire_frac <= 1:
