@@ -4,10 +4,11 @@
                                    [--device auto] [--threads N] [--data-dir data]
 
 Describes `--units` planted units (tools/describe/synthetic.py, 33-token windows as in the demo)
-end to end through the stage: explain (generation from the chat template), simulate the held-out
-windows all at once, and the two controls. Prints key=value lines: units/hour, prompt tokens/s
-of the simulator forwards, generated tokens/s of the explainer, simulator forwards and scoring
-windows per unit (goal: at most one forward per scoring window, no generation).
+end to end through the stage, with the demo's LLM settings (conf/preset/demo.yaml
+`pipeline.llm_overrides`: the explainer prompt and the scoring windows): explain (generation from
+the chat template), simulate the held-out windows all at once, and the two controls. Prints
+key=value lines: units/hour, tokens/s (prompt + generated), generated tokens per unit, simulator
+forwards and scoring windows per unit (goal: at most one forward per scoring window, no generation).
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ def main(argv: list[str] | None = None) -> dict:
         (run_dir / "sae/bench/cfg.json").write_text("{}")
         model = ["describe.embedded=null", f"describe.model={args.model}"] if args.model else \
             [f"describe.embedded={args.embedded}"]
+        demo = compose(["preset=demo"]).pipeline.llm_overrides
         cfg = compose([f"run_dir={run_dir}", f"data_dir={args.data_dir}", f"device={args.device}",
                        "describe=local", "describe.site=false", *model,
+                       *[f"describe.{k}={v}" for k, v in demo.items()],
                        *([f"describe.threads={args.threads}"] if args.threads else [])])
         t0 = time.perf_counter()
         stage.run(cfg)
@@ -66,6 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
         "generated_tokens_per_unit": usage["completion_tokens"] / max(len(recs), 1),
         "simulator_forwards_per_unit": usage["forwards"] / max(len(ok), 1),
         "scoring_windows_per_unit": sims * windows / max(len(ok), 1),
+        "simulator_forwards_per_window": usage["forwards"] / max(sims * windows, 1),
+        "seconds_per_unit": seconds / max(len(recs), 1),
     }
     print_figures(figures)
     return figures
