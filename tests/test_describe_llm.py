@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from tools.describe import stage
-from tools.describe.client import ServerUnreachable
+from tools.describe.client import ChatClient, ServerUnreachable
+from tools.describe.simulators import LLMSimulator
 from tools.describe.synthetic import fires_after, fires_on, fires_randomly, write_features
 from transformer.config import UserError, compose
 
@@ -441,3 +442,119 @@ def test_context_length_400_and_repeated_5xx_fail_one_unit_not_the_stage(tmp_pat
     recs = records(tmp_path)
     assert recs[0]["status"] == "failed" and "HTTP 500" in recs[0]["reason"] and "boom" in recs[0]["raw"]
     assert recs[1]["status"] == "ok" and figures["failed"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The simulator itself, against the scripted server (real ChatClient, real HTTP)
+
+THOU = 'the token " thou".'
+
+
+def simulator(fake, **kw) -> LLMSimulator:
+    client = ChatClient(base_url=fake.url, model="fake-1", api_key_env=KEY_ENV, timeout=5, max_retries=2,
+                        backoff=0.01, concurrency=2, cache_dir=None)
+    return LLMSimulator(client, top_logprobs=5, **kw)
+
+
+def test_ten_split_into_digits_is_never_read_as_p_of_one(fake):
+    """Labels 0-10 on a Llama tokenizer: "10" comes back as "1", "0", so the written value is used
+    (and p("1") elsewhere may be the start of "10", so no expected values at all)."""
+    fake.echo = "ignore"
+    sim = simulator(fake, labels=[str(i) for i in range(11)])
+    out = sim(THOU, [[" thou", " art", " thou"]])
+    assert out.preds == [[10.0, 0.0, 10.0]] and out.mode == "text"
+    chat = fake.bodies[-1]
+    assert chat["top_logprobs"] == 5 and "0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10" in chat["messages"][1]["content"]
+
+
+def test_default_labels_0_to_9_use_expected_values(fake):
+    fake.echo = "ignore"
+    out = simulator(fake)(THOU, [[" thou", " art"]])
+    # "9" (p .9) / "0" (p .1) -> 8.1 of 9 -> 9.0; "0" (p .9) / "1" (p .1) -> 0.1 of 9
+    assert out.mode == "logprobs" and out.preds[0] == pytest.approx([9.0, 1 / 9], abs=1e-4)
+
+
+def test_mixed_when_only_some_answers_show_ten_as_one_token(fake):
+    """A vocabulary with "10" as one token (cl100k-like): an answer writing it confirms p("1") is 1,
+    an answer that never writes it leaves that open, so its values are taken as written."""
+    fake.echo, fake.digits = "ignore", "whole"
+    out = simulator(fake, labels=[str(i) for i in range(11)])(THOU, [[" thou", " art"], [" art", " is"]])
+    assert out.preds[0] == pytest.approx([9.0, 0.1]) and out.preds[1] == [0.0, 0.0]
+    assert out.mode == "mixed"
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("0\t9\n2\t0\n1\t9\n", "line 2: expected index 1, got 2"),
+    ("0\t9\n1\t0\n", "ends after 2 of 3 lines (missing index 2)"),
+    ("0\t9\n1\t0\n2\t9\n3\t0\n", "line 4: index 3 after the last token (index 2)"),
+    ("0\t9\n1\t10\n2\t9\n", "line 2: value '10' of index 1 is not a label (0..9)"),
+    ("Sure! Here you go:\n0\t9\n1\t0\n2\t9", "line 1: expected index<TAB>value"),
+])
+def test_misaligned_answers_fail_that_context_with_reason_and_raw(fake, text, reason):
+    fake.echo, fake.simulate_text = "ignore", text
+    out = simulator(fake)(THOU, [[" thou", " art", " thou"]])
+    assert out.preds == [None] and out.mode is None
+    assert reason in out.failures[0]["reason"] and out.failures[0]["raw"] == text
+
+
+def test_harmless_answer_decoration_is_accepted(fake):
+    fake.echo, fake.simulate_text = "ignore", "```\n 0\t9 \n1:\t0\n\n2  9\n```\n\n"
+    out = simulator(fake)(THOU, [[" thou", " art", " thou"]])
+    assert out.preds == [[10.0, 0.0, 10.0]] and out.mode == "text"  # logprobs do not spell this text
+
+
+def test_all_at_once_reads_the_prompt_logprobs_at_each_slot(fake):
+    sim = simulator(fake)
+    out = sim(THOU, [[" thou", " art", "\t", " thou"], [" a"]])
+    # at a slot: the rule's label p .8, a neighbour .1, "unknown" .1 (not a label: renormalised away)
+    hi, lo = (9 * 0.8 + 8 * 0.1) / 0.9 * 10 / 9, (1 * 0.1) / 0.9 * 10 / 9
+    assert out.mode == "all_at_once" and out.failures == []
+    assert out.preds[0] == pytest.approx([hi, lo, lo, hi], abs=1e-4)
+    assert out.preds[1] == pytest.approx([lo], abs=1e-4)
+    assert fake.paths == ["completions", "completions"]
+    body = fake.bodies[0]
+    assert body["echo"] is True and body["logprobs"] == 5 and body["max_tokens"] == 1
+    assert body["prompt"].endswith(' thou\tunknown\n art\tunknown\n\\t\tunknown\n thou\tunknown\n')
+    # described as the local all-at-once simulator describes it: one prompt text for both
+    assert "Explanation of unit 2 behavior: the token \" thou\"." in body["prompt"]
+
+
+@pytest.mark.parametrize("echo", ["ignore", "reject"])
+def test_server_without_prompt_logprobs_is_probed_once_then_chat(fake, echo):
+    fake.echo = echo
+    sim = simulator(fake)
+    first = sim(THOU, [[" thou", " art"], [" art"]])
+    second = sim(THOU, [[" is"]])
+    assert first.mode == second.mode == "logprobs"
+    assert fake.paths == ["completions", "chat", "chat", "chat"]
+
+
+def test_prompt_logprobs_false_never_asks_for_completions(fake):
+    out = simulator(fake, prompt_logprobs=False)(THOU, [[" thou"]])
+    assert out.mode == "logprobs" and fake.paths == ["chat"]
+
+
+def test_placeholder_glued_to_the_tab_is_a_named_failure(fake):
+    fake.merge_tab = True
+    out = simulator(fake)(THOU, [[" thou", " art"]])
+    assert out.preds == [None]
+    assert "slot 0: no prompt token starts at its placeholder" in out.failures[0]["reason"]
+    assert "\\tunknown" in out.failures[0]["reason"]
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_context_length_and_repeated_5xx_fail_one_context_on_both_endpoints(fake, endpoint):
+    if endpoint == "chat":
+        fake.echo = "ignore"
+        fake.faults = ["", "ctx400"]  # the probe is ignored; the first chat simulation is too long
+    else:
+        fake.faults = ["ctx400"]
+    sim = simulator(fake)
+    out = sim(THOU, [[" thou"], [" art"]])
+    assert out.preds[0] is None and out.preds[1] is not None
+    assert "too long" in out.failures[0]["reason"] and "maximum context length" in out.failures[0]["raw"]
+    fake.faults = ["500"] * 3  # every attempt (max_retries=2) of the next request
+    out = sim(THOU, [[" thou"], [" art"]])
+    assert out.preds[0] is None and out.preds[1] is not None
+    assert "HTTP 500" in out.failures[0]["reason"] and "boom" in out.failures[0]["raw"]
+    assert fake.paths[-1] == endpoint
