@@ -185,7 +185,7 @@ class LLMSimulator:
         text = content_of(response)
         parsed = parse_lines(text, n, self.labels)
         if isinstance(parsed, str):
-            if response["choices"][0].get("finish_reason") == "length":
+            if response["choices"][0].get("finish_reason") == "length" and "ends after" in parsed:
                 parsed += f" (cut at max_tokens={budget}: describe.simulate_max_tokens_per_token)"
             raise _Unusable(parsed, text[:2000])
         values, spans = parsed
