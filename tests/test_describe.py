@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 
 from tools.describe import describer, stage
+from tools.describe.answers import parse_lines, value_evs
 from tools.describe.exemplars import split_exemplars
 from tools.describe.explainers import explain_baseline, mark_spans, parse_explanation, scale
 from tools.describe.scorers import active_labels, balanced_accuracy, pearson, score
-from tools.describe.simulators import parse_items, parse_values, simulate_baseline
+from tools.describe.simulators import parse_items, simulate_baseline
 from tools.describe.synthetic import fires_after, fires_on, fires_randomly, gelu_like_on, write_features
 from transformer.config import UserError, compose
 
@@ -194,9 +195,28 @@ def test_llm_prompt_helpers():
     assert parse_explanation("**Explanation:** archaic pronouns") == "archaic pronouns"
     assert parse_explanation("") is None and parse_explanation("I'm sorry, I cannot help") is None
     assert parse_explanation("[1, 2, 3]") is None
-    assert parse_values("Here: [0, 10, 3.5, 12]", 4) == [0, 10, 3.5, 10]
-    assert "expected 4" in parse_values("[1, 2]", 4)
-    assert "no JSON list" in parse_values("nothing", 2)
+    labels = [str(i) for i in range(10)]
+    text = "0\t9\n1\t0\n"
+    assert parse_lines(text, 2, labels) == ([9, 0], [(2, 3), (6, 7)])
+    assert "expected index 1, got 0" in parse_lines("0\t9\n0\t0", 2, labels)
+    assert "missing index 0" in parse_lines("", 2, labels)
+
+
+def test_value_spread_over_tokens_is_taken_as_written():
+    """Llama-style tokens: "10" is "1", "0"; the old reader counted p("1") as the value 1."""
+    labels = [str(i) for i in range(11)]
+    text = "0\t10\n1\t0"
+    toks = ["0", "\t", "1", "0", "\n", "1", "\t", "0"]
+    lp = [{"token": t, "logprob": 0.0, "top_logprobs": [{"token": t, "logprob": -0.1},
+                                                          {"token": "2", "logprob": -2.4}]} for t in toks]
+    response = {"choices": [{"message": {"content": text}, "logprobs": {"content": lp}}]}
+    values, spans = parse_lines(text, 2, labels)
+    assert values == [10, 0] and value_evs(response, text, spans, labels) == [None, None]
+    # with 0-9 labels no label is a prefix of another: each single-token value gets its expected value
+    values, spans = parse_lines("0\t9\n1\t0", 2, labels[:10])
+    evs = value_evs({"choices": [{"logprobs": {"content": lp[:2] + [lp[3] | {"token": "9"}] + lp[4:]}}]},
+                    "0\t9\n1\t0", spans, labels[:10])
+    assert None not in evs and all(0 < ev < 3 for ev in evs)
 
 
 # ---- resume ------------------------------------------------------------------------------------

@@ -1,8 +1,11 @@
-"""The LLM path end to end against a fake OpenAI chat-completions server on 127.0.0.1.
+"""The LLM path end to end against a scripted OpenAI-compatible server on 127.0.0.1.
 
 The server is stdlib http.server in a thread. Its "model" is a tiny lexical one (explains a unit by
-its most common marked span, simulates by quoted tokens) so good descriptions score high; faults
-(429, 5xx, timeouts, garbage bodies and answers, 401) are scripted per request.
+its most common marked span, simulates by quoted tokens) so good descriptions score high; it cuts
+text as a Llama tokenizer does (every digit and whitespace character a token: "10" is "1", "0"),
+answers /v1/completions with echo + logprobs as vLLM does (or ignores/rejects them as `transformers
+serve` does), and faults (429, 5xx, timeouts, context-length 400, garbage, 401) are scripted per
+request. tests/test_describe_serve.py runs a real server.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from tools.describe import stage
-from tools.describe.client import ServerUnreachable
+from tools.describe.client import ChatClient, ServerUnreachable
+from tools.describe.simulators import LLMSimulator
 from tools.describe.synthetic import fires_after, fires_on, fires_randomly, write_features
 from transformer.config import UserError, compose
 
@@ -28,36 +32,55 @@ SECRET = "sk-test-SECRET-4f9a1c77"
 KEY_ENV = "MONOSEMANTIC_TEST_LLM_KEY"
 
 
+def llama_split(text: str, digits: str = "split", merge_tab: bool = False) -> list[str]:
+    """Tokens as a Llama/SmolLM2/Mistral/Qwen tokenizer cuts numbers: every digit one token (digits=
+    "whole": a digit run is one token, as in cl100k), every whitespace character its own token."""
+    num = r"\d" if digits == "split" else r"\d+"
+    tab = r"\t[^\d\s]+|" if merge_tab else ""
+    return re.findall(rf"{tab}{num}|\s|[^\d\s]+", text)
+
+
+def quoted(desc: str) -> set[str]:
+    return {json.loads(q).strip() for q in re.findall(r'"(?:[^"\\]|\\.)*"', desc)}
+
+
 class FakeLLM:
     def __init__(self):
         self.lock = threading.Lock()
         self.bodies: list[dict] = []
+        self.paths: list[str] = []
         self.auth: list[str | None] = []
         self.inflight = 0
         self.max_inflight = 0
-        self.faults: list[str] = []  # consumed one per request: 429, 500, timeout, garbage_body
+        self.faults: list[str] = []  # consumed one per request ("" = none): 429, 500, timeout, ctx400, ...
         self.delay = 0.0
-        self.logprobs = True  # False: ignore the logprobs request; "reject": answer 400
+        self.logprobs = True  # chat: False = ignore the logprobs request; "reject" = answer 400
+        self.echo = "vllm"  # /v1/completions: vllm = echo + logprobs; ignore (transformers serve); reject
+        self.digits = "split"
+        self.merge_tab = False  # a tokenizer that glues "\tunknown" into one token
         self.explain_text: str | None = None
         self.simulate_text: str | None = None
         self.require_key = False
         self.sleep_for_timeout = 1.0
 
-    # -- the "model" --
+    # -- the "model": explains by the most common marked span, fires on quoted tokens --
     def explain(self, body: dict) -> str:
         spans = re.findall(r"<<(.*?)>>", body["messages"][1]["content"])
         word = Counter(spans).most_common(1)[0][0] if spans else "?"
         return self.explain_text if self.explain_text is not None else \
             f'Explanation: the token {json.dumps(word)}.'
 
-    def simulate(self, body: dict) -> list[int]:
+    def simulate(self, body: dict) -> tuple[list[str], list[str]]:
         user = body["messages"][1]["content"]
-        desc = re.search(r"Description of the unit: (.*)", user).group(1)
-        quoted = {json.loads(q).strip() for q in re.findall(r'"(?:[^"\\]|\\.)*"', desc)}
+        want = quoted(re.search(r"Description of the unit: (.*)", user).group(1))
+        labels = re.search(r"\(maximally active\): (.*)", user).group(1).split(", ")
         toks = [json.loads(t) for t in re.findall(r"^\d+\t(\".*\")$", user, flags=re.M)]
-        return [10 if t.strip() in quoted else 0 for t in toks]
+        return [labels[-1] if t.strip() in want else labels[0] for t in toks], labels
 
-    def completion(self, body: dict) -> dict:
+    def tokens(self, text: str) -> list[str]:
+        return llama_split(text, self.digits, self.merge_tab)
+
+    def chat(self, body: dict) -> dict:
         system = body["messages"][0]["content"]
         logprobs = None
         if system.startswith("You are studying"):
@@ -65,21 +88,53 @@ class FakeLLM:
         elif self.simulate_text is not None:
             text = self.simulate_text
         else:
-            values = self.simulate(body)
-            text = "[" + ", ".join(map(str, values)) + "]"
+            values, labels = self.simulate(body)
+            text = "\n".join(f"{i}\t{v}" for i, v in enumerate(values)) + "\n"
             if body.get("logprobs") and self.logprobs is True:
-                content = [{"token": "[", "logprob": 0.0, "top_logprobs": []}]
-                for i, v in enumerate(values):
-                    other = 0 if v == 10 else 1
-                    content.append({"token": str(v), "logprob": math.log(0.9), "top_logprobs": [
-                        {"token": str(v), "logprob": math.log(0.9)},
-                        {"token": str(other), "logprob": math.log(0.1)}]})
-                    content.append({"token": ", " if i < len(values) - 1 else "]", "logprob": 0.0,
-                                    "top_logprobs": []})
+                content, prev = [], ""
+                for tok in self.tokens(text):
+                    alts = [{"token": tok, "logprob": 0.0}]
+                    if prev == "\t" and tok[0].isdigit():  # the first token of a value
+                        other = labels[1] if tok == labels[0] else labels[0]
+                        alts = [{"token": tok, "logprob": math.log(0.9)},
+                                {"token": other, "logprob": math.log(0.1)}]
+                    content.append({"token": tok, "logprob": alts[0]["logprob"], "top_logprobs": alts})
+                    prev = tok
                 logprobs = {"content": content}
         return {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
                 "choices": [{"index": 0, "finish_reason": "stop", "logprobs": logprobs,
                              "message": {"role": "assistant", "content": text}}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
+
+    def completion(self, body: dict) -> dict:
+        """vLLM's legacy completion with echo + logprobs: the prompt's tokens, each with its top
+        alternatives; at every `\tunknown` slot the labels, weighted by the quoted-token rule."""
+        prompt = body["prompt"]
+        choice = {"index": 0, "finish_reason": "length", "text": "0", "logprobs": None}
+        if self.echo == "vllm" and body.get("echo") and body.get("logprobs"):
+            want = quoted(re.search(r"Explanation of unit 2 behavior: (.*)", prompt).group(1))
+            lo, hi = re.search(r"from (\d+) \(not active\) to (\d+) \(most active\)", prompt).groups()
+            labels = [str(i) for i in range(int(lo), int(hi) + 1)]
+            toks = self.tokens(prompt) + ["0"]
+            offsets, at = [], 0
+            for t in toks:
+                offsets.append(at)
+                at += len(t)
+            tops: list[dict | None] = [None]
+            for j in range(1, len(toks)):
+                top = {toks[j]: 0.0}
+                if toks[j] == "unknown" and toks[j - 1] == "\t":
+                    start = prompt.rfind("\n", 0, offsets[j]) + 1
+                    word = json.loads('"' + prompt[start:offsets[j] - 1] + '"')
+                    v = labels[-1] if word.strip() in want else labels[0]
+                    other = labels[1] if v == labels[0] else labels[-2]
+                    top = {v: math.log(0.8), other: math.log(0.1), "unknown": math.log(0.1)}
+                tops.append(top)
+            choice.update(text=prompt + "0", logprobs={
+                "tokens": toks, "token_logprobs": [None] + [max(t.values()) for t in tops[1:]],
+                "top_logprobs": tops, "text_offset": offsets})
+        return {"id": "c", "object": "text_completion", "created": 0, "model": body["model"],
+                "choices": [choice],
                 "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
 
 
@@ -102,8 +157,10 @@ def _handler(fake: FakeLLM):
 
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            chat = self.path.endswith("/chat/completions")
             with fake.lock:
                 fake.bodies.append(body)
+                fake.paths.append("chat" if chat else "completions")
                 fake.auth.append(self.headers.get("Authorization"))
                 fault = fake.faults.pop(0) if fake.faults else None
                 fake.inflight += 1
@@ -123,9 +180,11 @@ def _handler(fake: FakeLLM):
                     time.sleep(fake.sleep_for_timeout)
                 if fault == "garbage_body":
                     return self.send(200, b"<html>not json</html>")
-                if body.get("logprobs") and fake.logprobs == "reject":
+                if chat and body.get("logprobs") and fake.logprobs == "reject":
                     return self.send(400, b'{"error": {"message": "logprobs is not supported"}}')
-                self.send(200, json.dumps(fake.completion(body)).encode())
+                if not chat and fake.echo == "reject":  # as transformers serve answers vLLM's fields
+                    return self.send(422, b'{"detail": "Unexpected fields in the request: {\'echo\'}"}')
+                self.send(200, json.dumps(fake.chat(body) if chat else fake.completion(body)).encode())
             finally:
                 with fake.lock:
                     fake.inflight -= 1
@@ -173,24 +232,28 @@ def assert_secret_not_written(run_dir: Path):
             assert SECRET.encode() not in path.read_bytes(), f"API key written to {path}"
 
 
-def test_llm_end_to_end_logprobs_cache_and_key(tmp_path, fake, capsys):
+def test_llm_end_to_end_all_at_once_cache_and_key(tmp_path, fake, capsys):
     write_features(tmp_path, "l1", RULES, extra={" thou": 0.04})
     figures = stage.run(llm_cfg(tmp_path, fake.url))
     recs = records(tmp_path)
     assert [r["status"] for r in recs.values()] == ["ok"] * 3
     thou = recs[0]
     assert thou["description"] == 'the token " thou".' and thou["explainer"] == "llm"
-    assert thou["simulator_mode"] == "logprobs" and thou["model"] == "fake-1"
+    assert thou["simulator_mode"] == "all_at_once" and thou["model"] == "fake-1"
+    sims = [b for b, p in zip(fake.bodies, fake.paths, strict=True) if p == "completions"]
+    assert sims and all(b["echo"] is True and b["logprobs"] == 5 and b["max_tokens"] == 1 for b in sims)
+    assert all(not b["messages"][0]["content"].startswith("You predict")
+               for b, p in zip(fake.bodies, fake.paths, strict=True) if p == "chat")  # no chat simulation
     assert thou["scores"]["simulation_all"] > 0.9 and thou["scores"]["detection"] == 1.0
     # shuffled, predictions put back in place: a token-identity description keeps its score
     assert thou["controls"]["shuffled_tokens"]["simulation_all"] > 0.9
     n_requests = len(fake.bodies)
     assert figures["llm_calls"] == n_requests and figures["tokens"] == 15 * n_requests
-    assert all(body.get("top_logprobs") == 5 for body in fake.bodies if "logprobs" in body)
+    assert all(b.get("top_logprobs") == 5 for b in fake.bodies if "messages" in b and "logprobs" in b)
     assert all(a == f"Bearer {SECRET}" for a in fake.auth)  # the key was used ...
     summary = json.loads((tmp_path / "descriptions/l1/summary.json").read_text())
     assert summary["usage"]["prompt_tokens"] == 10 * n_requests
-    assert summary["simulator_modes"] == {"logprobs": 3}
+    assert summary["simulator_modes"] == {"all_at_once": 3}
     cache = list((tmp_path / "descriptions/l1/cache").rglob("*.json"))
     assert len(cache) == n_requests
     # a rerun from scratch costs nothing: every answer comes from the disk cache
@@ -220,10 +283,11 @@ def test_retries_on_429_500_timeout_and_garbage_body(tmp_path, fake):
 def test_malformed_answers_are_failures_with_raw_text(tmp_path, fake):
     write_features(tmp_path, "l1", RULES[:2], extra={" thou": 0.04})
     fake.simulate_text = "I think the unit likes old English."
+    fake.echo = "ignore"  # the line-per-token chat path
     figures = stage.run(llm_cfg(tmp_path, fake.url, "describe.controls=false"))
     recs = records(tmp_path)
     assert {r["status"] for r in recs.values()} == {"failed"}
-    assert "no JSON list" in recs[0]["reason"] and recs[0]["raw"] == fake.simulate_text
+    assert "line 1: expected index<TAB>value" in recs[0]["reason"] and recs[0]["raw"] == fake.simulate_text
     assert recs[0]["scores"] is None and figures["failed"] == 2 and figures["simulation_all_mean"] is None
     # unusable answers are not cached: once the server behaves, retry_failed redoes just those units
     fake.simulate_text = None
@@ -260,12 +324,14 @@ def test_lexical_simulator_cannot_read_prose_counts_as_failure(tmp_path, fake):
 
 
 @pytest.mark.parametrize("mode", [False, "reject"])
-def test_json_fallback_without_logprobs(tmp_path, fake, mode):
+def test_text_fallback_without_logprobs(tmp_path, fake, mode):
     write_features(tmp_path, "l1", RULES[:1], extra={" thou": 0.04})
     fake.logprobs = mode
+    fake.echo = "ignore" if mode is False else "reject"
     stage.run(llm_cfg(tmp_path, fake.url, "describe.controls=false"))
     rec = records(tmp_path)[0]
-    assert rec["status"] == "ok" and rec["simulator_mode"] == "json"
+    assert rec["status"] == "ok" and rec["simulator_mode"] == "text"
+    assert fake.paths.count("completions") == 1  # all at once was tried once, then never again
     assert rec["scores"]["simulation_all"] > 0.9
 
 
@@ -354,8 +420,9 @@ def test_candidates_are_chosen_on_explanation_exemplars(tmp_path, fake, monkeypa
     assert rec["description"] == 'the token " thou".'
     assert [c["description"] for c in rec["candidates"]] == ['the token " king".', 'the token " thou".']
     assert rec["candidates"][1]["selection_score"] > rec["candidates"][0]["selection_score"]
-    assert {b.get("seed") for b in fake.bodies if b["messages"][0]["content"].startswith("You are")} == \
-        {1337, 1338}
+    explains = [b for b in fake.bodies
+                if "messages" in b and b["messages"][0]["content"].startswith("You are")]
+    assert {b.get("seed") for b in explains} == {1337, 1338}
     # selection simulated the explanation exemplars only; the final scoring ran on other contexts
     selection, final = held_out[0] | held_out[1], held_out[2]
     assert selection.isdisjoint(final)
@@ -375,3 +442,119 @@ def test_context_length_400_and_repeated_5xx_fail_one_unit_not_the_stage(tmp_pat
     recs = records(tmp_path)
     assert recs[0]["status"] == "failed" and "HTTP 500" in recs[0]["reason"] and "boom" in recs[0]["raw"]
     assert recs[1]["status"] == "ok" and figures["failed"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The simulator itself, against the scripted server (real ChatClient, real HTTP)
+
+THOU = 'the token " thou".'
+
+
+def simulator(fake, **kw) -> LLMSimulator:
+    client = ChatClient(base_url=fake.url, model="fake-1", api_key_env=KEY_ENV, timeout=5, max_retries=2,
+                        backoff=0.01, concurrency=2, cache_dir=None)
+    return LLMSimulator(client, top_logprobs=5, **kw)
+
+
+def test_ten_split_into_digits_is_never_read_as_p_of_one(fake):
+    """Labels 0-10 on a Llama tokenizer: "10" comes back as "1", "0", so the written value is used
+    (and p("1") elsewhere may be the start of "10", so no expected values at all)."""
+    fake.echo = "ignore"
+    sim = simulator(fake, labels=[str(i) for i in range(11)])
+    out = sim(THOU, [[" thou", " art", " thou"]])
+    assert out.preds == [[10.0, 0.0, 10.0]] and out.mode == "text"
+    chat = fake.bodies[-1]
+    assert chat["top_logprobs"] == 5 and "0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10" in chat["messages"][1]["content"]
+
+
+def test_default_labels_0_to_9_use_expected_values(fake):
+    fake.echo = "ignore"
+    out = simulator(fake)(THOU, [[" thou", " art"]])
+    # "9" (p .9) / "0" (p .1) -> 8.1 of 9 -> 9.0; "0" (p .9) / "1" (p .1) -> 0.1 of 9
+    assert out.mode == "logprobs" and out.preds[0] == pytest.approx([9.0, 1 / 9], abs=1e-4)
+
+
+def test_mixed_when_only_some_answers_show_ten_as_one_token(fake):
+    """A vocabulary with "10" as one token (cl100k-like): an answer writing it confirms p("1") is 1,
+    an answer that never writes it leaves that open, so its values are taken as written."""
+    fake.echo, fake.digits = "ignore", "whole"
+    out = simulator(fake, labels=[str(i) for i in range(11)])(THOU, [[" thou", " art"], [" art", " is"]])
+    assert out.preds[0] == pytest.approx([9.0, 0.1]) and out.preds[1] == [0.0, 0.0]
+    assert out.mode == "mixed"
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("0\t9\n2\t0\n1\t9\n", "line 2: expected index 1, got 2"),
+    ("0\t9\n1\t0\n", "ends after 2 of 3 lines (missing index 2)"),
+    ("0\t9\n1\t0\n2\t9\n3\t0\n", "line 4: index 3 after the last token (index 2)"),
+    ("0\t9\n1\t10\n2\t9\n", "line 2: value '10' of index 1 is not a label (0..9)"),
+    ("Sure! Here you go:\n0\t9\n1\t0\n2\t9", "line 1: expected index<TAB>value"),
+])
+def test_misaligned_answers_fail_that_context_with_reason_and_raw(fake, text, reason):
+    fake.echo, fake.simulate_text = "ignore", text
+    out = simulator(fake)(THOU, [[" thou", " art", " thou"]])
+    assert out.preds == [None] and out.mode is None
+    assert reason in out.failures[0]["reason"] and out.failures[0]["raw"] == text
+
+
+def test_harmless_answer_decoration_is_accepted(fake):
+    fake.echo, fake.simulate_text = "ignore", "```\n 0\t9 \n1:\t0\n\n2  9\n```\n\n"
+    out = simulator(fake)(THOU, [[" thou", " art", " thou"]])
+    assert out.preds == [[10.0, 0.0, 10.0]] and out.mode == "text"  # logprobs do not spell this text
+
+
+def test_all_at_once_reads_the_prompt_logprobs_at_each_slot(fake):
+    sim = simulator(fake)
+    out = sim(THOU, [[" thou", " art", "\t", " thou"], [" a"]])
+    # at a slot: the rule's label p .8, a neighbour .1, "unknown" .1 (not a label: renormalised away)
+    hi, lo = (9 * 0.8 + 8 * 0.1) / 0.9 * 10 / 9, (1 * 0.1) / 0.9 * 10 / 9
+    assert out.mode == "all_at_once" and out.failures == []
+    assert out.preds[0] == pytest.approx([hi, lo, lo, hi], abs=1e-4)
+    assert out.preds[1] == pytest.approx([lo], abs=1e-4)
+    assert fake.paths == ["completions", "completions"]
+    body = fake.bodies[0]
+    assert body["echo"] is True and body["logprobs"] == 5 and body["max_tokens"] == 1
+    assert body["prompt"].endswith(' thou\tunknown\n art\tunknown\n\\t\tunknown\n thou\tunknown\n')
+    # described as the local all-at-once simulator describes it: one prompt text for both
+    assert "Explanation of unit 2 behavior: the token \" thou\"." in body["prompt"]
+
+
+@pytest.mark.parametrize("echo", ["ignore", "reject"])
+def test_server_without_prompt_logprobs_is_probed_once_then_chat(fake, echo):
+    fake.echo = echo
+    sim = simulator(fake)
+    first = sim(THOU, [[" thou", " art"], [" art"]])
+    second = sim(THOU, [[" is"]])
+    assert first.mode == second.mode == "logprobs"
+    assert fake.paths == ["completions", "chat", "chat", "chat"]
+
+
+def test_prompt_logprobs_false_never_asks_for_completions(fake):
+    out = simulator(fake, prompt_logprobs=False)(THOU, [[" thou"]])
+    assert out.mode == "logprobs" and fake.paths == ["chat"]
+
+
+def test_placeholder_glued_to_the_tab_is_a_named_failure(fake):
+    fake.merge_tab = True
+    out = simulator(fake)(THOU, [[" thou", " art"]])
+    assert out.preds == [None]
+    assert "slot 0: no prompt token starts at its placeholder" in out.failures[0]["reason"]
+    assert "\\tunknown" in out.failures[0]["reason"]
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_context_length_and_repeated_5xx_fail_one_context_on_both_endpoints(fake, endpoint):
+    if endpoint == "chat":
+        fake.echo = "ignore"
+        fake.faults = ["", "ctx400"]  # the probe is ignored; the first chat simulation is too long
+    else:
+        fake.faults = ["ctx400"]
+    sim = simulator(fake)
+    out = sim(THOU, [[" thou"], [" art"]])
+    assert out.preds[0] is None and out.preds[1] is not None
+    assert "too long" in out.failures[0]["reason"] and "maximum context length" in out.failures[0]["raw"]
+    fake.faults = ["500"] * 3  # every attempt (max_retries=2) of the next request
+    out = sim(THOU, [[" thou"], [" art"]])
+    assert out.preds[0] is None and out.preds[1] is not None
+    assert "HTTP 500" in out.failures[0]["reason"] and "boom" in out.failures[0]["raw"]
+    assert fake.paths[-1] == endpoint

@@ -9,7 +9,6 @@ nothing to parse and nothing to misalign: one forward per scoring window (batche
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import torch
@@ -17,18 +16,9 @@ import torch
 from tools.describe.client import Usage
 from tools.describe.local import LocalLM, default_labels, label_ids
 from tools.describe.simulators import Simulation
+from tools.describe.slotprompt import PLACEHOLDER, SEP, head_text, show
 
-SEP = "\t"
-PLACEHOLDER = "unknown"
 MODE = "all_at_once"
-
-_EXAMPLE = ([" The", " cat", " sat", " on", " the", " mat", ".", " A", " cat", " purred"],
-            [0, 10, 0, 0, 0, 0, 0, 0, 8, 1])
-
-
-def _show(s: str) -> str:
-    """A token on one line: JSON escapes (newlines, tabs) without the quotes."""
-    return json.dumps(s, ensure_ascii=False)[1:-1]
 
 
 class AllAtOnceSimulator:
@@ -43,29 +33,14 @@ class AllAtOnceSimulator:
         self.nl_ids = lm.encode("\n")
 
     def _head(self, description: str) -> list[int]:
-        top = self.labels[-1]
-        ex_strs, ex_vals = _EXAMPLE
-        scale = (len(self.labels) - 1) / 10
-        example = "".join(f"{_show(s)}{SEP}{self.labels[round(v * scale)]}\n"
-                          for s, v in zip(ex_strs, ex_vals, strict=True))
-        text = (
-            "We study units (neurons or features) of a language model. Each unit looks for some particular "
-            "thing in a short text. Given an explanation of what a unit does, predict its activation on "
-            f"each token, from {self.labels[0]} (not active) to {top} (most active). Most activations "
-            f"are {self.labels[0]}.\n\n"
-            "Unit 1\nExplanation of unit 1 behavior: fires on the word \"cat\".\nActivations:\n<start>\n"
-            f"{example}<end>\n\n"
-            f"Unit 2\nExplanation of unit 2 behavior: {' '.join(description.split())}\n"
-            "Activations:\n<start>\n"
-        )
-        return self.lm.encode(text)
+        return self.lm.encode(head_text(description, self.labels))
 
     def body(self, strs: list[str]) -> tuple[list[int], list[int]]:
         """A context's lines after the prompt head, and per token the index whose next token is its label."""
         ids: list[int] = []
         slots = []
         for s in strs:
-            ids += self.lm.encode(_show(s)) + self.sep_ids
+            ids += self.lm.encode(show(s)) + self.sep_ids
             slots.append(len(ids) - 1)
             ids += self.slot_ids + self.nl_ids
         return ids, slots

@@ -1,4 +1,5 @@
-"""A small chat-completions client for any OpenAI-compatible server (vLLM, llama.cpp, Ollama, OpenAI).
+"""A small client for any OpenAI-compatible server (vLLM, llama.cpp, Ollama, OpenAI): chat
+completions, and legacy text completions (/v1/completions) for the all-at-once simulator.
 
 Why not the `openai` package's own retries: we need to tell "the server is gone" (abort the stage,
 keep finished units) from "this answer is unusable" (record a failure for one unit), honour
@@ -49,7 +50,10 @@ _CONTEXT_LENGTH = ("context length", "context_length", "maximum context", "too l
 
 
 class LogprobsUnsupported(Exception):
-    """The server rejected a request because it asked for logprobs."""
+    """The server rejected a request because it asked for logprobs (or echo)."""
+
+
+_OPTIONAL = ("logprobs", "top_logprobs", "echo")  # request fields a server may refuse
 
 
 @dataclass
@@ -136,6 +140,33 @@ class ChatClient:
             body.update(logprobs=True, top_logprobs=top_logprobs)
         if seed is not None:
             body["seed"] = seed  # also makes sampled candidates distinct cache entries
+        return self._cached("chat", body, usage, usable)
+
+    def complete(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int,
+        temperature: float = 0.0,
+        logprobs: int | None = None,
+        echo: bool = False,
+        usage: Usage | None = None,
+        usable: Callable[[dict[str, Any]], bool] | None = None,
+    ) -> dict[str, Any]:
+        """One legacy text completion (/v1/completions) as the server's JSON; `echo` with `logprobs`
+        asks for the prompt's own tokens and their top alternatives. Cached, retried and failed like
+        `chat`; LogprobsUnsupported when the server rejects echo or logprobs."""
+        body: dict[str, Any] = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens,
+                                "temperature": temperature}
+        if logprobs:
+            body["logprobs"] = logprobs
+        if echo:
+            body["echo"] = True
+        return self._cached("completions", body, usage, usable)
+
+    def _cached(self, endpoint: str, body: dict[str, Any], usage: Usage | None,
+                usable: Callable[[dict[str, Any]], bool] | None) -> dict[str, Any]:
+        # chat and completion bodies differ ("messages" vs "prompt"), so the body alone is the key
         digest = request_hash(body)
         path = self._cache_path(digest)
         if path is not None and path.is_file():
@@ -145,7 +176,7 @@ class ChatClient:
                 return cached["response"]
             except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
                 pass  # a damaged cache entry is simply asked again
-        response = self._request(body, usage)
+        response = self._request(endpoint, body, usage)
         if path is not None and (usable is None or usable(response)):
             write_json(path, {"format": "monosemantic.llm_cache/1", "request": body, "response": response})
         return response
@@ -155,8 +186,11 @@ class ChatClient:
         if usage is not None:
             usage.add(**counts)
 
-    def _request(self, body: dict[str, Any], usage: Usage | None) -> dict[str, Any]:
+    def _request(self, endpoint: str, body: dict[str, Any], usage: Usage | None) -> dict[str, Any]:
         where = self.base_url or "https://api.openai.com/v1"
+        create = (self._client.chat.completions if endpoint == "chat" else self._client.completions
+                  ).with_raw_response.create
+        asks = [k for k in _OPTIONAL if k in body]
         last, last_5xx = "", False
         for attempt in range(self.max_retries + 1):
             if attempt:
@@ -165,22 +199,26 @@ class ChatClient:
             last_5xx = False
             try:
                 with self._slots:
-                    raw = self._client.chat.completions.with_raw_response.create(**body)
+                    raw = create(**body)
                     text = raw.http_response.text
             except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
                 hint = (f"the key in ${self.api_key_env} was rejected" if self._key_given
                         else f"set the environment variable ${self.api_key_env}")
                 raise UserError(f"server {where} refused the request (HTTP {e.status_code}): {hint}") \
                     from None
-            except openai.BadRequestError as e:
-                if "logprobs" in body and "logprob" in str(e).lower():
-                    raise LogprobsUnsupported(str(e)) from None
-                if any(k in str(e).lower() for k in _CONTEXT_LENGTH):
+            except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
+                said = f"{e} {_raw(e)}".lower()
+                if asks and any(k in said for k in ("logprob", "echo")):
+                    raise LogprobsUnsupported(_short(e)) from None
+                if any(k in said for k in _CONTEXT_LENGTH):
                     self._count(usage, calls=1)
                     raise RequestFailed(f"server {where} refused the prompt as too long (HTTP 400): "
                                         f"{_short(e)}", _raw(e)) from None
-                raise UserError(f"server {where} rejected the request (HTTP 400): {_short(e)}") from None
+                raise UserError(f"server {where} rejected the request (HTTP {e.status_code}): {_short(e)}") \
+                    from None
             except openai.NotFoundError as e:
+                if endpoint != "chat":  # no /v1/completions here: the caller uses chat instead
+                    raise LogprobsUnsupported(f"HTTP 404 on /v1/completions: {_short(e)}") from None
                 raise UserError(f"server {where} answered 404 (is `describe.model`={self.model!r} served "
                                 f"there, and does base_url end in /v1?): {_short(e)}") from None
             except (openai.RateLimitError, openai.InternalServerError) as e:
@@ -188,6 +226,8 @@ class ChatClient:
                 retry_after = _retry_after(e)
                 last_5xx = e.status_code >= 500
             except openai.APIStatusError as e:
+                if endpoint != "chat" and e.status_code == 405:
+                    raise LogprobsUnsupported(f"HTTP 405 on /v1/completions: {_short(e)}") from None
                 if e.status_code < 500 and e.status_code not in (408, 409):
                     raise UserError(f"server {where} answered HTTP {e.status_code}: {_short(e)}") from None
                 last = f"HTTP {e.status_code}: {_short(e)}"
@@ -199,15 +239,17 @@ class ChatClient:
             else:
                 try:
                     response = json.loads(text)
-                    content = response["choices"][0]["message"]["content"]
+                    choice = response["choices"][0]
+                    content = choice["message"]["content"] if endpoint == "chat" else choice["text"]
                     if content is not None and not isinstance(content, str):
                         raise TypeError("content is not a string")
                 except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
                     last = f"malformed response ({type(e).__name__})"
                     if attempt == self.max_retries:
                         self._count(usage, calls=1)
-                        raise MalformedResponse(f"server {where} sent a body that is not a chat "
-                                                "completion", text[:2000]) from None
+                        kind = "chat completion" if endpoint == "chat" else "text completion"
+                        raise MalformedResponse(f"server {where} sent a body that is not a {kind}",
+                                                text[:2000]) from None
                 else:
                     used = response.get("usage") or {}
                     self._count(usage, calls=1, prompt_tokens=int(used.get("prompt_tokens") or 0),
@@ -243,4 +285,6 @@ def _retry_after(e: openai.APIStatusError) -> float | None:
 
 
 def content_of(response: dict[str, Any]) -> str:
-    return response["choices"][0]["message"]["content"] or ""
+    """The text of a chat completion (or of a legacy text completion)."""
+    choice = response["choices"][0]
+    return (choice["message"]["content"] if "message" in choice else choice.get("text")) or ""

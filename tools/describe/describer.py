@@ -43,7 +43,7 @@ class Describer:
         self.negative_frac = negative_frac
         self.quantile_probs = quantile_probs  # meta.json `act_quantiles`: the records' probabilities
         if llm_sim is None and dc.simulator == "llm" and isinstance(client, ChatClient):
-            llm_sim = LLMSimulator(client, top_logprobs=dc.top_logprobs)
+            llm_sim = LLMSimulator.from_config(client, dc)
         self.llm_sim = llm_sim
 
     def side(self, unit: dict[str, Any]) -> dict[str, Any]:

@@ -3,26 +3,40 @@
 `baseline` reads the quoted strings of a description (`"x" (7.5)` fires on x, `the token after "x"`
 on the token after x, weight 10 when none is given) and predicts by exact text match, so it can
 also read a human's or an LLM's description that quotes tokens; a description with nothing
-quoted is "not applicable" (a failure, never a score of zero). `llm` asks a model for a JSON list
-of per-token values; when the server returns logprobs each value is the expected value over the
-top alternatives for that number (Bills et al. 2023), otherwise the listed integers are used.
+quoted is "not applicable" (a failure, never a score of zero). `llm` (LLMSimulator, any
+OpenAI-compatible server) reads the prompt's logprobs at every token's slot (Bills et al. 2023's
+all at once, through /v1/completions echo) when the server offers them, else asks for one
+`index<TAB>value` line per token and takes each value's expected value over the top logprobs where
+the value is one label token, the written value otherwise (tools/describe/answers.py).
+Modes: "lexical", "all_at_once", "logprobs" (all expected values), "text" (written values only),
+"mixed" (some of each, or contexts on different paths).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from tools.describe.answers import (
+    DEFAULT_LABELS,
+    check_labels,
+    line_prompt,
+    parse_lines,
+    read_slots,
+    value_evs,
+)
 from tools.describe.client import ChatClient, LogprobsUnsupported, MalformedResponse, Usage, content_of
+from tools.describe.slotprompt import slot_prompt
 
 
 @dataclass
 class Simulation:
     preds: list[list[float] | None]  # one list per context, None where that context failed
-    mode: str | None = None  # baseline: "lexical"; llm: "logprobs", "json" or "mixed"
+    mode: str | None = None  # "lexical", "all_at_once", "logprobs", "text" or "mixed"
     not_applicable: str | None = None  # set when the simulator cannot read the description at all
     failures: list[dict[str, Any]] = field(default_factory=list)  # per-context: index, reason, raw
 
@@ -97,81 +111,89 @@ def simulate_baseline(description: str | None, contexts: list[list[str]]) -> Sim
 
 
 # ---------------------------------------------------------------------------------------------
-# LLM simulator
-
-SIM_SYSTEM = (
-    "You predict how strongly one unit of a language model activates on each token of a text "
-    "excerpt, given a description of what the unit responds to. Activations are integers from 0 "
-    "(not active) to 10 (maximally active); on most tokens the unit is not active."
-)
+# LLM simulator (any OpenAI-compatible server)
 
 
-def simulate_prompt(description: str, strs: list[str]) -> list[dict[str, str]]:
-    lines = "\n".join(f"{i}\t{json.dumps(s, ensure_ascii=False)}" for i, s in enumerate(strs))
-    return [
-        {"role": "system", "content": SIM_SYSTEM},
-        {"role": "user", "content": (
-            f"Description of the unit: {description}\n\nTokens, one per line as index<TAB>token:\n{lines}\n\n"
-            f"Reply with only a JSON list of exactly {len(strs)} integers from 0 to 10: the activation on "
-            "each token, in order.")},
-    ]
-
-
-def parse_values(text: str, n: int) -> list[float] | str:
-    """The first JSON list of n numbers in the text (clipped to 0-10), or the reason it is unusable."""
-    for m in re.finditer(r"\[[^\[\]]*\]", text or ""):
-        try:
-            values = json.loads(m.group(0))
-        except json.JSONDecodeError:
-            continue
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                   for v in values):
-            continue
-        if len(values) != n:
-            return f"expected {n} values, got {len(values)}"
-        return [float(min(10, max(0, v))) for v in values]
-    return "no JSON list of numbers in the answer"
-
-
-def expected_values(response: dict[str, Any]) -> tuple[list[int], list[float]]:
-    """For each number 0-10 the model wrote: the integer and its expected value under top_logprobs."""
-    logprobs = (response["choices"][0].get("logprobs") or {}).get("content") or []
-    ints, evs = [], []
-    for item in logprobs:
-        tok = str(item.get("token", "")).strip()
-        if not re.fullmatch(r"\d{1,2}", tok) or int(tok) > 10:
-            continue
-        mass: dict[int, float] = {}
-        for alt in item.get("top_logprobs") or [item]:
-            t = str(alt.get("token", "")).strip()
-            lp = alt.get("logprob")
-            if re.fullmatch(r"\d{1,2}", t) and int(t) <= 10 and isinstance(lp, (int, float)):
-                mass[int(t)] = mass.get(int(t), 0.0) + math.exp(lp)
-        total = sum(mass.values())
-        ints.append(int(tok))
-        evs.append(sum(v * p for v, p in mass.items()) / total if total > 0 else float(tok))
-    return ints, evs
+class _Unusable(Exception):
+    def __init__(self, reason: str, raw: str):
+        super().__init__(reason)
+        self.raw = raw
 
 
 class LLMSimulator:
-    def __init__(self, client: ChatClient, *, top_logprobs: int, max_tokens_per_value: int = 4):
-        self.client = client
-        self.top_logprobs = top_logprobs  # 0 disables; switched off for good if the server refuses
-        self.max_tokens_per_value = max_tokens_per_value
+    """Per context: all at once through /v1/completions when the server returns the prompt's
+    logprobs (probed once; `prompt_logprobs="auto"`), else one `index<TAB>value` line per token by
+    chat, each value the expected value over the top logprobs where it is one label token."""
 
-    def _ask(self, messages: list[dict[str, str]], n: int, usage: Usage | None) -> dict[str, Any]:
-        budget = 16 + self.max_tokens_per_value * n
+    def __init__(self, client: ChatClient, *, top_logprobs: int, labels: list[str] | None = None,
+                 max_tokens_per_token: int = 8, prompt_logprobs: Any = "auto"):
+        self.client = client
+        self.top_logprobs = top_logprobs  # 0 disables logprobs (and the all-at-once path)
+        self.labels = check_labels(labels) if labels else list(DEFAULT_LABELS)
+        self.max_tokens_per_token = max_tokens_per_token
+        self._chat_logprobs = bool(top_logprobs)  # switched off for good if the server refuses them
+        # all at once: None = not known yet (probe on the first context), True, False
+        self._echo: bool | None = None if top_logprobs and prompt_logprobs == "auto" else False
+        self._probe = threading.Lock()
+
+    @classmethod
+    def from_config(cls, client: ChatClient, dc: Any) -> LLMSimulator:
+        """From a DescribeConfig: top_logprobs, labels, simulate_max_tokens_per_token, prompt_logprobs."""
+        return cls(client, top_logprobs=dc.top_logprobs, labels=dc.labels,
+                   max_tokens_per_token=dc.simulate_max_tokens_per_token, prompt_logprobs=dc.prompt_logprobs)
+
+    def _all_at_once(self, description: str, strs: list[str], usage: Usage | None) -> list[float] | None:
+        """Predictions, or None when the server gives no prompt logprobs (then never asked again)."""
+        if self._echo is False:
+            return None
+        prompt, offsets = slot_prompt(description, strs, self.labels)
+        with self._probe if self._echo is None else contextlib.nullcontext():
+            if self._echo is False:
+                return None
+            try:
+                response = self.client.complete(
+                    prompt, max_tokens=1, logprobs=self.top_logprobs, echo=True, usage=usage,
+                    usable=lambda r: isinstance(read_slots(r, offsets, self.labels), list))
+            except LogprobsUnsupported:
+                self._echo = False
+                return None
+            got = read_slots(response, offsets, self.labels)
+            self._echo = got is not None
+        if got is None:
+            return None
+        if isinstance(got, str):
+            raise _Unusable(got, json.dumps(response, ensure_ascii=False)[:2000])
+        return got
+
+    def _lines(self, description: str, strs: list[str], usage: Usage | None) -> tuple[list[float], str]:
+        n = len(strs)
+        messages = line_prompt(description, strs, self.labels)
+        budget = 16 + self.max_tokens_per_token * n
 
         def usable(response: dict[str, Any]) -> bool:
-            return not isinstance(parse_values(content_of(response), n), str)
+            return not isinstance(parse_lines(content_of(response), n, self.labels), str)
 
-        if self.top_logprobs:
+        response = None
+        if self._chat_logprobs:
             try:
-                return self.client.chat(messages, max_tokens=budget, top_logprobs=self.top_logprobs,
-                                        usage=usage, usable=usable)
+                response = self.client.chat(messages, max_tokens=budget, top_logprobs=self.top_logprobs,
+                                            usage=usage, usable=usable)
             except LogprobsUnsupported:
-                self.top_logprobs = 0
-        return self.client.chat(messages, max_tokens=budget, usage=usage, usable=usable)
+                self._chat_logprobs = False
+        if response is None:
+            response = self.client.chat(messages, max_tokens=budget, usage=usage, usable=usable)
+        text = content_of(response)
+        parsed = parse_lines(text, n, self.labels)
+        if isinstance(parsed, str):
+            if response["choices"][0].get("finish_reason") == "length" and "ends after" in parsed:
+                parsed += f" (cut at max_tokens={budget}: describe.simulate_max_tokens_per_token)"
+            raise _Unusable(parsed, text[:2000])
+        values, spans = parsed
+        evs = value_evs(response, text, spans, self.labels)
+        top = len(self.labels) - 1
+        preds = [10.0 * k / top if ev is None else ev for k, ev in zip(values, evs, strict=True)]
+        used = sum(ev is not None for ev in evs)
+        return preds, "logprobs" if used == n else "text" if used == 0 else "mixed"
 
     def __call__(self, description: str, contexts: list[list[str]], usage: Usage | None = None) -> Simulation:
         preds: list[list[float] | None] = []
@@ -179,23 +201,16 @@ class LLMSimulator:
         failures = []
         for c, strs in enumerate(contexts):
             try:
-                response = self._ask(simulate_prompt(description, strs), len(strs), usage)
-            except MalformedResponse as e:
+                row = self._all_at_once(description, strs, usage) if strs else []
+                if row is not None:
+                    mode = "all_at_once"
+                else:
+                    row, mode = self._lines(description, strs, usage)
+            except (MalformedResponse, _Unusable) as e:
                 preds.append(None)
                 failures.append({"context": c, "reason": str(e), "raw": e.raw})
                 continue
-            text = content_of(response)
-            values = parse_values(text, len(strs))
-            if isinstance(values, str):
-                preds.append(None)
-                failures.append({"context": c, "reason": values, "raw": text[:2000]})
-                continue
-            ints, evs = expected_values(response)
-            if len(ints) == len(values) and ints == [int(v) for v in values]:
-                preds.append(evs)
-                modes.add("logprobs")
-            else:
-                preds.append(values)
-                modes.add("json")
+            preds.append([round(v, 4) for v in row])
+            modes.add(mode)
         mode = "mixed" if len(modes) > 1 else (modes.pop() if modes else None)
         return Simulation(preds, mode, failures=failures)

@@ -103,6 +103,10 @@ class DescribeConfig:
     detection_quantiles: list[float] = field(default_factory=lambda: [0.99, 0.999])
     detection_negatives: float = 0.2
     top_logprobs: int = 5  # 0 = never ask for logprobs
+    # openai simulator: answer budget per token of a line-per-token answer (`index<TAB>value\n` is 3-6
+    # tokens); all at once via /v1/completions echo + logprobs: auto = probe the server once, false = never
+    simulate_max_tokens_per_token: int = 8
+    prompt_logprobs: Any = "auto"  # auto | false
     cache: bool = True
     # LLM backend: openai (any OpenAI-compatible server at base_url) | local (in-process transformers,
     # named like a subject: `embedded` or `model` = hub name or folder; all-at-once simulator)
@@ -110,7 +114,8 @@ class DescribeConfig:
     embedded: str | None = None  # local: an embedded model (smollm2-135m-instruct)
     dtype: str = "auto"  # local: auto = bfloat16 on CUDA, float32 on CPU
     device: str | None = None  # local: null = the top-level device
-    labels: list[str] | None = None  # local simulator labels; null = 0-10, or 0-9 if "10" is not one token
+    # simulator labels; null = local: 0-10, or 0-9 if "10" is not one token; openai: 0-9
+    labels: list[str] | None = None
     batch_tokens: int = 8192  # local simulator: padded tokens per forward
     threads: int | None = None  # local: torch CPU threads while describing (1 is far faster on a busy CPU)
     score_uniform: int = 10  # windows drawn uniformly from held-out text (features `uniform`), scored
@@ -131,6 +136,7 @@ _RESULT_KEYS = ("explainer", "simulator", "explain_top", "score_top", "explain_p
                 "temperature", "explain_max_tokens", "top_logprobs", "candidates", "candidate_temperature",
                 "candidate_exemplars", "detection_quantiles", "detection_negatives",
                 "backend", "embedded", "dtype", "labels", "score_uniform", "sample", "units", "polarity",
+                "simulate_max_tokens_per_token", "prompt_logprobs",
                 "chunk_units")  # chunk_units: the random-description control draws within a chunk
 
 
@@ -144,7 +150,8 @@ def load_config(cfg: DictConfig) -> DescribeConfig:
                 "max_retries", "top_logprobs"):
         if getattr(dc, key) < 0:
             raise UserError(f"config `describe.{key}`: must be >= 0, got {getattr(dc, key)}")
-    for key in ("max_items", "concurrency", "explain_max_tokens", "chunk_units", "candidates"):
+    for key in ("max_items", "concurrency", "explain_max_tokens", "chunk_units", "candidates",
+                "simulate_max_tokens_per_token"):
         if getattr(dc, key) < 1:
             raise UserError(f"config `describe.{key}`: must be >= 1, got {getattr(dc, key)}")
     if dc.candidate_exemplars is not None and dc.candidate_exemplars < 1:
@@ -162,6 +169,10 @@ def load_config(cfg: DictConfig) -> DescribeConfig:
         raise UserError("config `describe.timeout` must be > 0 and `describe.backoff` >= 0")
     if dc.top_logprobs > 20:
         raise UserError(f"config `describe.top_logprobs`: at most 20 (OpenAI's limit), got {dc.top_logprobs}")
+    if dc.prompt_logprobs not in ("auto", False, "false"):
+        raise UserError(f"config `describe.prompt_logprobs`: expected auto or false, "
+                        f"got {dc.prompt_logprobs!r}")
+    dc.prompt_logprobs = "auto" if dc.prompt_logprobs == "auto" else False
     if dc.polarity not in ("pos", "neg"):
         raise UserError(f"config `describe.polarity`: expected pos or neg, got {dc.polarity!r}")
     if dc.backend not in ("openai", "local"):
