@@ -254,8 +254,10 @@ def test_llm_end_to_end_all_at_once_cache_and_key(tmp_path, fake, capsys):
     summary = json.loads((tmp_path / "descriptions/l1/summary.json").read_text())
     assert summary["usage"]["prompt_tokens"] == 10 * n_requests
     assert summary["simulator_modes"] == {"all_at_once": 3}
+    # one cache entry per distinct request: uniform windows are shared by every unit, so a unit's
+    # random-description control can ask exactly what that other unit's own scoring asked
     cache = list((tmp_path / "descriptions/l1/cache").rglob("*.json"))
-    assert len(cache) == n_requests
+    assert len(cache) == len({json.dumps(b, sort_keys=True) for b in fake.bodies}) > 0.9 * n_requests
     # a rerun from scratch costs nothing: every answer comes from the disk cache
     figures2 = stage.run(llm_cfg(tmp_path, fake.url, "describe.overwrite=true"))
     assert len(fake.bodies) == n_requests and figures2["llm_calls"] == 0
@@ -402,30 +404,37 @@ def test_cli_run_writes_no_key_anywhere(tmp_path, fake):
     assert all(a == f"Bearer {SECRET}" for a in fake.auth)
 
 
-def test_candidates_are_chosen_on_explanation_exemplars(tmp_path, fake, monkeypatch):
+def test_llm_candidates_from_exemplar_subsets_chosen_on_validation(tmp_path, fake, monkeypatch):
+    """Transluce-style selection with the LLM explainer: candidate k is sampled with seed + k from its
+    own exemplar subset, the one with the better validation score is kept, and it is scored on test
+    windows that no candidate was rated on."""
     write_features(tmp_path, "l1", RULES[:1], extra={" thou": 0.04})
     answers = {0: 'Explanation: the token " king".', 1: 'Explanation: the token " thou".'}
     real = fake.explain
     monkeypatch.setattr(fake, "explain", lambda body: answers.get(body.get("seed") - 1337) or real(body))
-    held_out: list[set] = []
+    windows: list[set] = []
     real_sim = stage.Describer.simulate
 
     def spy(self, description, contexts, usage):
-        held_out.append({tuple(c) for c in contexts})
+        windows.append({tuple(c) for c in contexts})
         return real_sim(self, description, contexts, usage)
 
     monkeypatch.setattr(stage.Describer, "simulate", spy)
     stage.run(llm_cfg(tmp_path, fake.url, "describe.candidates=2", "describe.controls=false"))
     rec = records(tmp_path)[0]
     assert rec["description"] == 'the token " thou".'
-    assert [c["description"] for c in rec["candidates"]] == ['the token " king".', 'the token " thou".']
-    assert rec["candidates"][1]["selection_score"] > rec["candidates"][0]["selection_score"]
+    cands = rec["candidates"]
+    assert [c["description"] for c in cands] == ['the token " king".', 'the token " thou".']
+    assert cands[1]["chosen"] and cands[1]["validation"]["simulation_all"] > cands[0]["validation"][
+        "simulation_all"]
+    assert cands[0]["exemplars"] != cands[1]["exemplars"]
     explains = [b for b in fake.bodies
                 if "messages" in b and b["messages"][0]["content"].startswith("You are")]
     assert {b.get("seed") for b in explains} == {1337, 1338}
-    # selection simulated the explanation exemplars only; the final scoring ran on other contexts
-    selection, final = held_out[0] | held_out[1], held_out[2]
-    assert selection.isdisjoint(final)
+    # the two validation simulations ran on the same windows; the test scoring on other ones
+    # (the first candidate's test score is measured too, on the test windows)
+    assert windows[0] == windows[1] and windows[0].isdisjoint(windows[2])
+    assert rec["selection"]["first_candidate_test_simulation_all"] is not None
 
 
 def test_context_length_400_and_repeated_5xx_fail_one_unit_not_the_stage(tmp_path, fake):

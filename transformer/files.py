@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # the thread id keeps two threads of one process writing the same path apart (the pid stays last:
+    # transformer.guard removes the temporaries of writers no longer running by it)
+    tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp-{os.getpid()}")
     try:
         yield tmp
         os.replace(tmp, path)
