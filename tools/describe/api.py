@@ -34,7 +34,7 @@ def describe_unit(unit: dict[str, Any], *, lm: tuple[LocalLM, Any] | None = None
                   other: str | None = None, **settings: Any) -> dict[str, Any]:
     """Split, explain, simulate and score one unit; `settings` are describe.* keys (explain_top, ...).
     `other`: another unit's description, scored on this unit's windows as the random control."""
-    from tools.describe.stage import DescribeConfig  # the stage's own defaults
+    from tools.describe.config import DescribeConfig  # the stage's own defaults
 
     dc = replace(DescribeConfig(seed=seed, controls=True), **settings)
     if lm is not None:

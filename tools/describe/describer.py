@@ -16,7 +16,7 @@ from tools.describe.selection import candidate_records, candidate_subsets, choos
 from tools.describe.simulators import LLMSimulator, Simulation, simulate_baseline
 
 if TYPE_CHECKING:
-    from tools.describe.stage import DescribeConfig
+    from tools.describe.config import DescribeConfig
 
 DEFAULT_NEGATIVE_FRAC = 0.1  # features meta.json without `negative_frac` (older scans)
 

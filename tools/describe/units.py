@@ -14,7 +14,7 @@ from tools.describe.records import INDEX_PREFIX
 from transformer.config import UserError
 
 if TYPE_CHECKING:
-    from tools.describe.stage import DescribeConfig
+    from tools.describe.config import DescribeConfig
 
 _DENSITY = re.compile(rb'"density"\s*:\s*(-?[0-9.eE+-]+)')
 
