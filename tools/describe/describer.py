@@ -138,11 +138,12 @@ class Describer:
                 ladder.append((q, f"q{p:g}"))
         uniform = [max(ex["acts"]) for ex in split.score_uniform]
         uniform += [max(ex["acts"]) for kind, ex in split.validation if kind == "uniform"]
-        if uniform:
-            for thr, rule in ladder:
-                if sum(m <= thr for m in uniform) >= d.detection_negatives * len(uniform):
-                    return float(thr), rule
-        return float(ladder[-1][0] if uniform else ladder[0][0]), ladder[-1][1] if uniform else ladder[0][1]
+        if not uniform:
+            return ladder[0]
+        for thr, rule in ladder:
+            if sum(m <= thr for m in uniform) >= d.detection_negatives * len(uniform):
+                return thr, rule
+        return ladder[-1]
 
     def _side_quantile(self, split: Split, p: float) -> float | None:
         """The activation quantile p of this side: q(p) for pos, -q(1 - p) of the signed unit for neg."""
