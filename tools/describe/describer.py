@@ -80,7 +80,7 @@ class Describer:
                     f"(describe.min_score_firing={d.min_score_firing}; candidates={d.candidates})")
         return None
 
-    def explain(self, split: Split, usage: Usage, index: int = 0) -> Explanation:
+    def explain(self, split: Split, usage: Usage, index: int) -> Explanation:
         """One description, or with candidates > 1 the best of several on the validation windows."""
         d = self.dc
         if d.candidates == 1:

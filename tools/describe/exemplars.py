@@ -36,7 +36,7 @@ class Split:
         return self.score_top + self.score_quantile
 
     def scoring(self) -> list[tuple[str, Example]]:
-        """Every scoring context with its kind, in a fixed order."""
+        """Every scoring (test) window with its kind, in a fixed order; `validation` holds the rest."""
         return (
             [("top", e) for e in self.score_top]
             + [("quantile", e) for e in self.score_quantile]

@@ -6,9 +6,9 @@ over every token of the scoring contexts, signed; `simulation_top` over held-out
 top + windows drawn uniformly from held-out text, when the features stage provides them.
 Detection: balanced accuracy of "does this
 context activate the unit?", predicted as "some simulated activation >= threshold". The true label
-is relative to the unit's own scale (`active_labels`): the context's max activation > negative_frac x
-the unit's max_act, the rule the features stage picks its negatives by, so SAE features (exactly
-0 when silent) and GELU neurons (rarely exactly 0) are labelled alike.
+(`active`) is the caller's: the describer's per-unit threshold (Describer.truth_threshold: the
+first of negative_frac x max_act, as `active_labels` computes it, and the unit's own high
+quantiles that leaves negatives among its uniform windows).
 """
 
 from __future__ import annotations

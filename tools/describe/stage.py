@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from tools.describe.client import ChatClient, ServerUnreachable, Usage
-from tools.describe.config import RESULT_KEYS, DescribeConfig, load_config  # noqa: F401 (DescribeConfig: re-exported)
+from tools.describe.config import RESULT_KEYS, DescribeConfig, load_config
 from tools.describe.describer import (
     DEFAULT_NEGATIVE_FRAC,
     Describer,

@@ -108,8 +108,7 @@ def unit_record(index: int, ctxs: list[list[str]], rule: Rule, seed: int, *, top
 
 def write_features(run_dir: str | Path, name: str, rules: list[Rule], *, n_ctx: int = 300, length: int = 24,
                    seed: int = 0, extra: dict[str, float] | None = None, unit: str = "sae",
-                   negative_frac: float | None = 0.1, n_uniform: int = 10, quantiles: bool = True,
-                   **record: Any) -> Path:
+                   negative_frac: float | None = 0.1, n_uniform: int = 10, quantiles: bool = True) -> Path:
     """Write run_dir/features/<name>/{features.jsonl,meta.json} for the given rules; returns the folder.
     negative_frac=None writes a meta.json without the key (as older scans did; describe assumes 0.1);
     `n_uniform` windows and activation quantiles as the features stage writes them by default."""
@@ -120,7 +119,7 @@ def write_features(run_dir: str | Path, name: str, rules: list[Rule], *, n_ctx: 
         for i, rule in enumerate(rules):
             frac = 0.1 if negative_frac is None else negative_frac
             f.write(json.dumps(unit_record(i, ctxs, rule, seed, negative_frac=frac, n_uniform=n_uniform,
-                                           quantiles=quantiles, **record)) + "\n")
+                                           quantiles=quantiles)) + "\n")
     meta = {"format": "monosemantic.features_meta/1", "unit": unit, "name": name, "n_units": len(rules),
             "split": "val", "contexts": n_ctx, "tokens_scanned": n_ctx * length, "window": length}
     if negative_frac is not None:
