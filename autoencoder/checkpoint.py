@@ -10,9 +10,9 @@ from typing import Any
 import torch
 
 from autoencoder.sae import SAE
-from transformer import guard
-from transformer.config import UserError
-from transformer.files import atomic_path, read_json, sha256_file, write_json
+from tools.core import guard
+from tools.core.config import UserError
+from tools.core.files import atomic_path, read_json, sha256_file, write_json
 
 CKPT_FORMAT = "monosemantic.sae-checkpoint/2"
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")

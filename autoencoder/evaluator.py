@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from autoencoder.metrics import RowStats, evaluate_rows, log10_density, loss_recovered, val_contexts
 from autoencoder.sae import SAE
-from transformer.config import UserError
+from tools.core.config import UserError
 
 if TYPE_CHECKING:
     from autoencoder.train import SAETrainConfig
@@ -30,7 +30,7 @@ class Evaluator:
     def load_model(self, cfg: DictConfig, run_dir: Path, d_in: int):
         """(subject, val contexts) for loss recovered, or (None, None) when either is missing."""
         from transformer.data import token_dir
-        from transformer.subject import load_subject, subject_config
+        from transformer.subject_load import load_subject, subject_config
 
         val_bin = token_dir(cfg) / "val.bin"
         self.val_bin = val_bin

@@ -39,11 +39,13 @@ from omegaconf import DictConfig
 
 from autoencoder import shards
 from autoencoder.scatter import CHUNK, SPLITS, WORK_FORMAT, ContextPlan, Scatter, pass2, resample_indices
-from transformer import guard
-from transformer.config import UserError, resolve_device, stage_main, typed
+from tools.core import guard
+from tools.core.config import UserError, resolve_device, stage_main, typed
+from tools.core.distributed import Dist
+from tools.core.files import config_hash, read_json, write_json
 from transformer.data import open_tokens, token_dir
-from transformer.files import config_hash, read_json, write_json
-from transformer.subject import HOOK_KINDS, Subject, SubjectSpec, hook_point, load_subject, subject_spec
+from transformer.subject import HOOK_KINDS, Subject, SubjectSpec, hook_point
+from transformer.subject_load import load_subject, subject_spec
 
 __all__ = ["CHUNK", "SPLITS", "WORK_FORMAT", "ContextPlan", "Scatter", "resample_indices", "run", "done"]
 
@@ -187,49 +189,16 @@ def done(cfg: DictConfig) -> bool:
 # ------------------------------------------------------------------------------------ run
 
 
-def _dist() -> tuple[int, int, bool]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, False
-    import torch.distributed as dist
-
-    own = False
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")  # coordination only: shard lists and barriers
-        own = True
-    return dist.get_rank(), dist.get_world_size(), own
-
-
-def _gather(obj: Any, world: int) -> list[Any]:
-    if world == 1:
-        return [obj]
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
 def run(cfg: DictConfig) -> dict[str, Any]:
     a = check_config(typed(cfg.activations, ActivationsConfig, "activations"))
     inp = _inputs(cfg, a)
     with guard.output_lock(out_dir(cfg, a.split), "autoencoder.generate"):
         _guard(cfg, a, inp)
-        rank, world, own_pg = _dist()
+        dist = Dist.start(backend="gloo")  # coordination only: shard lists and barriers
         try:
-            return _run(cfg, a, inp, rank, world)
+            return _run(cfg, a, inp, dist)
         finally:
-            if own_pg:
-                import torch.distributed as dist
-
-                dist.destroy_process_group()
+            dist.close()
 
 
 def _guard(cfg: DictConfig, a: ActivationsConfig, inp: Inputs) -> None:
@@ -245,18 +214,12 @@ def _guard(cfg: DictConfig, a: ActivationsConfig, inp: Inputs) -> None:
                              overwrite=bool(cfg.get("overwrite", False)))
 
 
-def _device(cfg: DictConfig, rank: int, world: int) -> str:
-    device = resolve_device(str(cfg.device))
-    if device == "cuda" and world > 1:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
-    return device
-
-
-def _run(cfg: DictConfig, a: ActivationsConfig, inp: Inputs, rank: int, world: int) -> dict[str, Any]:
+def _run(cfg: DictConfig, a: ActivationsConfig, inp: Inputs, dist: Dist) -> dict[str, Any]:
     from tqdm import tqdm
 
     t0 = time.perf_counter()
     seed, dirs = int(cfg.seed), hook_dirs(cfg, a, inp)
+    rank, world = dist.rank, dist.world
     log = print if rank == 0 else (lambda *_a, **_k: None)
     C, T = n_contexts(a), a.tokens_per_context
     total_rows = C * T
@@ -266,10 +229,10 @@ def _run(cfg: DictConfig, a: ActivationsConfig, inp: Inputs, rank: int, world: i
     first_shard = int(np.sum(shard_counts[:rank]))
     c_lo, c_hi, S = c_bounds[rank], c_bounds[rank + 1], shard_counts[rank]
 
-    if all(_gather(done(cfg), world)):  # every rank decides, so none waits at a barrier alone
+    if all(dist.gather(done(cfg))):  # every rank decides, so none waits at a barrier alone
         log(f"activations {a.split}: {out_dir(cfg, a.split)} is complete for this config, nothing to do")
         return _summaries({h: (read_json(d / shards.MANIFEST), d) for h, d in dirs.items()}, 0.0)
-    device = _device(cfg, rank, world)
+    device = dist.device(resolve_device(str(cfg.device)))
     subject = load_subject(cfg, device, inp.spec)
     widths = {h: subject.width(h) for h in dirs}
     headers = {h: {"d_in": widths[h], "dtype": shards.DTYPE, "hook_name": h, "hook": a.hook,
@@ -278,11 +241,11 @@ def _run(cfg: DictConfig, a: ActivationsConfig, inp: Inputs, rank: int, world: i
                    "rows_per_shard": a.rows_per_shard, "total_rows": total_rows, "seed": seed,
                    "config_hash": output_hash(cfg, a, inp, h), "data": _data_id(inp), "world_size": world}
                for h in dirs}
-    _barrier(world)
+    dist.barrier()
     if rank == 0:  # nothing may read a half-rewritten directory as complete
         for h, directory in dirs.items():
             shards.write_manifest(directory, {**headers[h], "shards": [], "complete": False})
-    _barrier(world)
+    dist.barrier()
 
     res_all = resample_indices(seed, a.split, total_rows, a.resample_rows)
     lo, hi = np.searchsorted(res_all, [c_lo * T, c_hi * T])
@@ -307,12 +270,12 @@ def _run(cfg: DictConfig, a: ActivationsConfig, inp: Inputs, rank: int, world: i
             entries[h] = pass2(sc, first_shard, dirs[h], seed, a.split, rank, tqdm)
         timing["pass2_s"] = time.perf_counter() - t2
 
-    gathered = _gather(entries, world)
+    gathered = dist.gather(entries)
     if rank == 0:
         for h, directory in dirs.items():
             _finish(directory, headers[h], all_entries=[e for part in gathered for e in part[h]],
                     res_all=res_all, has_shards=[bool(n) for n in shard_counts], seed=seed, split=a.split)
-    _barrier(world)
+    dist.barrier()
     for directory in dirs.values():
         shutil.rmtree(directory / f".work-rank{rank:03d}", ignore_errors=True)
     seconds = time.perf_counter() - t0

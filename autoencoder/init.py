@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from autoencoder.sae import SAE, geometric_median
-from transformer.config import UserError
+from tools.core.config import UserError
 
 if TYPE_CHECKING:
     from autoencoder.train import SAETrainConfig

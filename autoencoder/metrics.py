@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from autoencoder.sae import SAE, row_sq_error
-from transformer.config import UserError
+from tools.core.config import UserError
 from transformer.subject import Subject
 
 DENSE_THRESHOLD = 0.1  # a feature firing on > 10% of tokens is "dense" (Anthropic 2023 uses 1e-1 too)
@@ -178,7 +178,7 @@ def save_density_histogram(log10_dens: torch.Tensor, path: Path, title: str) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from transformer.files import atomic_path
+    from tools.core.files import atomic_path
 
     vals = log10_dens.detach().cpu().numpy()
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from autoencoder.sae import SAE
-from transformer.config import UserError
+from tools.core.config import UserError
 
 QUANTILE_ROWS = 16384  # rows of the subset used to place a new feature's bias
 

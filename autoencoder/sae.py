@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from transformer.config import UserError
+from tools.core.config import UserError
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"
@@ -347,7 +347,7 @@ def save_sae(sae: SAE, directory: str | Path, extra: dict[str, Any] | None = Non
     `training` and `metrics`) and optionally `sparsity.safetensors`, each atomically."""
     from safetensors.torch import save_file
 
-    from transformer.files import atomic_path, write_json
+    from tools.core.files import atomic_path, write_json
 
     directory = Path(directory)
     tensors = state_tensors(sae)
@@ -369,7 +369,7 @@ def load_sae(directory: str | Path, device: str | torch.device = "cpu", kernel: 
     """Load an SAE folder written by `save_sae` (or a SAELens standard/topk export)."""
     from safetensors.torch import load_file
 
-    from transformer.files import read_json
+    from tools.core.files import read_json
 
     directory = Path(directory)
     meta = read_json(directory / CFG_FILE, "SAE config")

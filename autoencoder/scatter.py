@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from autoencoder import shards
-from transformer.config import UserError
-from transformer.files import read_json, write_json
+from tools.core.config import UserError
+from tools.core.files import read_json, write_json
 
 SPLITS = ("train", "val")
 CHUNK = 1024  # contexts drawn per RNG stream, so the sample does not depend on batch size or ranks

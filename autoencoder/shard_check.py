@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from transformer.config import UserError
-from transformer.files import read_json, sha256_file
+from tools.core.config import UserError
+from tools.core.files import read_json, sha256_file
 
 FORMAT = "monosemantic.activations/1"
 DTYPE = "float16"

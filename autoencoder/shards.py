@@ -37,8 +37,8 @@ from autoencoder.shard_check import (  # noqa: F401 (re-exported: the checking h
     verify_resample,
     verify_shards,
 )
-from transformer.config import UserError, stage_main
-from transformer.files import atomic_path, read_json, write_json
+from tools.core.config import UserError, stage_main
+from tools.core.files import atomic_path, read_json, write_json
 
 READER_FORMAT = "monosemantic.shard-reader/1"
 DEFAULT_HOOK = "blocks.0.mlp.hook_post"

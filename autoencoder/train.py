@@ -18,16 +18,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
 from omegaconf import DictConfig
 
 from autoencoder.evaluator import summary
 from autoencoder.sae import ARCHITECTURES
 from autoencoder.step import TrainStep, l1_at, lr_at, make_optimizer, make_step
 from autoencoder.trainer import RunSpec, Trainer
-from transformer import guard
-from transformer.config import UserError, resolve_device, stage_main, typed
-from transformer.files import config_hash, read_json
+from tools.core import guard
+from tools.core.config import UserError, resolve_device, stage_main, typed
+from tools.core.distributed import Dist
+from tools.core.files import config_hash, read_json
 
 __all__ = ["SAETrainConfig", "TrainStep", "check_config", "done", "l1_at", "lr_at", "main",
            "make_optimizer", "make_step", "run", "sae_name"]
@@ -195,17 +195,6 @@ def _multirun_overrides() -> list[str] | None:
 
 
 # ---- the stage ------------------------------------------------------------------------------
-def _dist_setup(device: str) -> tuple[int, int, bool]:
-    """(rank, world_size, we_initialised) under torchrun; (0, 1, False) otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, False
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-        return dist.get_rank(), dist.get_world_size(), True
-    return dist.get_rank(), dist.get_world_size(), False
-
-
 def _paths(cfg: DictConfig, name: str) -> tuple[Path, Path, Path]:
     from autoencoder.generate import activation_dir
 
@@ -269,7 +258,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     from autoencoder import shards
 
     c = check_config(typed(cfg.sae, SAETrainConfig, "sae"))
-    from transformer.tracking import WandbConfig, init_wandb
+    from tools.core.tracking import WandbConfig, init_wandb
 
     wcfg = typed(cfg.wandb, WandbConfig, "wandb")
     device = resolve_device(str(cfg.device))
@@ -288,16 +277,13 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         meta = read_json(sae_dir / "cfg.json", "SAE config")
         print(f"sae {name}: already trained under this config -> {sae_dir}")
         return summary(name, meta.get("metrics", {}), sae_dir, meta.get("training", {}))
-    rank, world, own_pg = _dist_setup(device)
+    dist = Dist.start(device)
+    rank, world = dist.rank, dist.world
     try:
         if c.batch_size % world:
             raise UserError(f"config `sae.batch_size`={c.batch_size} must be divisible by the "
                             f"{world} DDP ranks")
-        if device.startswith("cuda") and world > 1:
-            import torch
-
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            device = f"cuda:{torch.cuda.current_device()}"
+        device = dist.device(device)
         expect = {**math_config(c, d_in, world),
                   "shards": config_hash([e.get("sha256") for e in manifest.get("shards", [])])}
         spec = RunSpec(cfg=cfg, c=c, name=name, run_dir=run_dir, train_dir=train_dir, sae_dir=sae_dir,
@@ -305,8 +291,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
                        stage_hash=_stage_hash(c, manifest, world), rank=rank, world=world)
         return Trainer(spec, lambda history: _wandb(init_wandb, wcfg, run_dir, name, c, history)).fit()
     finally:
-        if own_pg and dist.is_initialized():
-            dist.destroy_process_group()
+        dist.close()
 
 
 

@@ -30,7 +30,7 @@ from autoencoder.resample import load_resample_set, resample_dead
 from autoencoder.resample_watch import ResampleWatch
 from autoencoder.sae import ARCHITECTURES, SAEModelConfig, build_sae, save_sae
 from autoencoder.step import TrainStep, dead_steps, l1_at, lr_at, make_optimizer, recipe
-from transformer.config import UserError
+from tools.core.config import UserError
 
 if TYPE_CHECKING:
     from autoencoder.train import SAETrainConfig

@@ -34,7 +34,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from transformer.config import compose
+    from tools.core.config import compose
 
     importlib.import_module(module).run(compose(overrides))
 

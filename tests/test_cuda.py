@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_faults import NAME, TINY, write_corpus
 
-from transformer.config import compose
+from tools.core.config import compose
 
 pytestmark = pytest.mark.cuda
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tools.core.config import UserError, compose
 from tools.describe import describer, stage
 from tools.describe.answers import parse_lines, value_evs
 from tools.describe.exemplars import split_exemplars
@@ -19,7 +20,6 @@ from tools.describe.explainers import explain_baseline, mark_spans, parse_explan
 from tools.describe.scorers import active_labels, balanced_accuracy, pearson, score
 from tools.describe.simulators import parse_items, simulate_baseline
 from tools.describe.synthetic import fires_after, fires_on, fires_randomly, gelu_like_on, write_features
-from transformer.config import UserError, compose
 
 RULES = [fires_on(" thou"), fires_randomly(), fires_after(" the"), fires_on(" king")]
 

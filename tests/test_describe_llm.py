@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 
+from tools.core.config import UserError, compose
 from tools.describe import stage
 from tools.describe.client import ChatClient, ServerUnreachable
 from tools.describe.simulators import LLMSimulator
 from tools.describe.synthetic import fires_after, fires_on, fires_randomly, write_features
-from transformer.config import UserError, compose
 
 SECRET = "sk-test-SECRET-4f9a1c77"
 KEY_ENV = "MONOSEMANTIC_TEST_LLM_KEY"

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tools.core.config import UserError, compose
 from tools.describe import stage
 from tools.describe.allatonce import AllAtOnceSimulator
 from tools.describe.local import LocalLM, LocalModelConfig, label_ids
 from tools.describe.synthetic import WORDS, fires_after, fires_on, write_features
-from transformer.config import UserError, compose
 
 CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>{% endif %}")

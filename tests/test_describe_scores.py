@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tools.core.config import UserError, compose
 from tools.describe import stage
 from tools.describe.exemplars import split_exemplars
 from tools.describe.scorers import auc, score, with_failures_as_zero
 from tools.describe.summary import bootstrap_ci, density_deciles, summarize
 from tools.describe.synthetic import fires_after, fires_on, fires_randomly, write_features
-from transformer.config import UserError, compose
 
 
 def make_run(tmp_path: Path, rules, **kw) -> Path:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from tools.core.config import UserError, compose
 from tools.describe import stage
 from tools.describe.exemplars import split_exemplars, split_validation
 from tools.describe.selection import candidate_subsets, subset_size
 from tools.describe.synthetic import fires_after, fires_on, write_features
-from transformer.config import UserError, compose
 
 RULES = [fires_on(" thou"), fires_after(" the"), fires_on(" king")]
 

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
+from tools.core.config import compose
 from tools.describe import stage
 from tools.describe.synthetic import fires_on, write_features
-from transformer.config import compose
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")

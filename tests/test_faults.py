@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from transformer import guard
-from transformer.config import UserError, compose
+from tools.core import guard
+from tools.core.config import UserError, compose
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "tiny"

@@ -10,7 +10,7 @@ import pytest
 from test_top_activations import _all_acts, _check_against_brute_force, _records, make_run, overrides
 
 from tools import top_activations as ta
-from transformer.config import UserError, compose
+from tools.core.config import UserError, compose
 
 FRAC = 0.5
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from autoencoder import generate, shards
-from transformer.config import UserError, compose
-from transformer.files import read_json
+from tools.core.config import UserError, compose
+from tools.core.files import read_json
 from transformer.model import GPT, GPTConfig, save_model
 
 C, T, B, L = 60, 16, 8, 64  # contexts, tokens per context, contexts per batch, block size

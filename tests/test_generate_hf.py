@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from autoencoder import generate, shards
-from transformer.config import UserError, compose
-from transformer.files import write_json
-from transformer.subject import SubjectSpec, load_subject
+from tools.core.config import UserError, compose
+from tools.core.files import write_json
+from transformer.subject import SubjectSpec
+from transformer.subject_load import load_subject
 
 C, T, B, L, V = 24, 8, 8, 16, 96  # contexts, tokens per context, contexts per batch, context length, vocab
 

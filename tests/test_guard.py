@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from transformer import guard
-from transformer.config import UserError, compose, error_line
+from tools.core import guard
+from tools.core.config import UserError, compose, error_line
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,7 +33,7 @@ def test_lock_refuses_a_second_writer_and_names_the_holder(tmp_path):
         assert info["pid"] == os.getpid() and info["host"] == socket.gethostname()
         with guard.output_lock(out, "stage A again"):  # the same process may re-enter
             pass
-        code = ("from transformer import guard\n"
+        code = ("from tools.core import guard\n"
                 f"with guard.output_lock({str(out)!r}, 'stage B'):\n    pass\n")
         r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tools.core.config import UserError
 from transformer import hf_load
-from transformer.config import UserError
 from transformer.subject_config import SubjectConfig
 
 

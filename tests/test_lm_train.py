@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 from wandb_readback import read_offline_run
 
+from tools.core.config import UserError, compose
 from transformer import train
-from transformer.config import UserError, compose
 from transformer.model import load_model
 
 V = 64  # a tiny vocabulary keeps these runs to seconds

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from autoencoder.metrics import loss_recovered, nll_scores
-from transformer.config import UserError
+from tools.core.config import UserError
 from transformer.model import GPT, GPTConfig
 from transformer.subject import GPTSubject
 
@@ -64,7 +64,7 @@ def test_val_contexts_read_the_dtype_of_meta_json(tmp_path):
     import numpy as np
 
     from autoencoder.metrics import val_contexts
-    from transformer.files import write_json
+    from tools.core.files import write_json
 
     ids = np.arange(70_000, 70_100, dtype=np.uint32)  # beyond uint16
     ids.tofile(tmp_path / "val.bin")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from tiny_tokenizers import byte_level, wide
 
+from tools.core.config import UserError, compose
 from transformer import prepare
-from transformer.config import UserError, compose
 from transformer.data import open_tokens, token_dir
 from transformer.tokenizer import HFTokenizer
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from transformer.config import UserError
+from tools.core.config import UserError
 from transformer.lm_loss import linear_cross_entropy
 from transformer.model import GPT, GPTConfig, load_model, save_model
 

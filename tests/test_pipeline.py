@@ -3,7 +3,7 @@
 import math
 
 from tools import pipeline
-from transformer.config import compose
+from tools.core.config import compose
 
 SMALL = [
     "transformer.max_steps=100", "transformer.eval_interval=50", "transformer.checkpoint_interval=50",

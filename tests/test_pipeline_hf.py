@@ -12,7 +12,7 @@ from tiny_tokenizers import byte_level
 
 from autoencoder import shards
 from tools import pipeline
-from transformer.config import compose
+from tools.core.config import compose
 
 PLAYS = Path(__file__).resolve().parent.parent / "transformer" / "assets" / "shakespeare"
 

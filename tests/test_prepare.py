@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tools.core.config import UserError, compose
 from transformer import prepare
-from transformer.config import UserError, compose
 from transformer.tokenizer import get_encoding
 
 EOT = 50256

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
+from tools.core.config import compose
 from tools.resample_study import study_rows, table
-from transformer.config import compose
 
 
 def test_rows_cover_the_grid_and_extras_and_table_reads_results(tmp_path):

@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent('''
     from autoencoder.sae import SAEModelConfig, build_sae
     from autoencoder.train import SAETrainConfig, make_optimizer, make_step
     import autoencoder.train as train
-    from transformer.config import compose
+    from tools.core.config import compose
 
     out, run_dir = Path(sys.argv[1]), Path(sys.argv[2])
     dist.init_process_group("gloo")

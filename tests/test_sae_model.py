@@ -18,7 +18,7 @@ from autoencoder.sae import (
     save_sae,
 )
 from autoencoder.train import SAETrainConfig, make_optimizer, make_step
-from transformer.config import UserError
+from tools.core.config import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,7 @@ import torch
 from autoencoder.optim import FeatureAdam
 from autoencoder.resample import ResampleRecipe, load_resample_set, resample_dead
 from autoencoder.sae import L1SAE, SAEModelConfig
-from transformer.config import UserError
+from tools.core.config import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,7 +16,7 @@ from autoencoder.resample import ResampleRecipe, resample_dead
 from autoencoder.sae import L1SAE, SAEModelConfig, TopKSAE
 from autoencoder.shards import write_shards
 from autoencoder.synthetic import ground_truth, sparse_rows
-from transformer.config import compose
+from tools.core.config import compose
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

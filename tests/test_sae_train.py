@@ -14,7 +14,7 @@ from autoencoder import train
 from autoencoder.sae import load_sae
 from autoencoder.shards import write_shards
 from autoencoder.synthetic import ground_truth, mean_max_cosine, sparse_rows
-from transformer.config import UserError, compose
+from tools.core.config import UserError, compose
 
 D, N_TRUE = 16, 32
 

@@ -11,8 +11,8 @@ import torch
 
 from autoencoder import shards
 from autoencoder.shards import ShardReader, read_manifest, verify_shards, write_shards
-from transformer.config import UserError
-from transformer.files import read_json, write_json
+from tools.core.config import UserError
+from tools.core.files import read_json, write_json
 
 D = 8
 

@@ -73,7 +73,7 @@ def site(tmp_path_factory):
     from test_top_activations import make_run, overrides
 
     from tools import top_activations as ta
-    from transformer.config import compose
+    from tools.core.config import compose
 
     root = tmp_path_factory.mktemp("site")
     run_dir, data_dir = make_run(root)
@@ -295,7 +295,7 @@ def test_index_with_16k_features_stays_responsive(browser, tmp_path):
     """16,384 units: the index embeds them all but draws one page of rows at a time."""
     import time
 
-    from transformer.files import write_json
+    from tools.core.files import write_json
 
     n = 16384
     feat_dir = tmp_path / "run" / "features" / "big"

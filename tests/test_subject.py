@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from transformer.config import UserError
+from tools.core.config import UserError
 from transformer.hf_subject import HFSubject
 from transformer.model import GPT, GPTConfig
 from transformer.subject import GPTSubject, SubjectSpec, hook_point

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from autoencoder.metrics import loss_recovered
-from transformer.config import compose
+from tools.core.config import compose
 from transformer.hf_load import load_hf_tokenizer
-from transformer.subject import load_subject, subject_config, subject_spec
+from transformer.subject_load import load_subject, subject_config, subject_spec
 
 
 @pytest.mark.slow

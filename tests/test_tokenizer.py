@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from transformer.config import UserError
+from tools.core.config import UserError
 from transformer.tokenizer import GPT2_RANKS, get_encoding
 
 

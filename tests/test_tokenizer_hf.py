@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from tiny_tokenizers import byte_level, sentencepiece_style
 
+from tools.core.config import UserError
 from tools.tokens import TokenText
-from transformer.config import UserError
 from transformer.subject_config import SubjectConfig
 from transformer.tokenizer import HFTokenizer, TiktokenTokenizer, load_tokenizer, subject_slug
 
@@ -118,8 +118,8 @@ def test_smollm2_prepares_chat_with_its_template(tmp_path, smollm2_data_dir):
 
     import numpy as np
 
+    from tools.core.config import compose
     from transformer import prepare
-    from transformer.config import compose
     from transformer.data import open_tokens, token_dir
     from transformer.hf_load import converted_dir
 

@@ -12,7 +12,7 @@ import torch
 
 from autoencoder.sae import SAEModelConfig, build_sae, load_sae, save_sae
 from tools import top_activations as ta
-from transformer.config import UserError, compose
+from tools.core.config import UserError, compose
 from transformer.model import GPT, GPTConfig, load_model, save_model
 from transformer.tokenizer import get_encoding
 

@@ -17,9 +17,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from tools.core.config import stage_main, typed
+from tools.core.files import atomic_path, read_json, write_json
 from tools.html.sweep import render_sweep_index
-from transformer.config import stage_main, typed
-from transformer.files import atomic_path, read_json, write_json
 
 
 @dataclass

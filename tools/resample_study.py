@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from transformer.config import compose
+from tools.core.config import compose
 
 
 def study_rows(study: Any) -> list[tuple[str, list[str]]]:

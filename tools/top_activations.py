@@ -45,6 +45,9 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from tools.core import guard
+from tools.core.config import UserError, resolve_device, stage_main
+from tools.core.files import config_hash, read_json, sha256_file, write_json
 from tools.features.config import (  # noqa: F401 (the stage's names, as before the split)
     FORMAT_META,
     HIST_BINS,
@@ -58,9 +61,6 @@ from tools.features.scan import ScanState, candidate_contexts, scan, scan_sides 
 from tools.features.select import Plan, pick_negatives, plan_examples, quantile_picks  # noqa: F401
 from tools.features.source import Inputs, UnitActs, load_inputs, logit_effects  # noqa: F401
 from tools.features.write import build_examples, scan_and_write, window_acts  # noqa: F401
-from transformer import guard
-from transformer.config import UserError, resolve_device, stage_main
-from transformer.files import config_hash, read_json, sha256_file, write_json
 
 
 def _hash_inputs(cfg: DictConfig, fc: FeaturesConfig, files: dict[str, str]) -> str:
@@ -97,7 +97,7 @@ def done(cfg: DictConfig) -> bool:
 
 def _tokenizer(cfg: DictConfig):
     """The subject's tokenizer (GPT-2 for our GPT): token text on the pages, checked against the tokens."""
-    from transformer.subject import subject_config
+    from transformer.subject_load import subject_config
     from transformer.tokenizer import load_tokenizer
 
     return load_tokenizer(subject_config(cfg), str(cfg.data_dir))

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from transformer.config import UserError
+from tools.core.config import UserError
 
 DTYPES = ("uint16", "uint32")
 
@@ -38,7 +38,7 @@ def token_dir(cfg: Any) -> Path:
 
 def token_meta(folder: Path) -> dict[str, Any]:
     """A token folder's meta.json (UserError naming it when missing or unreadable)."""
-    from transformer.files import read_json
+    from tools.core.files import read_json
 
     path = Path(folder) / "meta.json"
     if not path.is_file():

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from transformer.config import UserError
-from transformer.files import read_json, sha256_file, write_json
+from tools.core.config import UserError
+from tools.core.files import read_json, sha256_file, write_json
 from transformer.subject_config import SubjectConfig
 
 CONVERTED = "monosemantic.converted/1"

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from transformer.config import UserError
+from tools.core.config import UserError
 from transformer.subject import Edit, Subject, SubjectSpec, hook_kind, last_hook, parse_hook
 from transformer.subject_config import SubjectConfig
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transformer.config import UserError
+from tools.core.config import UserError
 
 CHAT_FIELDS = ("messages", "conversation")
 

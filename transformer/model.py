@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from transformer.config import UserError
+from tools.core.config import UserError
 
 MlpEdit = Callable[[int, torch.Tensor], torch.Tensor]
 
@@ -217,7 +217,7 @@ def save_model(model: GPT, directory: Path, extra: dict | None = None) -> None:
     """Write `model.safetensors` and `config.json` (hyperparameters + `extra`, e.g. token meta)."""
     from safetensors.torch import save_file
 
-    from transformer.files import atomic_path, write_json
+    from tools.core.files import atomic_path, write_json
 
     directory = Path(directory)
     with atomic_path(directory / "model.safetensors") as tmp:
@@ -230,7 +230,7 @@ def load_model(directory: Path, device: str | torch.device = "cpu") -> GPT:
     """Load a model written by `save_model`; errors name the missing or mismatched file."""
     from safetensors.torch import load_file
 
-    from transformer.files import read_json
+    from tools.core.files import read_json
 
     directory = Path(directory)
     meta = read_json(directory / "config.json", "transformer config")

@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from transformer import guard
-from transformer.config import UserError, stage_main, typed
+from tools.core import guard
+from tools.core.config import UserError, stage_main, typed
+from tools.core.files import config_hash, read_json, write_json
 from transformer.data import token_dir
-from transformer.files import config_hash, read_json, write_json
 from transformer.mix import MixSource
 from transformer.subject_config import SubjectConfig
 from transformer.tokenizer import Tokenizer

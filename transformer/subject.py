@@ -22,10 +22,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 
-from transformer.config import UserError, typed
-from transformer.subject_config import SubjectConfig
+from tools.core.config import UserError
 
 Edit = Callable[[torch.Tensor], torch.Tensor]
 HOOK_KINDS = {"neurons": "mlp.hook_post", "mlp_out": "hook_mlp_out", "resid_post": "hook_resid_post"}
@@ -219,63 +217,3 @@ class GPTSubject(Subject):
 
     def unembedding(self) -> torch.Tensor:
         return self.model.lm_head.weight * self.model.transformer.ln_f.weight
-
-
-def gpt_spec(model_dir: Path) -> SubjectSpec:
-    """The GPT in `run_dir/transformer` described from its config.json, weights hashed, not loaded."""
-    from transformer.files import config_hash, read_json, sha256_file
-
-    meta = read_json(model_dir / "config.json", "transformer config")
-    weights = model_dir / "model.safetensors"
-    if not weights.is_file():
-        raise UserError(f"transformer weights not found: {weights} (run transformer.train first)")
-    m = meta.get("model") if isinstance(meta, dict) else None
-    if not isinstance(m, dict) or "block_size" not in m or "n_embd" not in m:
-        raise UserError(f"{model_dir / 'config.json'}: no valid `model` section")
-    ident = {"kind": "gpt", "name": "gpt", "path": str(model_dir), "config_hash": config_hash(meta),
-             "weights_sha256": sha256_file(weights)}
-    tokens = meta.get("tokens") if isinstance(meta.get("tokens"), dict) else {}
-    return SubjectSpec(ident, int(m.get("n_layer", 1)), int(m["block_size"]), int(m.get("vocab_size", 50304)),
-                       (tokens.get("tokenizer_info") or {}).get("fingerprint"), {"model": m})
-
-
-# ---------------------------------------------------------------------------------------- loading
-
-
-def subject_config(cfg: DictConfig) -> SubjectConfig:
-    node = cfg.get("subject") if isinstance(cfg, DictConfig) else None
-    return typed(node if node is not None else {}, SubjectConfig, "subject").check()
-
-
-def subject_spec(cfg: DictConfig) -> SubjectSpec:
-    """The configured subject's spec, without loading weights."""
-    sc = subject_config(cfg)
-    if sc.kind == "gpt":
-        model_dir = Path(str(cfg.run_dir)) / "transformer"
-        if not (model_dir / "config.json").is_file():
-            raise UserError(f"transformer config not found: {model_dir / 'config.json'} "
-                            "(run transformer.train first)")
-        return gpt_spec(model_dir)
-    from transformer.hf_subject import hf_spec
-
-    return hf_spec(sc, str(cfg.data_dir))
-
-
-def load_subject(cfg: DictConfig, device: str, spec: SubjectSpec | None = None) -> Subject:
-    """The configured subject on `device` (`subject=gpt`: run_dir/transformer; `subject=hf|smollm2`);
-    `spec`: the subject's spec when the caller has it already."""
-    from transformer.tokenizer import load_tokenizer
-
-    sc = subject_config(cfg)
-    spec = spec or subject_spec(cfg)
-    if sc.kind == "gpt":
-        from transformer.model import load_model
-
-        subject: Subject = GPTSubject(load_model(Path(str(cfg.run_dir)) / "transformer", device), spec)
-    else:
-        from transformer.hf_load import load_causal_lm
-        from transformer.hf_subject import HFSubject
-
-        subject = HFSubject(load_causal_lm(sc, str(cfg.data_dir), device), sc, spec)
-    subject.tokenizer_loader = functools.partial(load_tokenizer, sc, str(cfg.data_dir))
-    return subject

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from transformer.config import UserError
+from tools.core.config import UserError
 
 
 @dataclass

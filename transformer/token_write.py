@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from transformer.files import atomic_path
+from tools.core.files import atomic_path
 from transformer.tokenizer import Tokenizer
 
 Spec = tuple[str, str, str | None, str | None]

@@ -22,8 +22,8 @@ from typing import Any
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
-from transformer.config import UserError
-from transformer.files import sha256_file
+from tools.core.config import UserError
+from tools.core.files import sha256_file
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 GPT2_RANKS = ASSETS / "gpt2.tiktoken"

@@ -23,12 +23,13 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from transformer import guard
-from transformer.config import UserError, resolve_device, stage_main, typed
+from tools.core import guard
+from tools.core.config import UserError, resolve_device, stage_main, typed
+from tools.core.distributed import Dist
+from tools.core.files import config_hash, read_json, sha256_file, write_json
+from tools.core.tracking import WandbConfig, init_wandb
 from transformer.data import TokenBatches
-from transformer.files import config_hash, read_json, sha256_file, write_json
 from transformer.model import GPT, GPTConfig, save_model
-from transformer.tracking import WandbConfig, init_wandb
 
 CKPT_FORMAT = "monosemantic.transformer-checkpoint/1"
 
@@ -149,43 +150,6 @@ def peak_flops(device: str, dtype: torch.dtype) -> tuple[float, str]:
 # ---------------------------------------------------------------- distributed
 
 
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    on: bool = False
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-
-def init_dist(device: str) -> Dist:
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return Dist()
-    import torch.distributed as tdist
-
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local = int(os.environ.get("LOCAL_RANK", rank))
-    if not tdist.is_initialized():
-        tdist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return Dist(rank, world, local, True)
-
-
-def _all_mean(value: float, dist: Dist, device: str) -> float:
-    if not dist.on:
-        return value
-    import torch.distributed as tdist
-
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    tdist.all_reduce(t)
-    return float(t.item()) / dist.world
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
 def ckpt_dir(run_dir: Path) -> Path:
     return run_dir / "transformer" / "checkpoint"
 
@@ -202,7 +166,7 @@ def save_checkpoint(path: Path, step: int, model: GPT, opt: torch.optim.Optimize
     """`step_N.safetensors` (weights, Adam moments, RNG) then `state.json` pointing at it, atomically."""
     from safetensors.torch import save_file
 
-    from transformer.files import atomic_path
+    from tools.core.files import atomic_path
 
     tensors = {f"model.{k}": v for k, v in model.state_dict().items() if k != "lm_head.weight"}
     osd = opt.state_dict()
@@ -338,10 +302,8 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(str(cfg.run_dir))
     data_dir = Path(str(cfg.data_dir)) / str(cfg.data.name)
     device = resolve_device(str(cfg.device))
-    dist = init_dist(device)
-    if dist.on and device.startswith("cuda"):
-        device = f"cuda:{dist.local_rank}"
-        torch.cuda.set_device(device)
+    dist = Dist.start(device)
+    device = dist.device(device)
     threads = torch.get_num_threads()
     if c.threads:
         torch.set_num_threads(c.threads)
@@ -349,10 +311,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         return _train(cfg, c, wcfg, run_dir, data_dir, device, dist)
     finally:
         torch.set_num_threads(threads)  # the caller's setting (the pipeline, tests) comes back
-        if dist.on:
-            import torch.distributed as tdist
-
-            tdist.destroy_process_group()
+        dist.close()
 
 
 def _train(cfg: DictConfig, c: TrainConfig, wcfg: WandbConfig, run_dir: Path, data_dir: Path, device: str,
@@ -479,7 +438,7 @@ def _train(cfg: DictConfig, c: TrainConfig, wcfg: WandbConfig, run_dir: Path, da
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t_log
-            train_loss = _all_mean(loss_acc / n_acc, dist, device)
+            train_loss = dist.mean(loss_acc / n_acc, device)
             tps = tok_log / dt
             mfu = tps * fpt / (peak * dist.world)
             bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from tools.bench.report import print_figures
+from tools.core.config import compose, resolve_device
 from tools.describe import stage
 from tools.describe.synthetic import fires_after, fires_on, write_features
-from transformer.config import compose, resolve_device
 
 
 def main(argv: list[str] | None = None) -> dict:

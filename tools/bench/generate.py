@@ -60,9 +60,10 @@ def _setup(args: argparse.Namespace, root: Path, device: str) -> tuple[list[str]
         save_model(model, root / "run" / "transformer")
         model = model.to(device).eval()
         return [], 50257, model.mlp_acts
-    from transformer.config import compose
+    from tools.core.config import compose
     from transformer.hf_load import convert_embedded
-    from transformer.subject import hook_point, load_subject
+    from transformer.subject import hook_point
+    from transformer.subject_load import load_subject
 
     convert_embedded("smollm2-135m-instruct", args.data_dir)
     os.symlink(Path(args.data_dir).resolve() / "models", root / "data" / "models")
@@ -76,7 +77,7 @@ def _setup(args: argparse.Namespace, root: Path, device: str) -> tuple[list[str]
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = _args(argv)
     from autoencoder import generate
-    from transformer.config import compose, resolve_device
+    from tools.core.config import compose, resolve_device
 
     device = resolve_device(args.device)
     root = Path(args.dir or tempfile.mkdtemp(prefix="bench-generate-"))

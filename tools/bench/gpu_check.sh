@@ -56,7 +56,7 @@ from pathlib import Path
 import numpy as np
 
 from transformer import train
-from transformer.config import compose
+from tools.core.config import compose
 
 root = Path(tempfile.mkdtemp(prefix="gpu-check-lm-"))
 folder = root / "data" / "random"

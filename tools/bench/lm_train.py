@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.preset:
-        from transformer.config import compose
+        from tools.core.config import compose
 
         t = compose([f"preset={a.preset}"]).transformer
         a.n_layer, a.n_embd, a.n_head = t.n_layer, t.n_embd, t.n_head

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = p.parse_args(argv)
 
     from autoencoder.shards import ShardReader
-    from transformer.config import resolve_device
+    from tools.core.config import resolve_device
 
     device = resolve_device(args.device)
     temp = args.dir is None

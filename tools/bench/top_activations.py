@@ -21,7 +21,7 @@ import torch
 
 from autoencoder.sae import SAEModelConfig, build_sae
 from tools import top_activations as ta
-from transformer.config import resolve_device
+from tools.core.config import resolve_device
 from transformer.model import GPT, GPTConfig
 
 

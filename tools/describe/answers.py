@@ -18,8 +18,8 @@ import math
 import re
 from typing import Any
 
+from tools.core.config import UserError
 from tools.describe.slotprompt import PLACEHOLDER
-from transformer.config import UserError
 
 DEFAULT_LABELS = [str(i) for i in range(10)]
 

@@ -23,8 +23,8 @@ from typing import Any
 
 import openai
 
-from transformer.config import UserError
-from transformer.files import write_json
+from tools.core.config import UserError
+from tools.core.files import write_json
 
 PLACEHOLDER_KEY = "not-needed"  # local servers ignore the key, but the openai package wants one
 

@@ -8,8 +8,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from tools.core.config import UserError, resolve_device, typed
 from tools.describe.describer import uses_llm
-from transformer.config import UserError, resolve_device, typed
 
 
 @dataclass

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
+from tools.core.config import UserError
 from tools.describe.client import Usage
-from transformer.config import UserError
 from transformer.hf_load import load_causal_lm, load_hf_tokenizer
 from transformer.subject_config import SubjectConfig
 

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tools.core.config import UserError
 from tools.describe.exemplars import check_example
-from transformer.config import UserError
 
 INDEX_PREFIX = re.compile(rb'^\s*\{\s*"index"\s*:\s*(\d+)\s*[,}]')
 

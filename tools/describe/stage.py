@@ -23,6 +23,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from tools.core import guard
+from tools.core.config import UserError, stage_main
+from tools.core.files import config_hash, read_json, sha256_file, write_json
 from tools.describe.client import ChatClient, ServerUnreachable, Usage
 from tools.describe.config import RESULT_KEYS, DescribeConfig, load_config
 from tools.describe.describer import (
@@ -45,9 +48,6 @@ from tools.describe.records import (
 )
 from tools.describe.summary import flat_figures, print_table, summarize
 from tools.describe.units import select_units
-from transformer import guard
-from transformer.config import UserError, stage_main
-from transformer.files import config_hash, read_json, sha256_file, write_json
 
 FORMAT = "monosemantic.descriptions/1"
 

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tools.core.config import UserError
 from tools.describe.records import INDEX_PREFIX
-from transformer.config import UserError
 
 if TYPE_CHECKING:
     from tools.describe.config import DescribeConfig

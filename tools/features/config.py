@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from transformer.config import UserError, typed
+from tools.core.config import UserError, typed
 
 FORMAT_META = "monosemantic.features/1"
 HIST_BINS = 64  # internal histogram resolution (see the module docstring)

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from tools.core.config import UserError
 from tools.features.config import HIST_BINS, FeaturesConfig
-from transformer.config import UserError
 
 if TYPE_CHECKING:
     from tools.features.source import Inputs

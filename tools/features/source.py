@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from tools.core.config import UserError
 from tools.features.config import FeaturesConfig
-from transformer.config import UserError
 
 
 @dataclass
@@ -56,7 +56,7 @@ def load_inputs(cfg: DictConfig, fc: FeaturesConfig, name: str, device: str,
     """Model, SAE and the token split, checked against each other; `fingerprint`: the tokenizer's."""
     from autoencoder.sae import load_sae
     from transformer.data import open_tokens, token_dir
-    from transformer.subject import load_subject, subject_config
+    from transformer.subject_load import load_subject, subject_config
 
     run_dir = Path(cfg.run_dir)
     model = load_subject(cfg, device)

@@ -15,12 +15,12 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from tools.core.config import resolve_device
+from tools.core.files import atomic_path, read_json, write_json
 from tools.features.config import FORMAT_META, NEGATIVES, FeaturesConfig
 from tools.features.scan import scan_sides
 from tools.features.select import Plan, _sig, act_quantiles, hist_record, plan_examples, uniform_picks
 from tools.features.source import Inputs, UnitActs, logit_effects
-from transformer.config import resolve_device
-from transformer.files import atomic_path, read_json, write_json
 
 
 def _window_start(pos: int, T: int, L: int, w: int) -> int:

@@ -23,9 +23,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from tools.core.config import UserError
+from tools.core.files import read_json
 from tools.html.descriptions import candidates, find_runs, run_view, short_label, unit_views
-from transformer.config import UserError
-from transformer.files import read_json
 
 HERE = Path(__file__).resolve().parent
 TEMPLATES = HERE / "templates"

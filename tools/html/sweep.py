@@ -11,8 +11,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from tools.core.files import atomic_path
 from tools.html.site import STATIC, _fill, _num
-from transformer.files import atomic_path
 
 
 def _scatter(points: list[tuple[float, float, str]], width: int = 560, height: int = 300) -> str:

@@ -25,8 +25,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from transformer.config import UserError
-from transformer.files import sha256_file, write_json
+from tools.core.config import UserError
+from tools.core.files import sha256_file, write_json
 
 CHECKSUMS = "checksums.json"
 CHECKSUMS_FORMAT = "monosemantic.checksums/1"

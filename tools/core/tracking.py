@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transformer.config import UserError
+from tools.core.config import UserError
 
 
 @dataclass

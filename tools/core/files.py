@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from transformer.config import UserError
+from tools.core.config import UserError
 
 
 @contextlib.contextmanager
@@ -20,7 +20,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # the thread id keeps two threads of one process writing the same path apart (the pid stays last:
-    # transformer.guard removes the temporaries of writers no longer running by it)
+    # tools.core.guard removes the temporaries of writers no longer running by it)
     tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp-{os.getpid()}")
     try:
         yield tmp
