@@ -22,7 +22,7 @@ When f is dense (a fresh SAE fires on about half its features) the same function
 GEMMs instead, still skipping the input-gradient GEMM (5 GEMMs where autograd runs 6), in-place
 where it can. `mode="auto"` (the default) picks per batch from the measured density; see
 `sparse_benefit` for the rule and where its threshold comes from. Results equal the dense
-formula up to float summation order (tests/test_kernels.py checks values and all gradients).
+formula up to float summation order (tests/autoencoder/test_kernels.py checks values and all gradients).
 
 On CUDA the default is the plain autograd formula (cuBLAS GEMMs under autocast are fast and the
 sparse ops sync the host for `nonzero`); `mode="sparse"` / `"fused"` still run there, in fp32

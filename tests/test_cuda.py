@@ -10,8 +10,8 @@ import math
 
 import pytest
 import torch
-from test_faults import NAME, TINY, write_corpus
 
+from tests.tools.core.test_faults import NAME, TINY, write_corpus
 from tools.core.config import compose
 
 pytestmark = pytest.mark.cuda

@@ -10,14 +10,12 @@ import re
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from tests.helpers import ROOT
 from tools.core import guard
 from tools.core.config import UserError, compose, error_line
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

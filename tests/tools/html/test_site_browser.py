@@ -70,8 +70,7 @@ def test_embed_json_escapes_markup():
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    from test_top_activations import make_run, overrides
-
+    from tests.tools.features.test_top_activations import make_run, overrides
     from tools import top_activations as ta
     from tools.core.config import compose
 

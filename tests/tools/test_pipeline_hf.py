@@ -8,13 +8,14 @@ import math
 from pathlib import Path
 
 import torch
-from tiny_tokenizers import byte_level
 
 from autoencoder import shards
+from tests.helpers import ROOT
+from tests.helpers.tokenizers import byte_level
 from tools import pipeline
 from tools.core.config import compose
 
-PLAYS = Path(__file__).resolve().parent.parent / "transformer" / "assets" / "shakespeare"
+PLAYS = ROOT / "transformer" / "assets" / "shakespeare"
 
 
 def _tiny_llama(folder: Path) -> Path:

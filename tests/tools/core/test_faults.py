@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import ROOT
 from tools.core import guard
 from tools.core.config import UserError, compose
 
-ROOT = Path(__file__).resolve().parent.parent
+FAULT_RUNNER = ROOT / "tests" / "helpers" / "fault_runner.py"
 NAME = "tiny"
 WORDS = ("the cat sat on a mat while dogs ran far away and birds sang songs of old kings who ruled "
          "green hills with stone towers near the sea").split()
@@ -147,7 +148,7 @@ def test_killed_stage_reruns_to_the_same_bytes(world, stage, one_thread):
         lo, hi = 1 + i * n // KILL_POINTS, max(1 + i * n // KILL_POINTS, (i + 1) * n // KILL_POINTS)
         k, when = int(rng.integers(lo, hi + 1)), str(rng.choice(["before", "after"]))
         shutil.rmtree(folder)
-        r = run_cli([str(ROOT / "tests" / "fault_runner.py"), str(k), when, module, *world.overrides])
+        r = run_cli([str(FAULT_RUNNER), str(k), when, module, *world.overrides])
         assert r.returncode in (-9, 0), (stage, k, when, r.stderr[-2000:])
         importlib.import_module(module).run(world.cfg())
         got = read_tree(folder)

@@ -7,8 +7,14 @@ import json
 
 import numpy as np
 import pytest
-from test_top_activations import _all_acts, _check_against_brute_force, _records, make_run, overrides
 
+from tests.tools.features.test_top_activations import (
+    _all_acts,
+    _check_against_brute_force,
+    _records,
+    make_run,
+    overrides,
+)
 from tools import top_activations as ta
 from tools.core.config import UserError, compose
 
@@ -120,12 +126,12 @@ def test_tokens_of_another_tokenizer_are_refused(tmp_path):
 
 def test_both_sides_render_in_a_browser(neuron_run, tmp_path):
     """The neuron page in chromium: no errors, bottom examples and negative bins drawn, shaded blue."""
-    from test_site_browser import CHROMIUM, Watch
+    from tests.tools.html.test_site_browser import CHROMIUM, Watch
 
     if not CHROMIUM.exists():
         pytest.skip("needs Debian chromium at /usr/bin/chromium")
     sync_api = pytest.importorskip("playwright.sync_api")
-    from test_site_browser import ARGS
+    from tests.tools.html.test_site_browser import ARGS
 
     _, run_dir, _ = neuron_run
     site = run_dir / "features" / "neurons" / "site"

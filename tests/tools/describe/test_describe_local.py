@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import ROOT
 from tools.core.config import UserError, compose
 from tools.describe import stage
 from tools.describe.allatonce import AllAtOnceSimulator
@@ -168,7 +169,7 @@ def test_docs_example_runs():
     import subprocess
     import sys
 
-    script = Path(__file__).resolve().parents[1] / "docs" / "describe_one_unit.py"
+    script = ROOT / "docs" / "describe_one_unit.py"
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith('baseline: Fires on " king"')

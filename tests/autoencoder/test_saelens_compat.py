@@ -1,6 +1,7 @@
 """Our SAE export loads in SAELens unchanged and computes the same features (opt-in check).
 
-SAELens is not a dependency; run with `pip install sae-lens && pytest tests/test_saelens_compat.py`
+SAELens is not a dependency; run with
+`pip install sae-lens && pytest tests/autoencoder/test_saelens_compat.py`
 (last run against sae-lens 6.54.12: l1 -> StandardSAE and topk -> TopKSAE, exact match).
 """
 

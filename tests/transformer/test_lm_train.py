@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from wandb_readback import read_offline_run
 
+from tests.helpers.wandb_readback import read_offline_run
 from tools.core.config import UserError, compose
 from transformer import train
 from transformer.model import load_model

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tiny_tokenizers import byte_level, sentencepiece_style
 
+from tests.helpers.tokenizers import byte_level, sentencepiece_style
 from tools.core.config import UserError
 from tools.tokens import TokenText
 from transformer.subject_config import SubjectConfig

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from autoencoder.sae import SAEModelConfig, build_sae
 from autoencoder.shards import write_shards
 from autoencoder.train import SAETrainConfig, make_optimizer, make_step
+from tests.helpers import ROOT
 
 SCRIPT = textwrap.dedent('''
     import json, sys
@@ -63,7 +64,7 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     rows = np.random.default_rng(0).standard_normal((4096, 8)).astype(np.float16)
     write_shards(run_dir / "activations/train", np.abs(rows), 1024, resample_rows=512)
     (tmp_path / "ddp.py").write_text(SCRIPT)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout, not site-packages
+    root = str(ROOT)  # this checkout, not site-packages
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
            "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(

@@ -93,9 +93,8 @@ def test_site_shows_its_own_runs_and_rebuilds_only_changed_pages(tmp_path):
 
 
 def test_tagged_runs_rerender_the_site(tmp_path, monkeypatch):
-    from test_describe import cfg_for, make_run
-
     import tools.html.site as site
+    from tests.tools.describe.test_describe import cfg_for, make_run
     from tools.describe import stage
 
     run_dir = make_run(tmp_path)

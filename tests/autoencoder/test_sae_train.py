@@ -243,7 +243,7 @@ def test_cli_multirun_sweep_and_bad_input_exit_code(planted, tmp_path):
 
 
 def test_wandb_offline_run_has_the_metrics(planted, tmp_path, monkeypatch):
-    from wandb_readback import read_offline_run
+    from tests.helpers.wandb_readback import read_offline_run
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     run_dir = clone_run(planted[0], tmp_path / "run")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_tokenizers import byte_level, wide
 
+from tests.helpers.tokenizers import byte_level, wide
 from tools.core.config import UserError, compose
 from transformer import prepare
 from transformer.data import open_tokens, token_dir

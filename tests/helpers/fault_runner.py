@@ -1,6 +1,6 @@
-"""Run one stage in this process and SIGKILL it at its k-th commit point (tests/test_faults.py).
+"""Run one stage in this process and SIGKILL it at its k-th commit point (tests/tools/core/test_faults.py).
 
-    python tests/fault_runner.py <k> <before|after> <module> <override> ...
+    python tests/helpers/fault_runner.py <k> <before|after> <module> <override> ...
 
 A commit point is an `os.replace` (every atomic write) or an `os.fsync` (shard writes, appended
 description records). The process kills itself just before or just after the k-th one, so the kill

@@ -5,7 +5,7 @@ its most common marked span, simulates by quoted tokens) so good descriptions sc
 text as a Llama tokenizer does (every digit and whitespace character a token: "10" is "1", "0"),
 answers /v1/completions with echo + logprobs as vLLM does (or ignores/rejects them as `transformers
 serve` does), and faults (429, 5xx, timeouts, context-length 400, garbage, 401) are scripted per
-request. tests/test_describe_serve.py runs a real server.
+request. tests/tools/describe/test_describe_serve.py runs a real server.
 """
 
 from __future__ import annotations
