@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from autoencoder.metrics import RowStats, evaluate_rows, log10_density, loss_recovered, val_contexts
 from autoencoder.sae import SAE
 from tools.core.config import UserError
+from tools.core.layout import RunLayout
 
 if TYPE_CHECKING:
     from autoencoder.train import SAETrainConfig
@@ -34,7 +35,7 @@ class Evaluator:
 
         val_bin = token_dir(cfg) / "val.bin"
         self.val_bin = val_bin
-        model_dir = run_dir / "transformer"
+        model_dir = RunLayout(run_dir).transformer
         gpt = subject_config(cfg).kind == "gpt"
         if (gpt and not (model_dir / "config.json").is_file()) or not val_bin.is_file():
             self.log(f"note: no model at {model_dir} or no {val_bin}: loss recovered is not computed")
@@ -50,27 +51,15 @@ class Evaluator:
 
     def load_rows(self, run_dir: Path, d_in: int) -> tuple[torch.Tensor | None, str | None]:
         """Held-out rows: the val shards, else the activations of the val contexts."""
-        from autoencoder import shards
-        from autoencoder.generate import activation_dir
+        from autoencoder.shard_rows import take_rows
 
+        lay = RunLayout(run_dir)
         try:
-            val_dir = activation_dir(run_dir, "val", self.hook)
+            val_dir = lay.activations("val", self.hook)
         except UserError:  # no val shards of this hook: the val contexts' activations below
-            val_dir = run_dir / "activations" / "val" / "none"
+            val_dir = lay.activations_split("val") / "none"
         if (val_dir / "manifest.json").is_file():
-            shards.read_manifest(val_dir, d_in=d_in)
-            total = min(self.c.eval_rows, int(shards.read_manifest(val_dir)["total_rows"]))
-            reader = shards.ShardReader(val_dir, min(total, 8192), seed=0, device="cpu")
-            try:
-                got, parts = 0, []
-                for b in reader:
-                    parts.append(b[: total - got])
-                    got += parts[-1].shape[0]
-                    if got >= total:
-                        break
-            finally:
-                reader.close()
-            return torch.cat(parts), str(val_dir)
+            return take_rows(val_dir, self.c.eval_rows, seed=0, d_in=d_in), str(val_dir)
         if self.model is not None:
             acts = []
             for i in range(0, self.contexts.shape[0], 16):

@@ -24,7 +24,6 @@ a file system every rank sees.
 
 from __future__ import annotations
 
-import os
 import queue
 import shutil
 import threading
@@ -43,6 +42,7 @@ from tools.core import guard
 from tools.core.config import UserError, resolve_device, stage_main, typed
 from tools.core.distributed import Dist
 from tools.core.files import config_hash, read_json, write_json
+from tools.core.layout import RunLayout
 from transformer.data import open_tokens, token_dir
 from transformer.subject import HOOK_KINDS, Subject, SubjectSpec, hook_point
 from transformer.subject_load import load_subject, subject_spec
@@ -142,30 +142,12 @@ def output_hash(cfg: DictConfig, a: ActivationsConfig, inp: Inputs, hook: str) -
 
 
 def out_dir(cfg: DictConfig, split: str) -> Path:
-    return Path(str(cfg.run_dir)) / "activations" / split
+    return RunLayout.of(cfg).activations_split(split)
 
 
 def hook_dirs(cfg: DictConfig, a: ActivationsConfig, inp: Inputs) -> dict[str, Path]:
-    """One hook point: the split folder itself (today's layout); several: one subfolder per hook."""
-    base = out_dir(cfg, a.split)
-    return {inp.hooks[0]: base} if len(inp.hooks) == 1 else {h: base / h for h in inp.hooks}
-
-
-def activation_dir(run_dir: str | os.PathLike, split: str, hook: str | None = None) -> Path:
-    """Where later stages find a split's shards of `hook` (None: the single-hook layout)."""
-    base = Path(run_dir) / "activations" / split
-    if hook is None:
-        return base
-    m = base / shards.MANIFEST
-    if m.is_file() and read_json(m).get("hook_name") == hook:
-        return base
-    if (base / hook / shards.MANIFEST).is_file():
-        return base / hook
-    have = sorted(p.parent.name for p in base.glob(f"*/{shards.MANIFEST}"))
-    if m.is_file():
-        have.append(str(read_json(m).get("hook_name")))
-    raise UserError(f"no activations of {hook} in {base} (found: {', '.join(have) or 'none'}; "
-                    "run autoencoder.generate with activations.hook / activations.layers)")
+    """One hook point: the split folder itself; several: one subfolder per hook (RunLayout)."""
+    return RunLayout.of(cfg).activation_hook_dirs(a.split, inp.hooks)
 
 
 def done(cfg: DictConfig) -> bool:

@@ -26,20 +26,9 @@ if TYPE_CHECKING:
 
 def training_sample(train_dir: Path, rows: int) -> torch.Tensor:
     """Up to `rows` training rows (float64, CPU), read with a fixed seed: the same on every rank."""
-    from autoencoder import shards
+    from autoencoder.shard_rows import take_rows
 
-    want = min(rows, int(shards.read_manifest(train_dir)["total_rows"]))
-    reader = shards.ShardReader(train_dir, min(want, 8192), seed=12345, device="cpu")
-    try:
-        parts, got = [], 0
-        for b in reader:
-            parts.append(b)
-            got += b.shape[0]
-            if got >= want:
-                break
-    finally:
-        reader.close()
-    sample = torch.cat(parts)[:rows].double()
+    sample = take_rows(train_dir, rows, seed=12345).double()
     if not torch.isfinite(sample).all():
         raise UserError(f"non-finite values in the activations of {train_dir} (initialisation sample)")
     return sample

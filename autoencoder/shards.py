@@ -39,6 +39,7 @@ from autoencoder.shard_check import (  # noqa: F401 (re-exported: the checking h
 )
 from tools.core.config import UserError, stage_main
 from tools.core.files import atomic_path, read_json, write_json
+from tools.core.layout import RunLayout
 
 READER_FORMAT = "monosemantic.shard-reader/1"
 DEFAULT_HOOK = "blocks.0.mlp.hook_post"
@@ -497,7 +498,7 @@ def summary(m: dict[str, Any]) -> str:
 
 def run(cfg) -> dict[str, Any]:
     """Inspect `run_dir/activations/<split>/`: manifest summary, then every shard verified."""
-    directory = Path(str(cfg.run_dir)) / "activations" / str(cfg.activations.split)
+    directory = RunLayout.of(cfg).activations_split(str(cfg.activations.split))
     m = read_manifest(directory)
     print(summary(m), flush=True)
     result = verify_shards(directory, progress=True)

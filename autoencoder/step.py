@@ -12,12 +12,11 @@ import torch.distributed as dist
 
 from autoencoder.optim import FeatureAdam
 from autoencoder.resample import ResampleRecipe
-from autoencoder.sae import SAE, row_sq_error
+from autoencoder.sae import PARAM_NAMES, SAE, row_sq_error
 
 if TYPE_CHECKING:
     from autoencoder.train import SAETrainConfig
 
-PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
 class TrainStep:
@@ -34,7 +33,7 @@ class TrainStep:
         self.sae, self.optimizer, self.cfg, self.world_size = sae, optimizer, cfg, world_size
         self.l1_coeff = cfg.l1_coeff
         self.aux_k = cfg.aux_k or max(1, sae.cfg.d_in // 2)
-        self.params = [getattr(sae, n) for n in PARAMS]
+        self.params = [getattr(sae, n) for n in PARAM_NAMES]
         self.loss_fn = torch.compile(sae.loss) if cfg.compile else sae.loss
         self.set_scale(input_scale)
         dev = sae.W_dec.device.type
@@ -97,7 +96,7 @@ class TrainStep:
 
 def make_optimizer(sae: SAE, cfg: SAETrainConfig) -> FeatureAdam:
     """Adam with per-feature step counts (`autoencoder.optim`), so resampled features restart."""
-    return FeatureAdam([(n, getattr(sae, n)) for n in PARAMS], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    return FeatureAdam([(n, getattr(sae, n)) for n in PARAM_NAMES], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
 def make_step(sae: SAE, optimizer: torch.optim.Optimizer, cfg: SAETrainConfig,

@@ -28,6 +28,7 @@ from tools.core import guard
 from tools.core.config import UserError, resolve_device, stage_main, typed
 from tools.core.distributed import Dist
 from tools.core.files import config_hash, read_json
+from tools.core.layout import RunLayout
 
 __all__ = ["SAETrainConfig", "TrainStep", "check_config", "done", "l1_at", "lr_at", "main",
            "make_optimizer", "make_step", "run", "sae_name"]
@@ -196,11 +197,8 @@ def _multirun_overrides() -> list[str] | None:
 
 # ---- the stage ------------------------------------------------------------------------------
 def _paths(cfg: DictConfig, name: str) -> tuple[Path, Path, Path]:
-    from autoencoder.generate import activation_dir
-
-    run_dir = Path(str(cfg.run_dir))
-    hook = cfg.sae.get("hook")
-    return run_dir, activation_dir(run_dir, "train", hook), run_dir / "sae" / name
+    lay = RunLayout.of(cfg)
+    return lay.run_dir, lay.activations("train", cfg.sae.get("hook")), lay.sae(name)
 
 
 def _stage_hash(c: SAETrainConfig, manifest: dict[str, Any], world_size: int) -> str:

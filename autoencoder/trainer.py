@@ -28,14 +28,13 @@ from autoencoder.evaluator import Evaluator, log_eval, summary, summary_line
 from autoencoder.metrics import explained_variance, log10_density, save_density_histogram
 from autoencoder.resample import load_resample_set, resample_dead
 from autoencoder.resample_watch import ResampleWatch
-from autoencoder.sae import ARCHITECTURES, SAEModelConfig, build_sae, save_sae
+from autoencoder.sae import ARCHITECTURES, PARAM_NAMES, SAEModelConfig, build_sae, save_sae
 from autoencoder.step import TrainStep, dead_steps, l1_at, lr_at, make_optimizer, recipe
 from tools.core.config import UserError
 
 if TYPE_CHECKING:
     from autoencoder.train import SAETrainConfig
 
-PARAMS = ckpt.PARAMS
 
 
 # ---- the run --------------------------------------------------------------------------------
@@ -124,7 +123,7 @@ class Trainer:
         self.history["init"] = init_from_sample(self.sae, sample, self.c, self.log)
         self.step_fn.set_scale(self.history["init"]["input_scale"])
         if self.spec.world > 1:
-            for n in PARAMS:
+            for n in PARAM_NAMES:
                 dist.broadcast(getattr(self.sae, n).data, 0)
 
     def _resume(self) -> None:
@@ -275,7 +274,7 @@ class Trainer:
             dist.all_gather_object(gathered, readers[0])
             readers = gathered
         if self.is_main:
-            for n in PARAMS:
+            for n in PARAM_NAMES:
                 if not torch.isfinite(getattr(self.sae, n)).all():
                     raise UserError(f"non-finite {n} at step {step}: not checkpointing")
             ckpt.save_checkpoint(

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tools.core.config import stage_main, typed
 from tools.core.files import atomic_path, read_json, write_json
+from tools.core.layout import RunLayout, neurons_name
 from tools.html.sweep import render_sweep_index
 
 
@@ -71,7 +72,7 @@ def plan(cfg: DictConfig, pcfg: PipelineConfig) -> list[Stage]:
     if pcfg.neurons:
         layers = pcfg.neuron_layers or [int(OmegaConf.select(cfg, "features.layer", default=0))]
         for layer in layers:
-            side = "neurons" if gpt and layer == 0 else f"neurons-L{layer}"  # the features stage's name
+            side = neurons_name(layer, gpt)  # the features stage's name
             unit = {"features.unit": "neuron", "features.layer": layer}
             stages.append(Stage(f"features/{side}", "tools.top_activations", unit))
             if pcfg.describe:
@@ -107,7 +108,7 @@ def _with(cfg: DictConfig, overrides: dict[str, Any]) -> DictConfig:
 def run(cfg: DictConfig) -> dict[str, Any]:
     pcfg = typed(cfg.get("pipeline", {}), PipelineConfig, "pipeline")
     run_dir = Path(cfg.run_dir)
-    state_path = run_dir / "pipeline.json"
+    state_path = RunLayout(run_dir).pipeline_state
     state = {"format": "monosemantic.pipeline/1"}
     if state_path.is_file():
         state = read_json(state_path, "pipeline state")
@@ -139,7 +140,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                          "simulation_all_mean": described.get("simulation_all_mean")})
         results["sweep"] = {"site": str(render_sweep_index(run_dir, saes))}
     table = summary_table(results)
-    with atomic_path(run_dir / "summary.md") as tmp:
+    with atomic_path(RunLayout(run_dir).summary) as tmp:
         tmp.write_text(table + "\n", encoding="utf-8")
     print(table)
     return results

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tools.core.config import compose
+from tools.core.layout import RunLayout
 
 
 def study_rows(study: Any) -> list[tuple[str, list[str]]]:
@@ -44,7 +45,7 @@ def study_rows(study: Any) -> list[tuple[str, list[str]]]:
 
 
 def train_row(name: str, overrides: list[str], base: list[str], run_dir: Path) -> int:
-    log = run_dir / "logs" / "resample_study" / f"{name}.log"
+    log = RunLayout(run_dir).logs("resample_study", f"{name}.log")
     log.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "autoencoder.train", "preset=resample_study", *base,
            f"sae.name=study-{name}", *overrides]
@@ -65,7 +66,7 @@ def table(rows: list[tuple[str, list[str]]], run_dir: Path) -> str:
             "alive before→still firing |\n|---|---|---|---|---|---|---|")
     lines = [head]
     for name, ov in rows:
-        path = run_dir / "sae" / f"study-{name}" / "cfg.json"
+        path = RunLayout(run_dir).sae(f"study-{name}") / "cfg.json"
         shown = " ".join(o.removeprefix("sae.") for o in ov)
         if not path.is_file():
             lines.append(f"| {name} | {shown} | not run | | | | |")

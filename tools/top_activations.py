@@ -33,7 +33,8 @@ of its activation over all scanned tokens, estimated from the exact histograms.
 
 Modules: tools/features/{config (the section), source (model, SAE and tokens: the stage's only
 model access), scan (the streaming pass), select (choosing examples), write (records and meta)}.
-Writes `run_dir/features/<name>/{features.jsonl, meta.json, site/}` (docs/formats.md).
+Writes `run_dir/features/<name>/{features.jsonl, meta.json}` (docs/formats.md), then runs the site
+stage (`tools.site`), which renders `site/` beside them.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from omegaconf import DictConfig
 from tools.core import guard
 from tools.core.config import UserError, resolve_device, stage_main
 from tools.core.files import config_hash, read_json, sha256_file, write_json
+from tools.core.layout import RunLayout
 from tools.features.config import (  # noqa: F401 (the stage's names, as before the split)
     FORMAT_META,
     HIST_BINS,
@@ -70,7 +72,7 @@ def _hash_inputs(cfg: DictConfig, fc: FeaturesConfig, files: dict[str, str]) -> 
 
 
 def _out_dir(cfg: DictConfig) -> Path:
-    return Path(cfg.run_dir) / "features" / unit_name(cfg)
+    return RunLayout.of(cfg).features(unit_name(cfg))
 
 
 def done(cfg: DictConfig) -> bool:
@@ -80,7 +82,7 @@ def done(cfg: DictConfig) -> bool:
         out = _out_dir(cfg)
         if not (out / "meta.json").is_file() or not (out / "features.jsonl").is_file():
             return False
-        if not (out / "site" / "index.html").is_file():
+        if not (RunLayout.of(cfg).site(out.name) / "index.html").is_file():
             return False
         meta = read_json(out / "meta.json", "features meta")
         files = meta.get("inputs", {})
@@ -104,23 +106,25 @@ def _tokenizer(cfg: DictConfig):
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    """Scan (unless the feature set is current), seal features.jsonl, then render the site stage."""
+    from tools import site
+
     out = _out_dir(cfg)
-    with guard.output_lock(out, "tools.top_activations"):  # issue 13: lock (cleans leftovers), checksums
+    with guard.output_lock(out, "tools.top_activations"):  # one writer (cleans leftovers), checksums
         result = _run(cfg)
         guard.seal(out, ["features.jsonl"], inputs=read_json(out / "meta.json").get("inputs"))
-        return result
+    result["site"] = site.run(cfg)["site"]  # the site stage, under its own lock
+    return result
 
 
 def _run(cfg: DictConfig) -> dict[str, Any]:
-    from tools.html.site import render_site
     from tools.tokens import TokenText
 
     t0 = time.perf_counter()
     fc = section(cfg)
     name = unit_name(cfg)
     device = resolve_device(cfg.get("device", "auto"))
-    run_dir = Path(cfg.run_dir)
-    out = run_dir / "features" / name
+    out = RunLayout.of(cfg).features(name)
     tok = _tokenizer(cfg)
     inp = load_inputs(cfg, fc, name, device, fingerprint=tok.fingerprint)
     for role, p in inp.files.items():  # inputs intact, and a finished feature set replaced only on request
@@ -133,22 +137,20 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     if meta_path.is_file() and (out / "features.jsonl").is_file() and \
             read_json(meta_path).get("config_hash") == chash:
         meta = read_json(meta_path)
-        print(f"features for {name} are up to date; rebuilding the site only")
+        print(f"features for {name} are up to date; the site only follows")
         if (meta.get("config") or {}).get("pages") != fc.pages:  # pages are not part of the hash
             meta["config"] = {**meta.get("config", {}), "pages": fc.pages}
             write_json(meta_path, meta)
     else:
         info = tok.describe()
         meta = scan_and_write(cfg, fc, name, inp, out, chash, TokenText(tok), {"tokenizer_info": info})
-    index = render_site(run_dir, name)
     secs = time.perf_counter() - t0
     print(f"features: {meta['n_units']} {'neurons' if fc.unit == 'neuron' else 'SAE features'} "
           f"of layer {meta['layer']} ({meta['alive']} alive"
           f"{', both signs' if meta.get('negative_side') else ''}) over {meta['tokens_scanned']:,} tokens "
-          f"-> {out / 'features.jsonl'}; site {index} ({secs:.1f} s)")
+          f"-> {out / 'features.jsonl'} ({secs:.1f} s)")
     return {"name": name, "unit": fc.unit, "units": meta["n_units"], "alive": meta["alive"],
-            "tokens_scanned": meta["tokens_scanned"], "scan_tokens_per_s": meta["scan_tokens_per_s"],
-            "site": str(index)}
+            "tokens_scanned": meta["tokens_scanned"], "scan_tokens_per_s": meta["scan_tokens_per_s"]}
 
 
 main = stage_main(run)

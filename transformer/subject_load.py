@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from tools.core.config import UserError, typed
+from tools.core.layout import RunLayout
 from transformer.subject import GPTSubject, Subject, SubjectSpec
 from transformer.subject_config import SubjectConfig
 
@@ -42,7 +43,7 @@ def subject_spec(cfg: DictConfig) -> SubjectSpec:
     """The configured subject's spec, without loading weights."""
     sc = subject_config(cfg)
     if sc.kind == "gpt":
-        model_dir = Path(str(cfg.run_dir)) / "transformer"
+        model_dir = RunLayout.of(cfg).transformer
         if not (model_dir / "config.json").is_file():
             raise UserError(f"transformer config not found: {model_dir / 'config.json'} "
                             "(run transformer.train first)")
@@ -62,7 +63,7 @@ def load_subject(cfg: DictConfig, device: str, spec: SubjectSpec | None = None) 
     if sc.kind == "gpt":
         from transformer.model import load_model
 
-        subject: Subject = GPTSubject(load_model(Path(str(cfg.run_dir)) / "transformer", device), spec)
+        subject: Subject = GPTSubject(load_model(RunLayout.of(cfg).transformer, device), spec)
     else:
         from transformer.hf_load import load_causal_lm
         from transformer.hf_subject import HFSubject

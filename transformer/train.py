@@ -27,6 +27,7 @@ from tools.core import guard
 from tools.core.config import UserError, resolve_device, stage_main, typed
 from tools.core.distributed import Dist
 from tools.core.files import config_hash, read_json, sha256_file, write_json
+from tools.core.layout import RunLayout
 from tools.core.tracking import WandbConfig, init_wandb
 from transformer.data import TokenBatches
 from transformer.model import GPT, GPTConfig, save_model
@@ -151,7 +152,7 @@ def peak_flops(device: str, dtype: torch.dtype) -> tuple[float, str]:
 
 
 def ckpt_dir(run_dir: Path) -> Path:
-    return run_dir / "transformer" / "checkpoint"
+    return RunLayout(run_dir).transformer_checkpoint
 
 
 def _rng_state(device: str) -> dict[str, torch.Tensor]:
@@ -257,7 +258,7 @@ def _identity(c: TrainConfig, meta: dict, dist_world: int) -> dict[str, Any]:
 
 def done(cfg: DictConfig) -> bool:
     c = check(typed(cfg.transformer, TrainConfig, "transformer"))
-    out = Path(str(cfg.run_dir)) / "transformer"
+    out = RunLayout.of(cfg).transformer
     try:
         conf = read_json(out / "config.json")
         meta = read_json(Path(str(cfg.data_dir)) / str(cfg.data.name) / "meta.json")
@@ -275,11 +276,11 @@ def _final_hash(c: TrainConfig, meta: dict, cfg: DictConfig) -> str:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    with guard.output_lock(Path(str(cfg.run_dir)) / "transformer", "transformer.train"):
+    with guard.output_lock(RunLayout.of(cfg).transformer, "transformer.train"):
         _guard(cfg)
         out = _run(cfg)
         if out.get("complete") and int(os.environ.get("RANK", "0")) == 0:
-            guard.seal(Path(str(cfg.run_dir)) / "transformer", ["model.safetensors"])
+            guard.seal(RunLayout.of(cfg).transformer, ["model.safetensors"])
         return out
 
 
@@ -288,7 +289,7 @@ def _guard(cfg: DictConfig) -> None:
     c = check(typed(cfg.transformer, TrainConfig, "transformer"))
     data_dir = Path(str(cfg.data_dir)) / str(cfg.data.name)
     guard.verify_sealed(data_dir, ["train.bin", "val.bin"], "token")
-    out = Path(str(cfg.run_dir)) / "transformer"
+    out = RunLayout.of(cfg).transformer
     if (out / "config.json").is_file() and (data_dir / "meta.json").is_file():
         old = read_json(out / "config.json").get("config_hash")
         new = _final_hash(c, read_json(data_dir / "meta.json"), cfg)
@@ -478,7 +479,7 @@ def _train(cfg: DictConfig, c: TrainConfig, wcfg: WandbConfig, run_dir: Path, da
     if math.isnan(val_loss):  # resumed at the last step: every rank joins the evaluation
         val_loss = result["val_loss"] = evaluate()
     if dist.master:
-        out = run_dir / "transformer"
+        out = RunLayout(run_dir).transformer
         save_model(raw, out, extra={"tokens": meta, "val_loss": val_loss, "train": asdict(c), "seed": seed,
                                     "steps": step, "config_hash": _final_hash(c, meta, cfg)})
         if wb is not None:

@@ -11,6 +11,7 @@ import torch
 from autoencoder import generate, shards
 from tools.core.config import UserError, compose
 from tools.core.files import write_json
+from tools.core.layout import RunLayout
 from transformer.subject import SubjectSpec
 from transformer.subject_load import load_subject
 
@@ -61,9 +62,9 @@ def test_several_hooks_in_one_run(world):
         assert m["model"]["name"].endswith("tiny-llama")
         assert len(m["model"]["weights"]["model.safetensors"]) == 64  # a sha256
         assert shards.verify_shards(base / h)["ok"]
-        assert generate.activation_dir(cfg.run_dir, "train", h) == base / h
+        assert RunLayout.of(cfg).activations("train", h) == base / h
     with pytest.raises(UserError, match=r"no activations of blocks.1.mlp.hook_post .*found: blocks.0"):
-        generate.activation_dir(cfg.run_dir, "train", "blocks.1.mlp.hook_post")
+        RunLayout.of(cfg).activations("train", "blocks.1.mlp.hook_post")
     assert generate.done(cfg) and generate.run(cfg)["seconds"] == 0.0
 
     # every row is the subject's own capture, and row i of both hooks is the same token

@@ -14,7 +14,6 @@ forwards and scoring windows per unit (goal: at most one forward per scoring win
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +22,9 @@ import torch
 
 from tools.bench.report import print_figures
 from tools.core.config import compose, resolve_device
+from tools.core.layout import RunLayout
 from tools.describe import stage
+from tools.describe.records import FILE, read_records
 from tools.describe.synthetic import fires_after, fires_on, write_features
 
 
@@ -41,8 +42,9 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp)
         write_features(run_dir, "bench", rules, n_ctx=200, length=33)
-        (run_dir / "sae/bench").mkdir(parents=True)
-        (run_dir / "sae/bench/cfg.json").write_text("{}")
+        lay = RunLayout(run_dir)
+        lay.sae("bench").mkdir(parents=True)
+        (lay.sae("bench") / "cfg.json").write_text("{}")
         model = ["describe.embedded=null", f"describe.model={args.model}"] if args.model else \
             [f"describe.embedded={args.embedded}"]
         demo = compose(["preset=demo"]).pipeline.llm_overrides
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         stage.run(cfg)
         seconds = time.perf_counter() - t0
-        recs = [json.loads(ln) for ln in (run_dir / "descriptions/bench/descriptions.jsonl").open()]
+        recs = list(read_records(lay.descriptions("bench") / FILE).values())
     ok = [r for r in recs if r["status"] == "ok"]
     usage = {k: sum(int((r.get("usage") or {}).get(k, 0)) for r in recs)
              for k in ("calls", "forwards", "prompt_tokens", "completion_tokens")}

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from tools.bench.report import print_figures
+from tools.core.layout import RunLayout
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -57,7 +58,7 @@ def _setup(args: argparse.Namespace, root: Path, device: str) -> tuple[list[str]
 
         torch.manual_seed(0)
         model = GPT(GPTConfig(block_size=args.block_size, n_embd=args.n_embd, n_head=4, vocab_size=50304))
-        save_model(model, root / "run" / "transformer")
+        save_model(model, RunLayout(root / "run").transformer)
         model = model.to(device).eval()
         return [], 50257, model.mlp_acts
     from tools.core.config import compose
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         t0 = time.perf_counter()
         summary = generate.run(cfg)
         full = time.perf_counter() - t0
-        out_dir = root / "run" / "activations" / "train"
+        out_dir = RunLayout(root / "run").activations_split("train")
         written = sum(f.stat().st_size for f in out_dir.rglob("shard_*.npy"))
         figures = {
             "subject": args.subject, "device": device, "rows": rows, "block_size": args.block_size,

@@ -1,91 +1,47 @@
-"""Reading features.jsonl as a stream, and descriptions.jsonl as an append-only log.
+"""`descriptions.jsonl`, an append-only log of one describe run: its one reader and its writers.
 
-features.jsonl of a large SAE runs to gigabytes, so it is never held whole: a first pass reads
-only each line's leading `{"index": N` (the writer puts it first), and units are then parsed,
-validated and described a chunk at a time, skipping the lines of units already described.
+One line per finished unit (docs/formats.md). The describe stage appends whole lines, each flushed and
+fsynced; a rerun finds the finished units, later lines winning. The site reads the same file while a
+run may still be appending, so it skips what is not a whole record instead of refusing it. Reading
+features.jsonl is `tools.features.records`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from tools.core.config import UserError
-from tools.describe.exemplars import check_example
 
-INDEX_PREFIX = re.compile(rb'^\s*\{\s*"index"\s*:\s*(\d+)\s*[,}]')
+FILE = "descriptions.jsonl"
 
 
-def features_path(directory: Path) -> Path:
-    path = directory / "features.jsonl"
+def read_records(path: Path, *, strict: bool = False) -> dict[int, dict[str, Any]]:
+    """Records by unit index, later lines winning. `strict` (the stage's own log): a line that is not a
+    record is a UserError; otherwise (a reader beside a running writer) it is skipped."""
+    out: dict[int, dict[str, Any]] = {}
     if not path.is_file():
-        raise UserError(f"features not found: {path} (run `python -m tools.top_activations` with the same "
-                        "run_dir and features.unit first)")
-    return path
-
-
-def _parse(line: bytes, where: str) -> dict[str, Any]:
-    try:
-        rec = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{where}: not valid JSON ({getattr(e, 'msg', e)})") from None
-    if not isinstance(rec, dict) or not isinstance(rec.get("index"), int) or isinstance(rec["index"], bool):
-        raise UserError(f"{where}: expected an object with an integer `index`")
-    return rec
-
-
-def _lines(path: Path, max_units: int | None) -> Iterator[tuple[str, bytes]]:
-    n = 0
-    with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            if max_units is not None and n >= max_units:
-                return
-            if line.strip():
-                n += 1
-                yield f"{path}:{lineno}", line
-
-
-def scan_indices(path: Path, max_units: int | None) -> list[int]:
-    """Unit indices in file order (the first `max_units`), without parsing the exemplars."""
-    indices = []
-    for where, line in _lines(path, max_units):
-        m = INDEX_PREFIX.match(line)
-        indices.append(int(m.group(1)) if m else _parse(line, where)["index"])
-    if not indices:
-        raise UserError(f"{path} has no units")
-    if len(set(indices)) != len(indices):
-        raise UserError(f"{path}: a unit index appears on more than one line")
-    return indices
-
-
-def iter_units(path: Path, wanted: set[int], max_units: int | None) -> Iterator[dict[str, Any]]:
-    """Parsed, validated records of the units in `wanted`; other lines are skipped unparsed."""
-    for where, line in _lines(path, max_units):
-        m = INDEX_PREFIX.match(line)
-        if m and int(m.group(1)) not in wanted:
-            continue
-        rec = _parse(line, where)
-        if rec["index"] not in wanted:
-            continue
-        try:
-            for key in ("top", "random", "uniform"):
-                for n, ex in enumerate(rec.get(key) or []):
-                    check_example(ex, f"{key}[{n}]")
-            for b, q in enumerate(rec.get("quantiles") or []):
-                for n, ex in enumerate(q.get("examples") or []):
-                    check_example(ex, f"quantiles[{b}].examples[{n}]")
-        except (ValueError, AttributeError, TypeError) as e:
-            raise UserError(f"{where} (unit {rec['index']}): {e}") from None
-        yield rec
+        return out
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                out[int(rec["index"])] = rec
+            except (ValueError, KeyError, TypeError):
+                if strict:
+                    raise UserError(f"{path}:{lineno}: not a description record; move the file away or pass "
+                                    "describe.overwrite=true") from None
+                continue  # a line cut by an interrupted append: skip it, the rest still show
+    return out
 
 
 def load_records(path: Path) -> dict[int, dict[str, Any]]:
-    """Finished units by index; a partial last line (a crash mid-write) is cut off the file."""
+    """The stage's finished units by index; a partial last line (a crash mid-write) is cut off the file."""
     if not path.is_file():
         return {}
     data = path.read_bytes()
@@ -94,17 +50,7 @@ def load_records(path: Path) -> dict[int, dict[str, Any]]:
         print(f"describe: dropping a partial last line of {path} (interrupted write)", flush=True)
         with open(path, "r+b") as f:
             f.truncate(end)
-    records: dict[int, dict[str, Any]] = {}
-    for lineno, line in enumerate(data[:end].decode("utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            records[int(rec["index"])] = rec
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise UserError(f"{path}:{lineno}: not a description record; move the file away or pass "
-                            "describe.overwrite=true") from None
-    return records
+    return read_records(path, strict=True)
 
 
 def rewrite_records(path: Path, records: list[dict[str, Any]]) -> None:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from tools.core import guard
 from tools.core.config import UserError, stage_main
 from tools.core.files import config_hash, read_json, sha256_file, write_json
+from tools.core.layout import RunLayout
 from tools.describe.client import ChatClient, ServerUnreachable, Usage
 from tools.describe.config import RESULT_KEYS, DescribeConfig, load_config
 from tools.describe.describer import (
@@ -38,25 +39,13 @@ from tools.describe.describer import (
 )
 from tools.describe.exemplars import Split
 from tools.describe.explainers import Explanation
-from tools.describe.records import (
-    RecordWriter,
-    features_path,
-    iter_units,
-    load_records,
-    rewrite_records,
-    scan_indices,
-)
+from tools.describe.records import FILE, RecordWriter, load_records, rewrite_records
 from tools.describe.summary import flat_figures, print_table, summarize
-from tools.describe.units import select_units
+from tools.describe.units import iter_units, select_units
+from tools.features.config import unit_name
+from tools.features.records import features_path, scan_indices
 
 FORMAT = "monosemantic.descriptions/1"
-
-
-def unit_name(cfg: DictConfig) -> str:
-    """The features folder to describe, by the features stage's own rule ("neurons" or the SAE's name)."""
-    from tools.top_activations import unit_name as features_unit_name  # imports torch: only when needed
-
-    return features_unit_name(cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,9 +54,8 @@ def unit_name(cfg: DictConfig) -> str:
 
 def _paths(cfg: DictConfig, dc: DescribeConfig) -> tuple[str, Path, Path]:
     name = unit_name(cfg)
-    run_dir = Path(cfg.run_dir)
-    out = name + ("-neg" if dc.polarity == "neg" else "") + ("" if dc.tag is None else f"-{dc.tag}")
-    return name, run_dir / "features" / name, run_dir / "descriptions" / out
+    lay = RunLayout.of(cfg)
+    return name, lay.features(name), lay.descriptions(name, dc.polarity, dc.tag)
 
 
 def negative_frac(meta: dict[str, Any]) -> float:
@@ -100,7 +88,7 @@ def done(cfg: DictConfig) -> bool:
     dc = load_config(cfg)
     name, feats, out = _paths(cfg, dc)
     summary_path = out / "summary.json"
-    if not summary_path.is_file() or not (out / "descriptions.jsonl").is_file():
+    if not summary_path.is_file() or not (out / FILE).is_file():
         return False
     try:
         summary = read_json(summary_path, "descriptions summary")
@@ -115,6 +103,7 @@ def done(cfg: DictConfig) -> bool:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    """Describe and score the units, then (describe.site) render the site stage with every run."""
     dc = load_config(cfg)
     _, feats_dir, out = _paths(cfg, dc)
     fix = "rebuild the features: python -m tools.top_activations overwrite=true"
@@ -122,15 +111,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         guard.verify_sealed(feats_dir, ["features.jsonl"], "features", fix)
         guard.check_sealed_inputs(feats_dir, fix)
         if dc.threads is None or not uses_llm(dc) or dc.backend != "local":
-            return _run(cfg, dc)
-        import torch
+            figures = _run(cfg, dc)
+        else:
+            import torch
 
-        before = torch.get_num_threads()
-        torch.set_num_threads(dc.threads)  # restored after: later stages of a pipeline share the process
-        try:
-            return _run(cfg, dc)
-        finally:
-            torch.set_num_threads(before)
+            before = torch.get_num_threads()
+            torch.set_num_threads(dc.threads)  # restored after: later stages of a pipeline share the process
+            try:
+                figures = _run(cfg, dc)
+            finally:
+                torch.set_num_threads(before)
+    figures["site"] = _render_site(cfg) if dc.site else None  # every run shows there, after the lock
+    return figures
 
 
 def _run(cfg: DictConfig, dc: DescribeConfig) -> dict[str, Any]:
@@ -141,7 +133,7 @@ def _run(cfg: DictConfig, dc: DescribeConfig) -> dict[str, Any]:
     indices = select_units(feats, scan_indices(feats, dc.max_units), dc, layer)
     neg_frac = negative_frac(meta)
     chash = _config_hash(dc, feats, neg_frac)
-    path = out / "descriptions.jsonl"
+    path = out / FILE
     out.mkdir(parents=True, exist_ok=True)
     if dc.overwrite and path.exists():
         path.unlink()
@@ -206,12 +198,9 @@ def _run(cfg: DictConfig, dc: DescribeConfig) -> dict[str, Any]:
         raise ServerUnreachable(f"{aborted} -- {len(final)} finished units are kept in {path}; rerun to "
                                 "continue") from None
     print_table(summary)
-    figures = flat_figures(summary)
-    figures["site"] = _render_site(Path(cfg.run_dir), name) if dc.site else None  # every run shows there
     print(f"describe: {summary['described']} described, {summary['failed']} failed, {summary['skipped']} "
-          f"skipped of {summary['units']} units -> {path} (+ summary.json)"
-          + (f"; site {figures['site']}" if figures["site"] else ""), flush=True)
-    return figures
+          f"skipped of {summary['units']} units -> {path} (+ summary.json)", flush=True)
+    return flat_figures(summary)
 
 
 def _local_backend(cfg: DictConfig, dc: DescribeConfig) -> tuple[Any, Any]:
@@ -294,18 +283,16 @@ def _describe_pending(describer: Describer, units: list[dict[str, Any]], records
     return None
 
 
-def _render_site(run_dir: Path, name: str) -> str | None:
-    """Re-render the feature browser with descriptions when the HTML tool is there. The descriptions
-    are complete either way, so a site problem is reported, not raised."""
+def _render_site(cfg: DictConfig) -> str | None:
+    """Run the site stage for this unit set. The descriptions are complete either way, so a site
+    problem is reported, not raised."""
+    from tools import site
+
     try:
-        from tools.html.site import render_site
-    except ImportError:
-        return None
-    try:
-        return str(render_site(run_dir, name))
+        return site.run(cfg)["site"]
     except (UserError, OSError) as e:
-        print(f"describe: warning: the site was not re-rendered ({e}); run tools.top_activations or "
-              "tools.html to rebuild it", flush=True)
+        print(f"describe: warning: the site was not re-rendered ({e}); rebuild it with "
+              "`python -m tools.site` and the same run_dir and features.* settings", flush=True)
         return None
 
 

@@ -17,6 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from tools.core.layout import RunLayout
+from tools.features.records import FILE, write_records
+
 WORDS = [" the", " a", " of", " and", " to", " in", " king", " lord", " sweet", " love", " night",
          " fair", " good", " my", " thy", " thee", " art", " is", " was", " with", ",", ".", " not",
          " be", " that", " this", " he", " she", " I", " you", " me", " what", " so", " but", " all"]
@@ -113,13 +116,13 @@ def write_features(run_dir: str | Path, name: str, rules: list[Rule], *, n_ctx: 
     negative_frac=None writes a meta.json without the key (as older scans did; describe assumes 0.1);
     `n_uniform` windows and activation quantiles as the features stage writes them by default."""
     ctxs = contexts(n_ctx, length, seed, extra)
-    folder = Path(run_dir) / "features" / name
+    folder = RunLayout(Path(run_dir)).features(name)
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "features.jsonl", "w", encoding="utf-8") as f:
+    with write_records(folder / FILE) as write:
         for i, rule in enumerate(rules):
             frac = 0.1 if negative_frac is None else negative_frac
-            f.write(json.dumps(unit_record(i, ctxs, rule, seed, negative_frac=frac, n_uniform=n_uniform,
-                                           quantiles=quantiles)) + "\n")
+            write(unit_record(i, ctxs, rule, seed, negative_frac=frac, n_uniform=n_uniform,
+                              quantiles=quantiles))
     meta = {"format": "monosemantic.features_meta/1", "unit": unit, "name": name, "n_units": len(rules),
             "split": "val", "contexts": n_ctx, "tokens_scanned": n_ctx * length, "window": length}
     if negative_frac is not None:

@@ -4,38 +4,18 @@ alive ones (`describe.sample`), the sample a function of (seed, unit set) only."
 from __future__ import annotations
 
 import json
-import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tools.core.config import UserError
-from tools.describe.records import INDEX_PREFIX
+from tools.describe.exemplars import check_example
+from tools.features.records import alive_units, iter_records
 
 if TYPE_CHECKING:
     from tools.describe.config import DescribeConfig
-
-_DENSITY = re.compile(rb'"density"\s*:\s*(-?[0-9.eE+-]+)')
-
-
-def _alive(feats: Path, indices: list[int]) -> list[int]:
-    """Units that fired in the scan (density > 0, or top exemplars when a line has no density)."""
-    wanted, alive = set(indices), []
-    with open(feats, "rb") as f:
-        for line in f:
-            m = INDEX_PREFIX.match(line)
-            if not m or int(m.group(1)) not in wanted:
-                continue
-            d = _DENSITY.search(line[:400])
-            if d is not None:
-                fired = float(d.group(1)) > 0
-            else:
-                fired = bool(json.loads(line).get("top"))
-            if fired:
-                alive.append(int(m.group(1)))
-    return alive
-
 
 def read_units(spec: Any, layer: int | None = None) -> list[int]:
     """`describe.units`: a list of unit ids, or a file of them (one per line, or a JSON list). An id is
@@ -99,7 +79,7 @@ def select_units(feats: Path, indices: list[int], dc: DescribeConfig, layer: int
         keep = set(listed)
         indices = [i for i in indices if i in keep]
     if dc.sample is not None:
-        alive = sorted(_alive(feats, indices))
+        alive = sorted(alive_units(feats, indices))
         rng = np.random.default_rng([int(dc.seed or 0), 0x5A4D])
         n = min(dc.sample, len(alive))
         chosen = set(rng.choice(alive, size=n, replace=False).tolist()) if alive else set()
@@ -107,3 +87,18 @@ def select_units(feats: Path, indices: list[int], dc: DescribeConfig, layer: int
         if not indices:
             raise UserError(f"{feats}: no alive unit to sample (describe.sample={dc.sample})")
     return indices
+
+
+def check_unit(rec: dict[str, Any]) -> None:
+    """Every exemplar of a features record is well-formed (ValueError/TypeError naming which is not)."""
+    for key in ("top", "random", "uniform"):
+        for n, ex in enumerate(rec.get(key) or []):
+            check_example(ex, f"{key}[{n}]")
+    for b, q in enumerate(rec.get("quantiles") or []):
+        for n, ex in enumerate(q.get("examples") or []):
+            check_example(ex, f"quantiles[{b}].examples[{n}]")
+
+
+def iter_units(feats: Path, wanted: set[int], max_units: int | None) -> Iterator[dict[str, Any]]:
+    """Parsed, validated records of the units in `wanted`; other lines are skipped unparsed."""
+    return iter_records(feats, wanted, max_units, check=check_unit)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from omegaconf import DictConfig
 
 from tools.core.config import UserError, typed
+from tools.core.layout import RunLayout
 
 FORMAT_META = "monosemantic.features/1"
 HIST_BINS = 64  # internal histogram resolution (see the module docstring)
@@ -77,30 +77,8 @@ def section(cfg: DictConfig) -> FeaturesConfig:
 
 
 def unit_name(cfg: DictConfig) -> str:
-    """Folder name under run_dir/features and run_dir/descriptions: "neurons" (our GPT's layer 0),
-    "neurons-L<layer>" (any other layer or subject), or the SAE's name."""
+    """Folder name under run_dir/features and run_dir/descriptions (`RunLayout.unit_set`): "neurons"
+    (our GPT's layer 0), "neurons-L<layer>" (any other layer or subject), or the SAE's name."""
     fc = section(cfg)
-    if fc.unit == "neuron":
-        gpt = str((cfg.get("subject") or {}).get("kind", "gpt")) == "gpt"
-        return "neurons" if gpt and fc.layer == 0 else f"neurons-L{fc.layer}"
-    sae_root = Path(cfg.run_dir) / "sae"
-    if fc.sae is not None:
-        if not (sae_root / fc.sae).is_dir():
-            names = _sae_names(sae_root)
-            raise UserError(f"features.sae={fc.sae!r}: no folder {sae_root / fc.sae} "
-                            f"(SAEs there: {names or 'none'})")
-        return fc.sae
-    names = _sae_names(sae_root)
-    if not names:
-        raise UserError(f"no SAE found under {sae_root} "
-                        "(run autoencoder.train first, or use features.unit=neuron)")
-    if len(names) > 1:
-        raise UserError(f"several SAEs under {sae_root}: {names}; choose one with features.sae=NAME")
-    return names[0]
-
-
-def _sae_names(root: Path) -> list[str]:
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "cfg.json").is_file())
-
+    gpt = str((cfg.get("subject") or {}).get("kind", "gpt")) == "gpt"
+    return RunLayout.of(cfg).unit_set(fc.unit, layer=fc.layer, gpt=gpt, sae=fc.sae)

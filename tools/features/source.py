@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from tools.core.config import UserError
+from tools.core.layout import RunLayout
 from tools.features.config import FeaturesConfig
 
 
@@ -58,13 +59,12 @@ def load_inputs(cfg: DictConfig, fc: FeaturesConfig, name: str, device: str,
     from transformer.data import open_tokens, token_dir
     from transformer.subject_load import load_subject, subject_config
 
-    run_dir = Path(cfg.run_dir)
     model = load_subject(cfg, device)
     d_mlp = model.d_mlp
     files = {"model": str(_weights_file(cfg, subject_config(cfg)))}
     sae = None
     if fc.unit == "sae":
-        sae_dir = run_dir / "sae" / name
+        sae_dir = RunLayout.of(cfg).sae(name)
         sae = load_sae(sae_dir, device)
         if sae.cfg.d_in != d_mlp:
             raise UserError(f"SAE {sae_dir} has d_in={sae.cfg.d_in} but the model's MLP has d_mlp={d_mlp}")
@@ -104,7 +104,7 @@ def load_inputs(cfg: DictConfig, fc: FeaturesConfig, name: str, device: str,
 def _weights_file(cfg: DictConfig, sc: Any) -> Path:
     """The file that pins the subject's weights for done(): our GPT's, or an HF model's first weights file."""
     if sc.kind == "gpt":
-        return Path(cfg.run_dir) / "transformer" / "model.safetensors"
+        return RunLayout.of(cfg).transformer / "model.safetensors"
     from transformer.hf_load import local_folder, weights_files
 
     folder = local_folder(sc, str(cfg.data_dir))

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -16,8 +15,10 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from tools.core.config import resolve_device
-from tools.core.files import atomic_path, read_json, write_json
+from tools.core.files import read_json, write_json
+from tools.core.layout import RunLayout
 from tools.features.config import FORMAT_META, NEGATIVES, FeaturesConfig
+from tools.features.records import FILE, write_records
 from tools.features.scan import scan_sides
 from tools.features.select import Plan, _sig, act_quantiles, hist_record, plan_examples, uniform_picks
 from tools.features.source import Inputs, UnitActs, logit_effects
@@ -145,7 +146,7 @@ def scan_and_write(cfg: DictConfig, fc: FeaturesConfig, name: str, inp: Inputs, 
     F = inp.n_units
     density = st["count"] / tokens_scanned
     uniform = uniform_picks(inp.n_ctx, inp.T, fc.n_uniform, seed)
-    with atomic_path(out / "features.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as fh:
+    with write_records(out / FILE) as write:
         bar = tqdm(range(0, F, fc.unit_chunk), desc="examples", unit="chunk", leave=False)
         for u0 in bar:
             units = range(u0, min(u0 + fc.unit_chunk, F))
@@ -170,7 +171,7 @@ def scan_and_write(cfg: DictConfig, fc: FeaturesConfig, name: str, inp: Inputs, 
                 if sn is not None:
                     rec["neg"] = {**_side_stats(sn, u, tokens_scanned, -1),
                                   **build_examples(neg_plans[u], win, float(sn["maxv"][u]), sign=-1)}
-                fh.write(_dumps(rec) + "\n")
+                write(rec)
     counts = st["count"]
     alive = int((counts > 0).sum())
     logd = np.log10(np.maximum(density, 1e-12))
@@ -202,9 +203,5 @@ def scan_and_write(cfg: DictConfig, fc: FeaturesConfig, name: str, inp: Inputs, 
 
 
 def _sae_metrics(cfg: DictConfig, name: str) -> dict[str, Any] | None:
-    scfg = read_json(Path(cfg.run_dir) / "sae" / name / "cfg.json", "SAE config")
+    scfg = read_json(RunLayout.of(cfg).sae(name) / "cfg.json", "SAE config")
     return scfg.get("metrics")
-
-
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)

@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tools.core.layout import RunLayout, describe_polarity
+from tools.describe.records import FILE, read_records
+
 SCORE_KEYS = ("simulation_all", "simulation_top", "detection_auc")  # shown on the pages
 CONTROLS = ("random_description", "shuffled_tokens")
 MAX_DESC = 1000  # characters of a description shown (an LLM's output is bounded, but not by us)
@@ -46,21 +49,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     return v if isinstance(v, dict) else {}
 
 
-def read_records(path: Path) -> dict[int, dict[str, Any]]:
-    """descriptions.jsonl by unit index; later lines win (a rerun appends), broken lines are skipped."""
-    out: dict[int, dict[str, Any]] = {}
-    if not path.is_file():
-        return out
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            try:
-                rec = json.loads(line)
-                out[int(rec["index"])] = rec
-            except (ValueError, KeyError, TypeError):
-                continue  # a line cut by an interrupted append: skip it, the rest still show
-    return out
-
-
 def match(folder: str, name: str, summary: dict[str, Any]) -> tuple[str, str | None] | None:
     """(polarity, tag) when `folder` is a description run of unit set `name` by its summary, else None."""
     if summary.get("name") != name:
@@ -68,38 +56,28 @@ def match(folder: str, name: str, summary: dict[str, Any]) -> tuple[str, str | N
     tag = summary.get("tag")
     if tag is not None and not isinstance(tag, str):
         return None
-    suffix = "" if tag is None else f"-{tag}"
-    if folder == name + suffix:
-        return "pos", tag
-    if folder == f"{name}-neg{suffix}":
-        return "neg", tag
-    return None
-
-
-def candidates(desc_root: Path, name: str) -> list[Path]:
-    """Folders that may hold runs of `name` (its own name or `<name>-...`) with a descriptions.jsonl."""
-    if not desc_root.is_dir():
-        return []
-    return sorted(d for d in desc_root.iterdir() if (d.name == name or d.name.startswith(name + "-"))
-                  and (d / "descriptions.jsonl").is_file())
+    polarity = describe_polarity(folder, name, tag)
+    return None if polarity is None else (polarity, tag)
 
 
 def find_runs(run_dir: Path, name: str) -> list[Run]:
     """Every description run of unit set `name`: the untagged positive one first, then by tag and side."""
     runs = []
-    for d in candidates(Path(run_dir) / "descriptions", name):
+    for d in RunLayout(Path(run_dir)).description_candidates(name):
         summary = _read_json(d / "summary.json")
         if "name" in summary:
             m = match(d.name, name, summary)
             if m is None:
                 continue
-            runs.append(Run(d.name, m[0], m[1], summary, read_records(d / "descriptions.jsonl")))
-        elif d.name in (name, f"{name}-neg"):  # no summary yet: only the two untagged folders
-            recs = read_records(d / "descriptions.jsonl")
-            pol = "neg" if d.name != name else "pos"
-            if pol == "neg" and not (recs and all(r.get("polarity") == "neg" for r in recs.values())):
-                continue
-            runs.append(Run(d.name, pol, None, {}, recs))
+            runs.append(Run(d.name, m[0], m[1], summary, read_records(d / FILE)))
+            continue
+        pol = describe_polarity(d.name, name)  # no summary yet: only the two untagged folders
+        if pol is None:
+            continue
+        recs = read_records(d / FILE)
+        if pol == "neg" and not (recs and all(r.get("polarity") == "neg" for r in recs.values())):
+            continue
+        runs.append(Run(d.name, pol, None, {}, recs))
     return sorted(runs, key=lambda r: (r.tag is not None, r.tag or "", r.polarity != "pos"))
 
 

@@ -9,7 +9,6 @@ styles only from the site's own files and forbids every network load.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import html
 import json
@@ -25,7 +24,11 @@ from tqdm.auto import tqdm
 
 from tools.core.config import UserError
 from tools.core.files import read_json
-from tools.html.descriptions import candidates, find_runs, run_view, short_label, unit_views
+from tools.core.layout import RunLayout
+from tools.describe.records import FILE as DESCRIPTIONS
+from tools.features.records import FILE as FEATURES
+from tools.features.records import iter_records
+from tools.html.descriptions import find_runs, run_view, short_label, unit_views
 
 HERE = Path(__file__).resolve().parent
 TEMPLATES = HERE / "templates"
@@ -171,16 +174,6 @@ def _fill(template: str, *, title: str, static: str = "", **values: str) -> str:
     return page.substitute(head=head_html, title=title, **values)
 
 
-def _iter_features(path: Path):
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{n} is not valid JSON ({e}); rerun tools.top_activations") from e
-
-
 def _tokenizer(meta: dict):
     """The tokenizer the features were written with (meta's `tokenizer_info`; GPT-2 before it existed)."""
     from transformer.tokenizer import TiktokenTokenizer, tokenizer_from_record
@@ -210,46 +203,51 @@ def _code_hash() -> str:
     return h.hexdigest()[:16]
 
 
-def _state(run_dir: Path, feat_dir: Path, name: str) -> tuple[dict, dict]:
+def _state(lay: RunLayout, name: str) -> tuple[dict, dict]:
     """What every page depends on (features, meta, this code) and what the description files are now."""
-    base = {"format": RENDER_FORMAT, "code": _code_hash(), "features": _stamp(feat_dir / "features.jsonl"),
+    feat_dir = lay.features(name)
+    base = {"format": RENDER_FORMAT, "code": _code_hash(), "features": _stamp(feat_dir / FEATURES),
             "meta": _stamp(feat_dir / "meta.json")}
-    inputs = {d.name: [_stamp(d / "descriptions.jsonl"), _stamp(d / "summary.json")]
-              for d in candidates(run_dir / "descriptions", name)}
+    inputs = {d.name: [_stamp(d / DESCRIPTIONS), _stamp(d / "summary.json")]
+              for d in lay.description_candidates(name)}
     return base, inputs
+
+
+def is_current(run_dir: Path, name: str) -> bool:
+    """Whether `features/<name>/site/` was rendered from the features and description runs as they are now."""
+    lay = RunLayout(Path(run_dir))
+    site = lay.site(name)
+    old = _read_state(site / "render.json")
+    base, inputs = _state(lay, name)
+    return (site / "index.html").is_file() and old.get("base") == base and old.get("inputs") == inputs
 
 
 def render_site(run_dir: Path, name: str) -> Path:
     """(Re)build `run_dir/features/<name>/site/` from features.jsonl + meta.json (+ every description run).
 
-    Built in a temporary folder and swapped in whole, so a reader never sees a half-written site;
-    renders of one site wait for each other. `site/render.json` records what each page was made from:
-    nothing changed returns at once, and a page whose inputs did not change is linked from the old
-    site instead of rebuilt (a describe run of a few units rebuilds a few pages). Returns index.html.
+    Built in a temporary folder and swapped in whole, so a reader never sees a half-written site; the
+    caller holds the site's lock (`tools.site.run`). `site/render.json` records what each page was
+    made from: nothing changed returns at once, and a page whose inputs did not change is linked from
+    the old site instead of rebuilt (a describe run of a few units rebuilds a few pages). Returns
+    index.html.
     """
-    run_dir = Path(run_dir)
-    feat_dir = run_dir / "features" / name
-    if not feat_dir.is_dir():
-        raise UserError(f"{feat_dir} not found (run tools.top_activations)")
-    with open(feat_dir / ".site.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        return _render(run_dir, feat_dir, name)
-
-
-def _render(run_dir: Path, feat_dir: Path, name: str) -> Path:
     from tools.tokens import TokenText
 
+    lay = RunLayout(Path(run_dir))
+    feat_dir = lay.features(name)
+    if not feat_dir.is_dir():
+        raise UserError(f"{feat_dir} not found (run tools.top_activations)")
     meta = read_json(feat_dir / "meta.json", "features meta")
-    feats = feat_dir / "features.jsonl"
+    feats = feat_dir / FEATURES
     if not feats.is_file():
         raise UserError(f"{feats} not found (run tools.top_activations)")
-    site = feat_dir / "site"
-    base, inputs = _state(run_dir, feat_dir, name)
+    site = lay.site(name)
+    base, inputs = _state(lay, name)
     old = _read_state(site / "render.json")
     if old.get("base") == base and old.get("inputs") == inputs and (site / "index.html").is_file():
         return site / "index.html"
     reuse = old.get("pages", {}) if old.get("base") == base else {}
-    runs = find_runs(run_dir, name)
+    runs = find_runs(lay.run_dir, name)
     primary = runs[0] if runs and runs[0].primary else None  # find_runs puts it first
     labels = [(short_label(r), r) for r in runs if r.tag is not None]  # index chips: the tagged runs
     pages = (meta.get("config") or {}).get("pages")
@@ -266,7 +264,7 @@ def _render(run_dir: Path, feat_dir: Path, name: str) -> Path:
         shutil.copyfile(STATIC / f, tmp / "static" / f)
     title_name = html.escape(str(meta.get("name", name)))
     rows, hashes, built = [], {}, 0
-    for rec in tqdm(_iter_features(feats), total=n_units, desc="pages", unit="page", leave=False):
+    for rec in tqdm(iter_records(feats), total=n_units, desc="pages", unit="page", leave=False):
         u = int(rec["index"])
         views = unit_views(runs, u)
         d = views[0] if primary is not None and u in primary.records else {}

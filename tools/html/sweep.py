@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tools.core.files import atomic_path
+from tools.core.layout import RunLayout
 from tools.html.site import STATIC, _fill, _num
 
 
@@ -56,7 +57,7 @@ def _scatter(points: list[tuple[float, float, str]], width: int = 560, height: i
 
 def render_sweep_index(run_dir: Path, saes: list[dict[str, Any]]) -> Path:
     """Write `run_dir/sweep/index.html` for SAE summaries (name, l1_coeff, l0, ..., simulation mean)."""
-    out = Path(run_dir) / "sweep"
+    out = RunLayout(Path(run_dir)).sweep
     shutil.copytree(STATIC, out / "static", dirs_exist_ok=True)
     rows = []
     for s in saes:
