@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import ROOT
 from tools import site
 from tools.core import guard
 from tools.core.config import UserError, compose
@@ -18,7 +19,7 @@ from tools.core.layout import RunLayout
 from tools.describe.synthetic import fires_after, fires_on, write_features
 
 RULES = [fires_on(" thou"), fires_after(" the"), fires_on(" king")]
-ROOT = Path(__file__).resolve().parents[1]
+
 
 
 def _run_dir(tmp_path: Path) -> Path:
