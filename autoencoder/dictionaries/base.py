@@ -155,14 +155,14 @@ class Dictionary(nn.Module):
         x = self._norm_in(x.to(self.W_enc.dtype))
         if self.pre_bias is not None:
             x = x - self.pre_bias
-        if self.activation == "gated":
-            gate = (x @ self.W_enc + self.b_gate > 0).to(x.dtype)
-            return gate * torch.relu(x @ (self.W_enc * self.r_mag.exp()) + self.b_mag)
+        if self.activation == "gated":  # x (W_enc * exp(r_mag)) = (x W_enc) * exp(r_mag): one GEMM
+            h = x @ self.W_enc
+            return torch.relu(h * self.r_mag.exp() + self.b_mag).masked_fill_(h + self.b_gate <= 0, 0)
         pre = x @ self.W_enc + self.b_enc
         if self.activation == "relu":
             return torch.relu(pre)
-        if self.activation == "jumprelu":
-            return torch.relu(pre) * (pre > self.threshold).to(pre.dtype)
+        if self.activation == "jumprelu":  # relu(pre) * 1[pre > θ] == pre * 1[pre > max(θ, 0)]
+            return pre.masked_fill_(pre <= self.threshold.clamp(min=0), 0)
         if self.activation == "groupmax":
             values, idx = torch.relu(pre).unflatten(-1, (self.k, -1)).max(dim=-1)
             idx = idx + torch.arange(0, self.d_sae, self.d_sae // self.k, device=pre.device)
