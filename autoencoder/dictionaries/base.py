@@ -128,6 +128,8 @@ class Dictionary(nn.Module):
         self.source_format, self.source, self.sha256 = source_format, source, sha256
         self.model_name, self.meta = model_name, dict(w.meta)
         self._norm_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+        dec_norm = self.W_dec.norm(dim=-1) if w.rescale_by_decoder_norm else None
+        self.register_buffer("dec_norm", dec_norm, persistent=False)
 
     def _norm_in(self, x: torch.Tensor) -> torch.Tensor:
         """SAELens' run-time input normalization; its statistics are kept for the next `decode`."""
@@ -168,7 +170,7 @@ class Dictionary(nn.Module):
             idx = idx + torch.arange(0, self.d_sae, self.d_sae // self.k, device=pre.device)
             return torch.zeros_like(pre).scatter_(-1, idx, values)
         if self.rescale_by_decoder_norm:
-            pre = pre * self.W_dec.norm(dim=-1)
+            pre = pre * self.dec_norm
         values, idx = torch.topk(pre, self.k, dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter_(-1, idx, values.relu())
 
@@ -178,7 +180,7 @@ class Dictionary(nn.Module):
         if self.feature_scale is not None:
             f = f * self.feature_scale
         if self.rescale_by_decoder_norm:
-            f = f / self.W_dec.norm(dim=-1)
+            f = f / self.dec_norm
         return self._norm_out(f @ self.W_dec + self.b_dec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
