@@ -13,7 +13,7 @@ from autoencoder.sae import SAE
 from tools.core.config import UserError
 
 if TYPE_CHECKING:
-    from autoencoder.train import SAETrainConfig
+    from autoencoder.config import SAETrainConfig
 
 
 class Evaluator:
