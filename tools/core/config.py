@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 T = TypeVar("T")
@@ -29,6 +29,11 @@ class UserError(Exception):
 
 def typed(node: Any, schema: type[T], where: str) -> T:
     """Validate a config section against a dataclass: unknown keys and wrong types name the key."""
+    if dataclasses.is_dataclass(schema) and hasattr(node, "keys"):
+        unknown = sorted(set(node.keys()) - {f.name for f in dataclasses.fields(schema)})
+        if unknown:
+            raise UserError(f"config `{where}`: unknown key `{where}.{unknown[0]}` "
+                            f"(not a field of {schema.__name__})")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node)
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
@@ -102,14 +107,15 @@ def error_line(e: BaseException) -> str:
     if isinstance(e, ConfigCompositionException) and isinstance(cause, OmegaConfBaseException):
         key = getattr(cause, "full_key", None) or getattr(cause, "key", None)
         first = str(e).splitlines()[0]
-        if "not in struct" in str(cause) and key:
+        if key and ("not in struct" in str(cause) or isinstance(cause, (ConfigAttributeError, ConfigKeyError))):
             return (f"unknown config key `{key}` ({first.rstrip('.')}); check its spelling "
                     f"(`--cfg job` prints every key) or write +{key}=... to add a new one")
         return f"{first} {str(cause).splitlines()[0]}" + (f" (key `{key}`)" if key else "")
     if isinstance(e, (ConfigCompositionException, MissingConfigException, OmegaConfBaseException)):
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         if isinstance(e, MissingConfigException) and e.options:
-            return f"{lines[0]}; available: {', '.join(e.options)}"
+            options = [o for o in e.options if o != "schema"]  # the dataclass every option extends
+            return f"{lines[0]}; available: {', '.join(options)}"
         return lines[0] if lines else type(e).__name__
     if isinstance(e, OSError):
         where = f" {e.filename}" if e.filename else ""
