@@ -35,8 +35,8 @@ class ActivationsConfig:
     # context length, capped at the model's; null -> the GPT's block_size, an HF model's max positions
     # capped at 1024
     block_size: int | None = None
-    # neurons (blocks.L.mlp.hook_post) | mlp_out (blocks.L.hook_mlp_out) | resid_post (blocks.L.hook_resid_post);
-    # hashed as each hook point written
+    # neurons (blocks.L.mlp.hook_post) | mlp_out (blocks.L.hook_mlp_out)
+    # | resid_post (blocks.L.hook_resid_post); hashed as each hook point written
     hook: str = neutral("neurons")
     layers: Any = neutral(factory=lambda: [0])  # which blocks, all read in one forward: [0,5,10] or all
     rows_per_shard: int = 1_048_576  # rows per .npy shard (1 GiB at d_in 512); pass-1 RAM is about one shard
@@ -50,7 +50,8 @@ class ActivationsConfig:
             if getattr(self, key) < 1:
                 raise UserError(f"config `activations.{key}`={getattr(self, key)}: expected an integer >= 1")
         if self.resample_rows < 0:
-            raise UserError(f"config `activations.resample_rows`={self.resample_rows}: expected an integer >= 0")
+            raise UserError(f"config `activations.resample_rows`={self.resample_rows}: "
+                            "expected an integer >= 0")
         if self.block_size is not None and self.block_size < 1:
             raise UserError(f"config `activations.block_size`={self.block_size}: expected null or >= 1")
         if self.hook not in HOOKS:
@@ -123,12 +124,13 @@ class SAETrainConfig:
     # The paper's recipe: resample_centered=false resample_density=null resample_fresh_adam=false
     # (docs on neuron resampling have the study behind these defaults).
     resample_centered: bool = True  # the new direction is x − b_dec (false: the raw input x)
-    resample_density: float | None = 0.01  # new bias = −(1 − density) quantile of its pre-activations (null: 0)
+    # new bias = −(1 − density) quantile of its pre-activations (null: 0)
+    resample_density: float | None = 0.01
     resample_fresh_adam: bool = True  # reset the resampled features' Adam step counts, not only the moments
     resample_max_fraction: float = 1.0  # resample at most this fraction of the dictionary per event
     resample_weight: str = "loss"  # draw inputs ∝ loss² with loss = MSE + λ L1 (mse: the MSE term only)
     resample_lr_warmup_steps: int = 0  # re-warm the LR linearly after each resampling (0 = off)
-    resample_watch_steps: int = neutral(200)  # diagnostics (cfg.json, W&B resample/*) for this many steps after
+    resample_watch_steps: int = neutral(200)  # diagnostics (cfg.json, W&B resample/*): steps watched after
     eval_every: int = neutral(5000)  # held-out eval (val shards + val contexts) every N steps, and at the end
     eval_rows: int = neutral(65536)  # val rows for reconstruction / density metrics
     eval_contexts: int = neutral(64)  # val contexts for the NLL score (loss recovered)
@@ -138,7 +140,7 @@ class SAETrainConfig:
     dtype: str = "float32"  # parameter dtype: float32 | float64
     autocast: bool = neutral(True)  # on CUDA: bf16 autocast of the forward (ignored on CPU)
     compile: bool = neutral(False)  # torch.compile the loss
-    stop_at: int | None = neutral(None)  # stop with a checkpoint after this step (preemptible jobs); rerun resumes
+    stop_at: int | None = neutral(None)  # stop with a checkpoint after this step; a rerun resumes
 
     def check(self) -> SAETrainConfig:
         def bad(key: str, want: str) -> UserError:

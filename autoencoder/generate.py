@@ -102,7 +102,8 @@ def _data_id(inp: Inputs) -> dict[str, Any]:
 
 def output_hash(cfg: DictConfig, a: ActivationsConfig, inp: Inputs, hook: str) -> str:
     """What one hook's shards depend on (not the world size, nor the other hooks written with it)."""
-    return config_hash({"activations": output_fields(a), "hook": hook, "contexts": n_contexts(a), "seed": int(cfg.seed),
+    return config_hash({"activations": output_fields(a), "hook": hook, "contexts": n_contexts(a),
+                        "seed": int(cfg.seed),
                         "model": inp.spec.identity, "data": _data_id(inp), "context_len": inp.context_len})
 
 

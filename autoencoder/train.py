@@ -135,11 +135,14 @@ class SAETrainStage(Stage):
         m = manifest if manifest is not None else self.manifest()
         world = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
         return config_hash({"sae": math_config(self.c, int(m["d_in"]), world),
-                            "shards": [s.get("sha256") for s in m.get("shards", [])], "model": m.get("model")})
+                            "shards": [s.get("sha256") for s in m.get("shards", [])],
+                            "model": m.get("model")})
 
     def recorded_hash(self) -> str | None:
         path = self.output_dir() / "cfg.json"
-        return (read_json(path, "SAE config").get("training") or {}).get("config_hash") if path.is_file() else None
+        if not path.is_file():
+            return None
+        return (read_json(path, "SAE config").get("training") or {}).get("config_hash")
 
     def done(self) -> bool:
         """A finished SAE trained under this config and these shards."""
@@ -158,12 +161,14 @@ class SAETrainStage(Stage):
         weights = Path(str(model.get("path"))) / "model.safetensors"
         if model.get("weights_sha256") and weights.is_file():
             made_from = {"model": {"path": str(weights), "sha256": model["weights_sha256"]}}
-            guard.check_provenance(self.train_dir, made_from, "rerun autoencoder.generate with overwrite=true")
+            guard.check_provenance(self.train_dir, made_from,
+                                   "rerun autoencoder.generate with overwrite=true")
 
     def overwrite(self) -> bool:
         """overwrite=true, or a checkpoint of this very config to resume."""
         ckpt = self.output_dir() / "checkpoint" / "state.json"
-        resuming = ckpt.is_file() and read_json(ckpt, "SAE checkpoint").get("config_hash") == self.output_hash()
+        resuming = (ckpt.is_file()
+                    and read_json(ckpt, "SAE checkpoint").get("config_hash") == self.output_hash())
         return super().overwrite() or resuming
 
     def finished(self, result: dict[str, Any]) -> bool:
@@ -188,7 +193,8 @@ def _run(stage: SAETrainStage) -> dict[str, Any]:
     cfg, c = stage.cfg, stage.c
     wcfg = section(cfg, "wandb", WandbConfig)
     device = resolve_device(str(cfg.device))
-    name, run_dir, train_dir, sae_dir = stage.sae_name, Path(str(cfg.run_dir)), stage.train_dir, stage.output_dir()
+    name, run_dir = stage.sae_name, Path(str(cfg.run_dir))
+    train_dir, sae_dir = stage.train_dir, stage.output_dir()
     ckpt_dir = sae_dir / "checkpoint"
 
     manifest = stage.manifest()

@@ -216,7 +216,8 @@ class TrainStage(Stage):
             read_json(self.data_dir() / "meta.json")
         except UserError:
             return False
-        return (self.output_dir() / "model.safetensors").is_file() and conf.get("config_hash") == self.output_hash()
+        return ((self.output_dir() / "model.safetensors").is_file()
+                and conf.get("config_hash") == self.output_hash())
 
     def verify_inputs(self) -> None:
         guard.verify_sealed(self.data_dir(), ["train.bin", "val.bin"], "token")
