@@ -49,7 +49,7 @@ def test_yaml_does_not_repeat_a_dataclass_default(group):
 
 @pytest.mark.parametrize("group", sorted(GROUPS))
 def test_command_line_composes_the_dataclass_defaults(group):
-    """`python -m <stage>` with no overrides sees the dataclass's defaults (`SAETrainConfig()` is the CLI's)."""
+    """`python -m <stage>` with no overrides sees the dataclass defaults (`SAETrainConfig()` is the CLI's)."""
     composed = OmegaConf.to_container(compose([])[group])
     base = _defaults(GROUPS[group])
     allowed = DEFAULT_OPTION_SETS.get(group, set())

@@ -107,14 +107,15 @@ def error_line(e: BaseException) -> str:
     if isinstance(e, ConfigCompositionException) and isinstance(cause, OmegaConfBaseException):
         key = getattr(cause, "full_key", None) or getattr(cause, "key", None)
         first = str(e).splitlines()[0]
-        if key and ("not in struct" in str(cause) or isinstance(cause, (ConfigAttributeError, ConfigKeyError))):
+        unknown = isinstance(cause, (ConfigAttributeError, ConfigKeyError)) or "not in struct" in str(cause)
+        if key and unknown:
             return (f"unknown config key `{key}` ({first.rstrip('.')}); check its spelling "
                     f"(`--cfg job` prints every key) or write +{key}=... to add a new one")
         return f"{first} {str(cause).splitlines()[0]}" + (f" (key `{key}`)" if key else "")
     if isinstance(e, (ConfigCompositionException, MissingConfigException, OmegaConfBaseException)):
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         if isinstance(e, MissingConfigException) and e.options:
-            options = [o for o in e.options if o != "schema"]  # the dataclass every option extends
+            options = [o for o in e.options if o != "schema"]  # schema: the dataclass options extend
             return f"{lines[0]}; available: {', '.join(options)}"
         return lines[0] if lines else type(e).__name__
     if isinstance(e, OSError):
