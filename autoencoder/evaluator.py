@@ -14,7 +14,7 @@ from tools.core.config import UserError
 from tools.core.layout import RunLayout
 
 if TYPE_CHECKING:
-    from autoencoder.train import SAETrainConfig
+    from autoencoder.config import SAETrainConfig
 
 
 class Evaluator:

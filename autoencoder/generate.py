@@ -24,11 +24,12 @@ a file system every rank sees.
 
 from __future__ import annotations
 
+import functools
 import queue
 import shutil
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,59 +38,24 @@ import torch
 from omegaconf import DictConfig
 
 from autoencoder import shards
+from autoencoder.config import ActivationsConfig
 from autoencoder.scatter import CHUNK, SPLITS, WORK_FORMAT, ContextPlan, Scatter, pass2, resample_indices
 from tools.core import guard
-from tools.core.config import UserError, resolve_device, stage_main, typed
+from tools.core.config import UserError, output_fields, resolve_device, stage_main
 from tools.core.distributed import Dist
 from tools.core.files import config_hash, read_json, write_json
 from tools.core.layout import RunLayout
+from tools.core.stage import Stage
 from transformer.data import open_tokens, token_dir
-from transformer.subject import HOOK_KINDS, Subject, SubjectSpec, hook_point
+from transformer.subject import Subject, SubjectSpec, hook_point
 from transformer.subject_load import load_subject, subject_spec
 
-__all__ = ["CHUNK", "SPLITS", "WORK_FORMAT", "ContextPlan", "Scatter", "resample_indices", "run", "done"]
-
-
-@dataclass
-class ActivationsConfig:
-    """The `activations` config section (conf/activations/default.yaml documents every key)."""
-
-    split: str = "train"  # train | val: which token file to sample contexts from
-    contexts: int = 250_000  # contexts sampled for split=train
-    val_contexts: int = 5_000  # contexts sampled for split=val
-    tokens_per_context: int = 200  # random positions kept per context (Anthropic 2023: 200)
-    block_size: int | None = None  # context length: at most this; null -> the subject's default
-    hook: str = "neurons"  # neurons | mlp_out | resid_post
-    layers: Any = field(default_factory=lambda: [0])  # list of layers, one layer, or "all"
-    rows_per_shard: int = 1_048_576  # ~1 GiB per shard at d_in 512; also the pass-1 RAM budget
-    resample_rows: int = 819_200  # rows of resample.npy (Anthropic 2023: 819,200); 0 = none
-    batch_contexts: int = 64  # contexts per forward pass
-
-
-def check_config(a: ActivationsConfig) -> ActivationsConfig:
-    if a.split not in SPLITS:
-        raise UserError(f"config `activations.split`={a.split!r}: expected train or val")
-    for key in ("contexts", "val_contexts", "tokens_per_context", "rows_per_shard", "batch_contexts"):
-        if getattr(a, key) < 1:
-            raise UserError(f"config `activations.{key}`={getattr(a, key)}: expected an integer >= 1")
-    if a.resample_rows < 0:
-        raise UserError(f"config `activations.resample_rows`={a.resample_rows}: expected an integer >= 0")
-    if a.block_size is not None and a.block_size < 1:
-        raise UserError(f"config `activations.block_size`={a.block_size}: expected null or >= 1")
-    if a.hook not in HOOK_KINDS:
-        raise UserError(f"config `activations.hook`={a.hook!r}: expected {' | '.join(HOOK_KINDS)}")
-    layers = [a.layers] if isinstance(a.layers, int) else a.layers
-    ok = layers == "all" or (isinstance(layers, list | tuple) and len(layers) > 0 and all(
-        isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers))
-    if not ok:
-        raise UserError(f"config `activations.layers`={a.layers!r}: expected a list of layers >= 0 "
-                        "(e.g. [0,5,10]) or all")
-    a.layers = layers if layers == "all" else list(dict.fromkeys(layers))
-    return a
+__all__ = ["CHUNK", "SPLITS", "WORK_FORMAT", "ContextPlan", "Scatter", "resample_indices", "run", "done",
+           "ActivationsStage"]
 
 
 def n_contexts(a: ActivationsConfig) -> int:
-    return a.contexts if a.split == "train" else a.val_contexts
+    return a.n_contexts()
 
 
 # ------------------------------------------------------------------------------------ inputs
@@ -136,8 +102,8 @@ def _data_id(inp: Inputs) -> dict[str, Any]:
 
 def output_hash(cfg: DictConfig, a: ActivationsConfig, inp: Inputs, hook: str) -> str:
     """What one hook's shards depend on (not the world size, nor the other hooks written with it)."""
-    keep = {k: v for k, v in asdict(a).items() if k not in ("contexts", "val_contexts", "hook", "layers")}
-    return config_hash({"activations": keep, "hook": hook, "contexts": n_contexts(a), "seed": int(cfg.seed),
+    return config_hash({"activations": output_fields(a), "hook": hook, "contexts": n_contexts(a),
+                        "seed": int(cfg.seed),
                         "model": inp.spec.identity, "data": _data_id(inp), "context_len": inp.context_len})
 
 
@@ -150,50 +116,79 @@ def hook_dirs(cfg: DictConfig, a: ActivationsConfig, inp: Inputs) -> dict[str, P
     return RunLayout.of(cfg).activation_hook_dirs(a.split, inp.hooks)
 
 
-def done(cfg: DictConfig) -> bool:
-    """True when every hook's manifest is complete, matches config + model + data, and its shards exist."""
-    a = check_config(typed(cfg.activations, ActivationsConfig, "activations"))
-    try:
-        inp = _inputs(cfg, a)
-        for hook, directory in hook_dirs(cfg, a, inp).items():
-            m = shards.read_manifest(directory)
-            if m.get("config_hash") != output_hash(cfg, a, inp, hook):
-                return False
-            for e in m["shards"]:
-                shards.check_shard(directory, e, int(m["d_in"]))
-            if a.resample_rows and not (directory / shards.RESAMPLE).is_file():
-                return False
-    except UserError:
-        return False
-    return True
+class ActivationsStage(Stage):
+    """Tokens + subject -> `run_dir/activations/<split>/[<hook>/]` (one shard folder per hook point)."""
 
+    name, what, key, schema = "autoencoder.generate", "activation directory", "activations", ActivationsConfig
+    marker = shards.MANIFEST
 
-# ------------------------------------------------------------------------------------ run
+    @functools.cached_property
+    def inp(self) -> Inputs:
+        return _inputs(self.cfg, self.c)
 
+    def output_dir(self) -> Path:
+        return out_dir(self.cfg, self.c.split)
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    a = check_config(typed(cfg.activations, ActivationsConfig, "activations"))
-    inp = _inputs(cfg, a)
-    with guard.output_lock(out_dir(cfg, a.split), "autoencoder.generate"):
-        _guard(cfg, a, inp)
+    def output_hash(self, hook: str | None = None) -> str:
+        """What one hook's shards depend on (`output_hash` below); the first hook's by default."""
+        return output_hash(self.cfg, self.c, self.inp, hook or self.inp.hooks[0])
+
+    def done(self) -> bool:
+        """Every hook's manifest complete and current, its shards (and resample.npy) present."""
+        a = self.c
+        try:
+            inp = self.inp
+            for hook, directory in hook_dirs(self.cfg, a, inp).items():
+                m = shards.read_manifest(directory)
+                if m.get("config_hash") != output_hash(self.cfg, a, inp, hook):
+                    return False
+                for e in m["shards"]:
+                    shards.check_shard(directory, e, int(m["d_in"]))
+                if a.resample_rows and not (directory / shards.RESAMPLE).is_file():
+                    return False
+        except UserError:
+            return False
+        return True
+
+    def verify_inputs(self) -> None:
+        """Sealed model and tokens intact."""
+        inp = self.inp
+        if inp.spec.identity.get("kind") == "gpt":
+            guard.verify_sealed(inp.spec.identity["path"], ["model.safetensors"], "transformer")
+        guard.verify_sealed(inp.tokens_path.parent, [inp.tokens_path.name], "token")
+
+    def guard(self) -> None:
+        """A finished hook folder is replaced only with overwrite; an unfinished one is resumed or redone."""
+        self.verify_inputs()
+        for hook, directory in hook_dirs(self.cfg, self.c, self.inp).items():
+            new = self.output_hash(hook)
+            m = read_json(directory / shards.MANIFEST) if (directory / shards.MANIFEST).is_file() else {}
+            old = m.get("config_hash") if m.get("complete") is True else new
+            guard.prepare_output(directory, self.what, marker=shards.MANIFEST, old=old, new=new,
+                                 overwrite=self.overwrite())
+
+    def finished(self, result: dict[str, Any]) -> bool:
+        return False  # each shard carries its sha256 in the manifest
+
+    def run(self) -> dict[str, Any]:
+        self.inp  # noqa: B018 - bad inputs are refused before the lock is taken
+        return super().run()
+
+    def work(self) -> dict[str, Any]:
         dist = Dist.start(backend="gloo")  # coordination only: shard lists and barriers
         try:
-            return _run(cfg, a, inp, dist)
+            return _run(self.cfg, self.c, self.inp, dist)
         finally:
             dist.close()
 
 
-def _guard(cfg: DictConfig, a: ActivationsConfig, inp: Inputs) -> None:
-    """Intact inputs (sealed model and tokens); a finished directory is replaced only with overwrite."""
-    if inp.spec.identity.get("kind") == "gpt":
-        guard.verify_sealed(inp.spec.identity["path"], ["model.safetensors"], "transformer")
-    guard.verify_sealed(inp.tokens_path.parent, [inp.tokens_path.name], "token")
-    for hook, directory in hook_dirs(cfg, a, inp).items():
-        new = output_hash(cfg, a, inp, hook)
-        m = read_json(directory / shards.MANIFEST) if (directory / shards.MANIFEST).is_file() else {}
-        old = m.get("config_hash") if m.get("complete") is True else new  # unfinished: resumed or redone
-        guard.prepare_output(directory, "activation directory", marker=shards.MANIFEST, old=old, new=new,
-                             overwrite=bool(cfg.get("overwrite", False)))
+def done(cfg: DictConfig) -> bool:
+    """True when every hook's manifest is complete, matches config + model + data, and its shards exist."""
+    return ActivationsStage(cfg).done()
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    return ActivationsStage(cfg).run()
 
 
 def _run(cfg: DictConfig, a: ActivationsConfig, inp: Inputs, dist: Dist) -> dict[str, Any]:

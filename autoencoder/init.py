@@ -21,7 +21,7 @@ from autoencoder.sae import SAE, geometric_median
 from tools.core.config import UserError
 
 if TYPE_CHECKING:
-    from autoencoder.train import SAETrainConfig
+    from autoencoder.config import SAETrainConfig
 
 
 def training_sample(train_dir: Path, rows: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ from autoencoder.resample import ResampleRecipe
 from autoencoder.sae import PARAM_NAMES, SAE, row_sq_error
 
 if TYPE_CHECKING:
-    from autoencoder.train import SAETrainConfig
+    from autoencoder.config import SAETrainConfig
 
 
 

@@ -12,125 +12,33 @@ it runs under `torchrun` and resumes exactly from `checkpoint/`.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
+from autoencoder.config import SAETrainConfig
 from autoencoder.evaluator import summary
-from autoencoder.sae import ARCHITECTURES
 from autoencoder.step import TrainStep, l1_at, lr_at, make_optimizer, make_step
 from autoencoder.trainer import RunSpec, Trainer
 from tools.core import guard
-from tools.core.config import UserError, resolve_device, stage_main, typed
+from tools.core.config import UserError, output_fields, resolve_device, section, stage_main
 from tools.core.distributed import Dist
 from tools.core.files import config_hash, read_json
 from tools.core.layout import RunLayout
+from tools.core.stage import Stage
 
-__all__ = ["SAETrainConfig", "TrainStep", "check_config", "done", "l1_at", "lr_at", "main",
-           "make_optimizer", "make_step", "run", "sae_name"]
-
-
-@dataclass
-class SAETrainConfig:
-    """The `sae` config section (conf/sae/*.yaml documents every key)."""
-
-    architecture: str = "l1"  # l1 (Anthropic 2023) | topk (Gao et al. 2024)
-    name: str | None = None  # folder under run_dir/sae; null -> derived from the config
-    hook: str | None = None  # hook point to train on when the shards hold several (blocks.10.mlp.hook_post)
-    n_features: int = 4096
-    d_in: int | None = None  # null -> from the shards' manifest; set it to assert it
-    l1_coeff: float = 0.06  # λ on ‖f‖₁ / s (normalize_loss) or on ‖f‖₁ (raw)
-    l1_warmup_steps: int = 0
-    mse_reduction: str = "sum"  # sum | mean: over d_in, per row; always averaged over the batch
-    normalize_loss: bool = True  # MSE / s² + λ ‖f‖₁ / s, s = RMS ‖x − b_dec‖ at init (false: raw)
-    init_rescale: bool = True  # scale W_enc so the first reconstruction has the input's norm
-    k: int = 32
-    aux_k: int | None = None  # null -> d_in // 2 (Gao et al.)
-    aux_coeff: float = 0.03125
-    dead_tokens: int = 10_000_000  # rows without firing before a feature is dead (AuxK, resampling)
-    kernel: str = "auto"  # dense | sparse | auto (autoencoder.kernels when available)
-    batch_size: int = 4096  # global rows per step (split across DDP ranks)
-    steps: int = 125000
-    lr: float = 1e-4
-    lr_warmup_steps: int = 1000
-    lr_schedule: str = "constant"  # constant | cosine | linear (after warmup, down to min_lr_ratio)
-    min_lr_ratio: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    b_dec_init: str = "geometric_median"  # geometric_median | mean | zeros
-    b_dec_init_rows: int = 16384
-    resample_steps: list[int] = field(default_factory=lambda: [25000, 50000, 75000, 100000])
-    resample_rows: int | None = None  # cap on rows of resample.npy used; null = all
-    resample_enc_scale: float = 0.2
-    resample_centered: bool = True  # new direction x − b_dec (false: the raw input x, the paper)
-    resample_density: float | None = 0.01  # new bias fires on this fraction (null: bias 0, the paper)
-    resample_fresh_adam: bool = True  # reset per-feature Adam step counts too (false: moments only)
-    resample_max_fraction: float = 1.0  # at most this fraction of the dictionary per event
-    resample_weight: str = "loss"  # loss (MSE + λ L1, the paper) | mse: what inputs are drawn by
-    resample_lr_warmup_steps: int = 0
-    resample_watch_steps: int = 200  # diagnostics: steps watched after each event
-    eval_every: int = 5000
-    eval_rows: int = 65536
-    eval_contexts: int = 64
-    eval_context_len: int | None = None  # null -> the model's block_size
-    log_every: int = 100
-    checkpoint_every: int = 5000
-    dtype: str = "float32"
-    autocast: bool = True  # CUDA only: bf16 autocast of the forward; fp32 on CPU always
-    compile: bool = False
-    stop_at: int | None = None  # stop with a checkpoint after this step (preemptible jobs, tests)
-
-
-# keys that change neither the trained weights nor the artifacts' meaning: free to differ on resume
-NON_MATH_KEYS = ("name", "hook", "kernel", "eval_every", "eval_rows", "eval_contexts", "eval_context_len",
-                 "log_every", "checkpoint_every", "compile", "stop_at", "autocast",
-                 "resample_watch_steps")
-
-
-def check_config(c: SAETrainConfig) -> SAETrainConfig:
-    def bad(key: str, want: str) -> UserError:
-        return UserError(f"config `sae.{key}`={getattr(c, key)!r}: expected {want}")
-
-    if c.architecture not in ARCHITECTURES:
-        raise bad("architecture", " or ".join(ARCHITECTURES))
-    for key in ("n_features", "batch_size", "steps", "log_every", "eval_every", "checkpoint_every",
-                "b_dec_init_rows", "eval_rows", "dead_tokens", "resample_watch_steps"):
-        if getattr(c, key) < 1:
-            raise bad(key, "an integer >= 1")
-    if c.architecture == "topk" and not 1 <= c.k <= c.n_features:
-        raise UserError(f"config `sae.k`={c.k}: expected 1 <= k <= sae.n_features={c.n_features}")
-    if c.mse_reduction not in ("sum", "mean"):
-        raise bad("mse_reduction", "sum or mean")
-    if c.kernel not in ("dense", "sparse", "auto"):
-        raise bad("kernel", "dense, sparse or auto")
-    if c.lr_schedule not in ("constant", "cosine", "linear"):
-        raise bad("lr_schedule", "constant, cosine or linear")
-    if c.b_dec_init not in ("geometric_median", "mean", "zeros"):
-        raise bad("b_dec_init", "geometric_median, mean or zeros")
-    if c.dtype not in ("float32", "float64"):
-        raise bad("dtype", "float32 or float64 (use sae.autocast for bf16 compute on CUDA)")
-    if c.lr <= 0 or c.l1_coeff < 0 or c.aux_coeff < 0:
-        raise UserError("config `sae.lr` must be > 0 and `sae.l1_coeff`, `sae.aux_coeff` >= 0")
-    if not 0 <= c.min_lr_ratio <= 1:
-        raise bad("min_lr_ratio", "a number in [0, 1]")
-    if any(s < 1 for s in c.resample_steps):
-        raise bad("resample_steps", "a list of steps >= 1")
-    if c.resample_density is not None and not 0 < c.resample_density < 1:
-        raise bad("resample_density", "a fraction in (0, 1) or null")
-    if not 0 < c.resample_max_fraction <= 1:
-        raise bad("resample_max_fraction", "a fraction in (0, 1]")
-    if c.resample_weight not in ("loss", "mse"):
-        raise bad("resample_weight", "loss or mse")
-    return c
+__all__ = ["SAETrainStage", "TrainStep", "done", "l1_at", "lr_at", "main", "make_optimizer", "make_step",
+           "run", "sae_name"]
 
 
 def math_config(c: SAETrainConfig, d_in: int, world_size: int) -> dict[str, Any]:
     """The keys a checkpoint must share with the run that resumes it."""
-    d = {k: v for k, v in asdict(c).items() if k not in NON_MATH_KEYS}
+    d = output_fields(c)
     return {**d, "d_in": d_in, "world_size": world_size}
 
 
@@ -196,82 +104,106 @@ def _multirun_overrides() -> list[str] | None:
 
 
 # ---- the stage ------------------------------------------------------------------------------
-def _paths(cfg: DictConfig, name: str) -> tuple[Path, Path, Path]:
-    lay = RunLayout.of(cfg)
-    return lay.run_dir, lay.activations("train", cfg.sae.get("hook")), lay.sae(name)
+class SAETrainStage(Stage):
+    """`run_dir/activations/train` -> `run_dir/sae/<name>/`, resumed from `checkpoint/`."""
 
+    name, what, key, schema = "autoencoder.train", "SAE", "sae", SAETrainConfig
+    marker = "cfg.json"
+    sealed = ("sae_weights.safetensors", "sparsity.safetensors")
+    verified = ("sae_weights.safetensors",)
+    rename_key = "sae.name"
 
-def _stage_hash(c: SAETrainConfig, manifest: dict[str, Any], world_size: int) -> str:
-    shard_ids = [s.get("sha256") for s in manifest.get("shards", [])]
-    return config_hash({"sae": math_config(c, int(manifest["d_in"]), world_size),
-                        "shards": shard_ids, "model": manifest.get("model")})
+    @functools.cached_property
+    def sae_name(self) -> str:
+        return sae_name(self.c, _multirun_overrides())
+
+    @functools.cached_property
+    def train_dir(self) -> Path:
+        return RunLayout.of(self.cfg).activations("train", self.cfg.sae.get("hook"))
+
+    def output_dir(self) -> Path:
+        return RunLayout.of(self.cfg).sae(self.sae_name)
+
+    def manifest(self) -> dict[str, Any]:
+        from autoencoder import shards
+
+        return shards.read_manifest(self.train_dir)
+
+    def output_hash(self, world_size: int | None = None, manifest: dict[str, Any] | None = None) -> str:
+        """The trained weights' hash: the output fields of `sae`, d_in, world size, shards, model."""
+        m = manifest if manifest is not None else self.manifest()
+        world = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+        return config_hash({"sae": math_config(self.c, int(m["d_in"]), world),
+                            "shards": [s.get("sha256") for s in m.get("shards", [])],
+                            "model": m.get("model")})
+
+    def recorded_hash(self) -> str | None:
+        path = self.output_dir() / "cfg.json"
+        if not path.is_file():
+            return None
+        return (read_json(path, "SAE config").get("training") or {}).get("config_hash")
+
+    def done(self) -> bool:
+        """A finished SAE trained under this config and these shards."""
+        try:
+            meta = read_json(self.output_dir() / "cfg.json", "SAE config")
+            manifest = read_json(self.train_dir / "manifest.json", "shard manifest")
+        except UserError:
+            return False
+        world = int(meta.get("training", {}).get("world_size", 1))
+        return ((self.output_dir() / "sae_weights.safetensors").is_file()
+                and meta.get("training", {}).get("config_hash") == self.output_hash(world, manifest))
+
+    def verify_inputs(self) -> None:
+        """Refuse shards made from a model that changed since."""
+        model = self.manifest().get("model") or {}
+        weights = Path(str(model.get("path"))) / "model.safetensors"
+        if model.get("weights_sha256") and weights.is_file():
+            made_from = {"model": {"path": str(weights), "sha256": model["weights_sha256"]}}
+            guard.check_provenance(self.train_dir, made_from,
+                                   "rerun autoencoder.generate with overwrite=true")
+
+    def overwrite(self) -> bool:
+        """overwrite=true, or a checkpoint of this very config to resume."""
+        ckpt = self.output_dir() / "checkpoint" / "state.json"
+        resuming = (ckpt.is_file()
+                    and read_json(ckpt, "SAE checkpoint").get("config_hash") == self.output_hash())
+        return super().overwrite() or resuming
+
+    def finished(self, result: dict[str, Any]) -> bool:
+        return "stopped_at" not in result
+
+    def work(self) -> dict[str, Any]:
+        return _run(self)
 
 
 def done(cfg: DictConfig) -> bool:
     """True when `run_dir/sae/<name>/` holds a finished SAE trained under this config and shards."""
-    c = check_config(typed(cfg.sae, SAETrainConfig, "sae"))
-    _, train_dir, sae_dir = _paths(cfg, sae_name(c, _multirun_overrides()))
-    try:
-        meta = read_json(sae_dir / "cfg.json", "SAE config")
-        manifest = read_json(train_dir / "manifest.json", "shard manifest")
-    except UserError:
-        return False
-    world = int(meta.get("training", {}).get("world_size", 1))
-    return ((sae_dir / "sae_weights.safetensors").is_file()
-            and meta.get("training", {}).get("config_hash") == _stage_hash(c, manifest, world))
+    return SAETrainStage(cfg).done()
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    c = check_config(typed(cfg.sae, SAETrainConfig, "sae"))
-    _, train_dir, sae_dir = _paths(cfg, sae_name(c, _multirun_overrides()))
-    with guard.output_lock(sae_dir, "autoencoder.train"):
-        _guard(cfg, c, train_dir, sae_dir)
-        out = _run(cfg)
-        if "stopped_at" not in out and int(os.environ.get("RANK", "0")) == 0:
-            guard.seal(sae_dir, ["sae_weights.safetensors", "sparsity.safetensors"])
-        return out
+    return SAETrainStage(cfg).run()
 
 
-def _guard(cfg: DictConfig, c: SAETrainConfig, train_dir: Path, sae_dir: Path) -> None:
-    """Refuse shards made from a model that changed since, and replacing a finished SAE unasked."""
-    from autoencoder import shards
-
-    manifest = shards.read_manifest(train_dir)
-    model = manifest.get("model") or {}
-    weights = Path(str(model.get("path"))) / "model.safetensors"
-    if model.get("weights_sha256") and weights.is_file():
-        made_from = {"model": {"path": str(weights), "sha256": model["weights_sha256"]}}
-        guard.check_provenance(train_dir, made_from, "rerun autoencoder.generate with overwrite=true")
-    old = (read_json(sae_dir / "cfg.json", "SAE config").get("training") or {}).get("config_hash") \
-        if (sae_dir / "cfg.json").is_file() else None
-    ckpt = sae_dir / "checkpoint" / "state.json"
-    new = _stage_hash(c, manifest, int(os.environ.get("WORLD_SIZE", "1")))
-    resuming = ckpt.is_file() and read_json(ckpt, "SAE checkpoint").get("config_hash") == new
-    guard.prepare_output(sae_dir, "SAE", marker="cfg.json", sealed=["sae_weights.safetensors"], old=old,
-                         new=new, overwrite=bool(cfg.get("overwrite", False)) or resuming,
-                         rename_key="sae.name")
-
-
-def _run(cfg: DictConfig) -> dict[str, Any]:
-    from autoencoder import shards
-
-    c = check_config(typed(cfg.sae, SAETrainConfig, "sae"))
+def _run(stage: SAETrainStage) -> dict[str, Any]:
     from tools.core.tracking import WandbConfig, init_wandb
 
-    wcfg = typed(cfg.wandb, WandbConfig, "wandb")
+    cfg, c = stage.cfg, stage.c
+    wcfg = section(cfg, "wandb", WandbConfig)
     device = resolve_device(str(cfg.device))
-    name = sae_name(c, _multirun_overrides())
-    run_dir, train_dir, sae_dir = _paths(cfg, name)
+    name, run_dir = stage.sae_name, Path(str(cfg.run_dir))
+    train_dir, sae_dir = stage.train_dir, stage.output_dir()
     ckpt_dir = sae_dir / "checkpoint"
 
-    manifest = shards.read_manifest(train_dir)
+    manifest = stage.manifest()
     d_in = int(manifest["d_in"])
     if c.d_in is not None and c.d_in != d_in:
         raise UserError(f"config `sae.d_in`={c.d_in} but the shards in {train_dir} have d_in={d_in}")
     if c.architecture == "topk" and c.k > c.n_features:
         raise UserError(f"config `sae.k`={c.k} exceeds `sae.n_features`={c.n_features}")
 
-    if done(cfg) and not (ckpt_dir / "state.json").is_file():
+    if stage.done() and not (ckpt_dir / "state.json").is_file():
         meta = read_json(sae_dir / "cfg.json", "SAE config")
         print(f"sae {name}: already trained under this config -> {sae_dir}")
         return summary(name, meta.get("metrics", {}), sae_dir, meta.get("training", {}))
@@ -286,12 +218,10 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
                   "shards": config_hash([e.get("sha256") for e in manifest.get("shards", [])])}
         spec = RunSpec(cfg=cfg, c=c, name=name, run_dir=run_dir, train_dir=train_dir, sae_dir=sae_dir,
                        manifest=manifest, device=device, expect=expect,
-                       stage_hash=_stage_hash(c, manifest, world), rank=rank, world=world)
+                       stage_hash=stage.output_hash(world, manifest), rank=rank, world=world)
         return Trainer(spec, lambda history: _wandb(init_wandb, wcfg, run_dir, name, c, history)).fit()
     finally:
         dist.close()
-
-
 
 
 def _wandb(init_wandb, wcfg, run_dir: Path, name: str, c: SAETrainConfig, history: dict[str, Any]):
@@ -307,8 +237,6 @@ def _wandb(init_wandb, wcfg, run_dir: Path, name: str, c: SAETrainConfig, histor
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
 
 
 main = stage_main(run)

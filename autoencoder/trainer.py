@@ -33,7 +33,7 @@ from autoencoder.step import TrainStep, dead_steps, l1_at, lr_at, make_optimizer
 from tools.core.config import UserError
 
 if TYPE_CHECKING:
-    from autoencoder.train import SAETrainConfig
+    from autoencoder.config import SAETrainConfig
 
 
 

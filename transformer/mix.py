@@ -14,54 +14,13 @@ smallest source (relative to its ratio) can supply; meta.json records what each 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tools.core.config import UserError
+from transformer.config import MixSource
 
 CHAT_FIELDS = ("messages", "conversation")
-
-
-@dataclass
-class MixSource:
-    name: str = "source"  # label in meta.json
-    ratio: float = 1.0  # share of documents (ratios are normalised to sum to 1)
-    path: str | None = None  # hub dataset id
-    subset: str | None = None
-    split: str = "train"
-    revision: str | None = None
-    files: str | None = None  # local glob(s), instead of `path`
-    text_field: str = "text"
-    chat_field: str | None = None  # null = `messages` or `conversation` if the rows have one
-    sample_by: str = "document"  # .txt/.md: document | paragraph | line
-    streaming: bool = True  # hub: stream only the rows needed (FineWeb-size sources)
-
-
-def parse_sources(raw: Any) -> list[MixSource]:
-    """Validate `data.sources` (MixSource records or mappings)."""
-    if not raw:
-        raise UserError("config `data.sources` is empty: data=mix needs at least one source")
-    out = []
-    for i, s in enumerate(raw):
-        if isinstance(s, MixSource):
-            src = s
-        else:
-            unknown = set(s) - set(MixSource.__dataclass_fields__)
-            if unknown:
-                raise UserError(f"config `data.sources[{i}]` has unknown keys {sorted(unknown)} "
-                                f"(expected {sorted(MixSource.__dataclass_fields__)})")
-            src = MixSource(**dict(s))
-        if bool(src.path) == bool(src.files):
-            raise UserError(f"config `data.sources[{i}]` ({src.name}): give exactly one of `path` (hub) "
-                            "or `files` (local)")
-        if not src.ratio > 0:
-            raise UserError(f"config `data.sources[{i}].ratio`={src.ratio}: expected > 0")
-        out.append(src)
-    names = [s.name for s in out]
-    if len(set(names)) != len(names):
-        raise UserError(f"config `data.sources`: names must differ, got {names}")
-    return out
 
 
 def _uniform(ds: Any, src: MixSource, files: list[str]) -> Any:
@@ -109,7 +68,8 @@ def load_source(src: MixSource, want: int | None, cache_dir: str | None, tmp: Pa
     import datasets
 
     if src.files:
-        from transformer.prepare import DataConfig, _expand, _load_builder, _load_files
+        from transformer.config import DataConfig
+        from transformer.prepare import _expand, _load_builder, _load_files
 
         files = _expand(src.files, f"data.sources[{src.name}].files")
         text_files = [f for f in files if Path(f).suffix.lower() in (".txt", ".md", ".text")]

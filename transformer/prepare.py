@@ -20,20 +20,20 @@ from __future__ import annotations
 
 import codecs
 import fnmatch
+import functools
 import glob
 import os
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig
 
-from tools.core import guard
-from tools.core.config import UserError, stage_main, typed
+from tools.core.config import UserError, output_fields, section, stage_main
 from tools.core.files import config_hash, read_json, write_json
+from tools.core.stage import Stage
+from transformer.config import DataConfig
 from transformer.data import token_dir
-from transformer.mix import MixSource
 from transformer.subject_config import SubjectConfig
 from transformer.tokenizer import Tokenizer
 
@@ -44,69 +44,12 @@ JSON_EXTS = (".jsonl", ".json")
 PARQUET_EXTS = (".parquet",)
 
 
-@dataclass
-class DataConfig:
-    name: str = "shakespeare"  # output folder: data_dir/<name>/
-    source: str = "shakespeare"  # shakespeare (embedded) | hub | local | mix
-    # hub: a Hugging Face dataset id, config name, split and revision
-    path: str | None = None
-    subset: str | None = None
-    split: str = "train"
-    revision: str | None = None
-    val_split: str | None = None  # a hub split to use as val instead of holding documents out
-    # local: a glob (or comma-separated globs) of .txt/.md, .jsonl/.json or .parquet files
-    files: str | None = None
-    text_field: str = "text"  # the column holding the text (.jsonl / .parquet / hub)
-    sample_by: str = "document"  # .txt/.md: one document per file | paragraph | line
-    # held-out documents: files whose name matches one of these globs, else a seeded random fraction
-    val_files: list[str] = field(default_factory=list)
-    val_fraction: float = 0.0005
-    test_fraction: float = 0.0  # > 0: also hold out this fraction of documents as test.bin
-    # mix: corpora mixed by document ratio (transformer.mix.MixSource fields)
-    sources: list[MixSource] = field(default_factory=list)
-    split_seed: int = 2357  # nanoGPT's openwebtext split seed
-    max_documents: int | None = None  # cap (e.g. a quick look at a big corpus)
-    tokenizer: str = "gpt2"  # subject=gpt: the tiktoken encoding; an hf subject uses its own tokenizer
-    num_proc: int | None = None  # null = every core
-    batch_size: int = 1000  # documents per tokenizer call and per write
-    cache_dir: str | None = None  # Hugging Face datasets cache; null = its default
-
-
-def check(d: DataConfig) -> DataConfig:
-    if d.source not in ("shakespeare", "hub", "local", "mix"):
-        raise UserError(f"config `data.source`={d.source!r}: expected shakespeare, hub, local or mix")
-    if d.source == "mix":
-        from transformer.mix import parse_sources
-
-        parse_sources(d.sources)
-    if d.source == "hub" and not d.path:
-        raise UserError("config `data.path` is required with data.source=hub (a Hugging Face dataset id)")
-    if d.source == "local" and not d.files:
-        raise UserError("config `data.files` is required with data=local (a glob, e.g. 'corpus/*.txt')")
-    if d.sample_by not in ("document", "paragraph", "line"):
-        raise UserError(f"config `data.sample_by`={d.sample_by!r}: expected document, paragraph or line")
-    if not 0.0 <= d.val_fraction < 1.0:
-        raise UserError(f"config `data.val_fraction`={d.val_fraction}: expected a fraction in [0, 1)")
-    if not 0.0 <= d.test_fraction < 1.0 - d.val_fraction:
-        raise UserError(f"config `data.test_fraction`={d.test_fraction}: expected a fraction in [0, 1) "
-                        "that leaves documents to train on after val")
-    if d.num_proc is not None and d.num_proc < 1:
-        raise UserError(f"config `data.num_proc`={d.num_proc}: expected null or >= 1")
-    if d.batch_size < 1:
-        raise UserError(f"config `data.batch_size`={d.batch_size}: expected >= 1")
-    if d.max_documents is not None and d.max_documents < 2:
-        raise UserError(f"config `data.max_documents`={d.max_documents}: expected null or >= 2")
-    if not d.name or "/" in d.name or d.name.startswith("."):
-        raise UserError(f"config `data.name`={d.name!r}: expected a plain folder name")
-    return d
-
-
 def out_dir(cfg: DictConfig) -> Path:
     return token_dir(cfg)
 
 
 def subject_of(cfg: DictConfig) -> SubjectConfig:
-    return typed(cfg.get("subject") or {}, SubjectConfig, "subject").check()
+    return section(cfg, "subject", SubjectConfig)
 
 
 def tokenizer_of(cfg: DictConfig, d: DataConfig) -> Tokenizer:
@@ -119,9 +62,7 @@ def tokenizer_of(cfg: DictConfig, d: DataConfig) -> Tokenizer:
 
 def _identity(d: DataConfig, tok: Tokenizer | None = None, chat_prefix: bool = False) -> dict[str, Any]:
     """The config keys that change the output (not parallelism, batching or cache location)."""
-    keep = asdict(d)
-    for k in ("num_proc", "batch_size", "cache_dir"):
-        keep.pop(k)
+    keep = output_fields(d)
     if not d.sources:
         keep.pop("sources")
     if not d.test_fraction:
@@ -282,7 +223,8 @@ def load_corpus(d: DataConfig, tmp: Path) -> tuple[dict[str, Any], str, int, dic
     replaced = 0
     val = None
     if d.source == "mix":
-        from transformer.mix import mix, parse_sources
+        from transformer.config import parse_sources
+        from transformer.mix import mix
 
         ds, desc, extra["mix"] = mix(parse_sources(d.sources), d.max_documents, d.split_seed,
                                      d.cache_dir, tmp)
@@ -337,40 +279,53 @@ def _cap(ds: Any, d: DataConfig) -> Any:
 # ---------------------------------------------------------------- the stage
 
 
-def done(cfg: DictConfig) -> bool:
-    d = check(typed(cfg.data, DataConfig, "data"))
-    folder = out_dir(cfg)
-    try:
-        meta = read_json(folder / "meta.json")
-    except UserError:
-        return False
-    tok = tokenizer_of(cfg, d)
-    ident = _identity(d, tok, subject_of(cfg).chat_prefix)
-    if meta.get("format") != FORMAT or meta.get("config_hash") != config_hash(ident):
-        return False
-    if (meta.get("tokenizer_info") or {}).get("fingerprint", tok.fingerprint) != tok.fingerprint:
-        return False
-    itemsize = np.dtype(meta.get("dtype", "uint16")).itemsize
-    for split in meta["tokens"]:
-        f = folder / f"{split}.bin"
-        if not f.is_file() or f.stat().st_size != itemsize * int(meta["tokens"][split]):
+class TokensStage(Stage):
+    """Corpus -> `<token folder>/{train,val[,test]}.bin` + meta.json."""
+
+    name, what, key, schema = "transformer.prepare", "token directory", "data", DataConfig
+    marker = "meta.json"
+    sealed = ("train.bin", "val.bin", "test.bin")
+    verified = ()  # a rerun tokenizes again
+
+    def output_dir(self) -> Path:
+        return out_dir(self.cfg)
+
+    @functools.cached_property
+    def tokenizer(self) -> Tokenizer:
+        return tokenizer_of(self.cfg, self.c)
+
+    def output_hash(self) -> str:
+        """The output fields of `data`, the tokenizer (non-GPT-2) and the chat prefix."""
+        return config_hash(_identity(self.c, self.tokenizer, subject_of(self.cfg).chat_prefix))
+
+    def done(self) -> bool:
+        folder = self.output_dir()
+        try:
+            meta = read_json(folder / "meta.json")
+        except UserError:
             return False
-    return True
+        tok = self.tokenizer
+        if meta.get("format") != FORMAT or meta.get("config_hash") != self.output_hash():
+            return False
+        if (meta.get("tokenizer_info") or {}).get("fingerprint", tok.fingerprint) != tok.fingerprint:
+            return False
+        itemsize = np.dtype(meta.get("dtype", "uint16")).itemsize
+        for split in meta["tokens"]:
+            f = folder / f"{split}.bin"
+            if not f.is_file() or f.stat().st_size != itemsize * int(meta["tokens"][split]):
+                return False
+        return True
+
+    def work(self) -> dict[str, Any]:
+        return _run(self.cfg, self.c)
+
+
+def done(cfg: DictConfig) -> bool:
+    return TokensStage(cfg).done()
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    d = check(typed(cfg.data, DataConfig, "data"))
-    folder = out_dir(cfg)
-    with guard.output_lock(folder, "transformer.prepare"):
-        if (folder / "meta.json").is_file():  # a finished token folder of another config: overwrite=true
-            ident = _identity(d, tokenizer_of(cfg, d), subject_of(cfg).chat_prefix)
-            guard.prepare_output(folder, "token directory", marker="meta.json",
-                                 old=read_json(folder / "meta.json").get("config_hash"),
-                                 new=config_hash(ident), overwrite=bool(cfg.get("overwrite", False)))
-        out = _run(cfg, d)
-        guard.seal(folder, [f"{split}.bin" for split in ("train", "val", "test")
-                            if (folder / f"{split}.bin").is_file()])
-        return out
+    return TokensStage(cfg).run()
 
 
 def _run(cfg: DictConfig, d: DataConfig) -> dict[str, Any]:

@@ -14,9 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from autoencoder.config import SAETrainConfig
 from autoencoder.sae import SAEModelConfig, build_sae
 from autoencoder.shards import write_shards
-from autoencoder.train import SAETrainConfig, make_optimizer, make_step
+from autoencoder.step import make_optimizer, make_step
 from tests.helpers import ROOT
 
 SCRIPT = textwrap.dedent('''
@@ -25,7 +26,8 @@ SCRIPT = textwrap.dedent('''
     import torch, torch.distributed as dist
     from safetensors.torch import save_file
     from autoencoder.sae import SAEModelConfig, build_sae
-    from autoencoder.train import SAETrainConfig, make_optimizer, make_step
+    from autoencoder.config import SAETrainConfig
+    from autoencoder.step import make_optimizer, make_step
     import autoencoder.train as train
     from tools.core.config import compose
 

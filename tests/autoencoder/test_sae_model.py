@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from autoencoder.config import SAETrainConfig
 from autoencoder.sae import (
     L1SAE,
     SAEModelConfig,
@@ -17,7 +18,7 @@ from autoencoder.sae import (
     load_sae,
     save_sae,
 )
-from autoencoder.train import SAETrainConfig, make_optimizer, make_step
+from autoencoder.step import make_optimizer, make_step
 from tools.core.config import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

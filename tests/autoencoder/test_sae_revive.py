@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from autoencoder import train
+from autoencoder.config import SAETrainConfig
 from autoencoder.init import init_from_sample
 from autoencoder.optim import FeatureAdam
 from autoencoder.resample import ResampleRecipe, resample_dead
@@ -90,7 +91,7 @@ def trained_on_offset_rows(steps: int = 300):
     x = offset_rows(4096)
     torch.manual_seed(0)
     sae = L1SAE(SAEModelConfig("standard", 16, 64))
-    c = train.SAETrainConfig(lr=3e-3, l1_coeff=0.2, kernel="dense", n_features=64)
+    c = SAETrainConfig(lr=3e-3, l1_coeff=0.2, kernel="dense", n_features=64)
     init_from_sample(sae, x.double(), c, log=lambda *a: None)
     opt = train.make_optimizer(sae, c)
     step = train.make_step(sae, opt, c)
@@ -150,7 +151,7 @@ def test_alive_features_never_drop_across_resampling(tmp_path, monkeypatch):
 
 def test_initial_reconstruction_has_the_inputs_scale():
     x = offset_rows(4096, d=32).double()
-    c = train.SAETrainConfig(n_features=1024)
+    c = SAETrainConfig(n_features=1024)
     ratios = {}
     for rescale in (True, False):
         torch.manual_seed(0)
@@ -198,5 +199,5 @@ def test_auxk_is_normalised_by_the_batch_variance_of_the_residual():
 def test_dead_threshold_is_in_tokens():
     from autoencoder.trainer import dead_steps
 
-    assert dead_steps(train.SAETrainConfig(dead_tokens=10_000_000, batch_size=4096)) == 2442
-    assert dead_steps(train.SAETrainConfig(dead_tokens=128_000, batch_size=512)) == 250
+    assert dead_steps(SAETrainConfig(dead_tokens=10_000_000, batch_size=4096)) == 2442
+    assert dead_steps(SAETrainConfig(dead_tokens=128_000, batch_size=512)) == 250

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from autoencoder import train
+from autoencoder.config import SAETrainConfig
 from autoencoder.sae import load_sae
 from autoencoder.shards import write_shards
 from autoencoder.synthetic import ground_truth, mean_max_cosine, sparse_rows
@@ -165,13 +166,13 @@ def test_nan_stops_with_step_and_last_checkpoint(planted, tmp_path, monkeypatch)
 
 
 def test_sweep_names_do_not_collide():
-    base = train.SAETrainConfig(l1_coeff=3e-4)
+    base = SAETrainConfig(l1_coeff=3e-4)
     assert train.sae_name(base) == "l1-4096-l1c3e-4"
-    swept = train.SAETrainConfig(l1_coeff=1.5e-3, lr=3e-4)
+    swept = SAETrainConfig(l1_coeff=1.5e-3, lr=3e-4)
     assert train.sae_name(swept, ["sae.l1_coeff=1.5e-3", "sae.lr=3e-4"]) == "l1-4096-l1c1.5e-3-lr3e-4"
-    assert train.sae_name(train.SAETrainConfig(architecture="topk", k=16)) == "topk-4096-k16"
-    assert train.sae_name(train.SAETrainConfig(name="mine")) == "mine"
-    no_rs = train.SAETrainConfig(l1_coeff=0.1, resample_steps=[])
+    assert train.sae_name(SAETrainConfig(architecture="topk", k=16)) == "topk-4096-k16"
+    assert train.sae_name(SAETrainConfig(name="mine")) == "mine"
+    no_rs = SAETrainConfig(l1_coeff=0.1, resample_steps=[])
     assert train.sae_name(no_rs, ["sae.resample_steps=[]"]) == "l1-4096-l1c1e-1-resamplesteps0"
 
 

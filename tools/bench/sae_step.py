@@ -105,8 +105,9 @@ def gemm_ceiling(B: int, d: int, n: int, device: torch.device, dtype: torch.dtyp
 
 def make_trainer(n: int, args: argparse.Namespace, kernel: str, device: torch.device):
     """The trainer's own step for a fresh SAE (seeded, so every variant starts identical)."""
+    from autoencoder.config import SAETrainConfig
     from autoencoder.sae import SAEModelConfig, build_sae
-    from autoencoder.train import SAETrainConfig, make_optimizer, make_step
+    from autoencoder.step import make_optimizer, make_step
 
     cfg = SAETrainConfig(architecture="l1", n_features=n, batch_size=args.batch, kernel=kernel,
                          l1_coeff=1e-3, compile=False)

@@ -6,7 +6,9 @@ so `python -m <package>.<module> key=value ...` and `tools.pipeline` call the sa
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib
 import os
 import sys
 from collections.abc import Callable
@@ -15,7 +17,7 @@ from typing import Any, TypeVar
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 T = TypeVar("T")
@@ -27,6 +29,11 @@ class UserError(Exception):
 
 def typed(node: Any, schema: type[T], where: str) -> T:
     """Validate a config section against a dataclass: unknown keys and wrong types name the key."""
+    if dataclasses.is_dataclass(schema) and hasattr(node, "keys"):
+        unknown = sorted(set(node.keys()) - {f.name for f in dataclasses.fields(schema)})
+        if unknown:
+            raise UserError(f"config `{where}`: unknown key `{where}.{unknown[0]}` "
+                            f"(not a field of {schema.__name__})")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node)
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
@@ -34,6 +41,33 @@ def typed(node: Any, schema: type[T], where: str) -> T:
         key = getattr(e, "full_key", None) or getattr(e, "key", None)
         msg = getattr(e, "msg", str(e)).splitlines()[0]
         raise UserError(f"config `{where}`: {msg}" + (f" (key `{where}.{key}`)" if key else "")) from e
+
+
+def section(cfg: Any, key: str, schema: type[T]) -> T:
+    """The one way to read a config section: `cfg.<key>` typed as `schema`, then its own `.check()`.
+
+    Unknown keys and wrong types name the key (`typed`); the dataclass's `check()` refuses values
+    out of range, naming `<key>.<field>`. A missing section reads as the schema's defaults.
+    """
+    node = cfg.get(key) if hasattr(cfg, "get") else None
+    obj = typed(node if node is not None else {}, schema, key)
+    check = getattr(obj, "check", None)
+    return check() if callable(check) else obj
+
+
+NEUTRAL = "output_neutral"
+
+
+def neutral(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING) -> Any:
+    """A config field that is not hashed as it is: it changes how the output is made (logging,
+    batching, a cache), not what it holds, or the stage hashes what it means in its own way."""
+    return dataclasses.field(default=default, default_factory=factory, metadata={NEUTRAL: True})
+
+
+def output_fields(obj: Any) -> dict[str, Any]:
+    """`asdict(obj)` minus its `neutral` fields: the part of a config section that its output hash covers."""
+    skip = {f.name for f in dataclasses.fields(obj) if f.metadata.get(NEUTRAL)}
+    return {k: v for k, v in dataclasses.asdict(obj).items() if k not in skip}
 
 
 def resolve_device(name: str) -> str:
@@ -73,14 +107,16 @@ def error_line(e: BaseException) -> str:
     if isinstance(e, ConfigCompositionException) and isinstance(cause, OmegaConfBaseException):
         key = getattr(cause, "full_key", None) or getattr(cause, "key", None)
         first = str(e).splitlines()[0]
-        if "not in struct" in str(cause) and key:
+        unknown = isinstance(cause, (ConfigAttributeError, ConfigKeyError)) or "not in struct" in str(cause)
+        if key and unknown:
             return (f"unknown config key `{key}` ({first.rstrip('.')}); check its spelling "
                     f"(`--cfg job` prints every key) or write +{key}=... to add a new one")
         return f"{first} {str(cause).splitlines()[0]}" + (f" (key `{key}`)" if key else "")
     if isinstance(e, (ConfigCompositionException, MissingConfigException, OmegaConfBaseException)):
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         if isinstance(e, MissingConfigException) and e.options:
-            return f"{lines[0]}; available: {', '.join(e.options)}"
+            options = [o for o in e.options if o != "schema"]  # schema: the dataclass options extend
+            return f"{lines[0]}; available: {', '.join(options)}"
         return lines[0] if lines else type(e).__name__
     if isinstance(e, OSError):
         where = f" {e.filename}" if e.filename else ""
@@ -115,6 +151,7 @@ def stage_main(run: Callable[[DictConfig], Any]) -> Callable[[], None]:
             _report(e)
 
     def main() -> None:
+        register_schemas()
         if os.environ.get("HYDRA_FULL_ERROR", "") not in ("", "0"):
             os.environ[FULL_ERROR_ENV] = "1"
         os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises; we print the one line
@@ -133,5 +170,15 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    register_schemas()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return hydra_compose(config_name="config", overrides=overrides or [])
+
+
+SCHEMAS = "conf.schema"  # imported by name: the schemas import this module
+
+
+def register_schemas() -> None:
+    """Store every section's dataclass in Hydra's ConfigStore as `<group>/schema` (conf/schema.py),
+    which each group's YAML extends, so the dataclasses hold every default."""
+    importlib.import_module(SCHEMAS).register()

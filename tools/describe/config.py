@@ -9,7 +9,6 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from tools.core.config import UserError, resolve_device, typed
-from tools.describe.describer import uses_llm
 
 
 @dataclass
@@ -87,6 +86,11 @@ class DescribeConfig:
     # bottom-k exemplars), described and scored separately, as the reference does
     polarity: str = "pos"
     tag: str | None = None  # output folder descriptions/<name>-<tag> (several describe runs side by side)
+
+
+def uses_llm(dc: DescribeConfig) -> bool:
+    """Whether the explainer or the simulator is an LLM."""
+    return "llm" in (dc.explainer, dc.simulator)
 
 
 # Keys that change what is computed (the rest only change how it is fetched).

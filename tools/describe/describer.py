@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tools.describe.client import ChatClient, Usage
+from tools.describe.config import uses_llm
 from tools.describe.exemplars import Example, Split, negative_side, split_exemplars, split_validation
 from tools.describe.explainers import Explanation, explain_baseline, explain_llm
 from tools.describe.scorers import SCORES, score, with_failures_as_zero
@@ -25,10 +26,6 @@ def model_name(dc: DescribeConfig) -> str:
     if not uses_llm(dc):
         return "baseline"
     return str(dc.embedded or dc.model) if dc.backend == "local" else str(dc.model)
-
-
-def uses_llm(dc: DescribeConfig) -> bool:
-    return "llm" in (dc.explainer, dc.simulator)
 
 
 

@@ -28,14 +28,13 @@ from tools.core.config import UserError, stage_main
 from tools.core.files import config_hash, read_json, sha256_file, write_json
 from tools.core.layout import RunLayout
 from tools.describe.client import ChatClient, ServerUnreachable, Usage
-from tools.describe.config import RESULT_KEYS, DescribeConfig, load_config
+from tools.describe.config import RESULT_KEYS, DescribeConfig, load_config, uses_llm
 from tools.describe.describer import (
     DEFAULT_NEGATIVE_FRAC,
     Describer,
     exemplar_counts,
     model_name,
     pick_other,
-    uses_llm,
 )
 from tools.describe.exemplars import Split
 from tools.describe.explainers import Explanation

@@ -1,0 +1,179 @@
+"""The `activations` and `sae` config sections: every default, its meaning, and its checks.
+
+These dataclasses are the one source of the defaults (conf/schema.py registers them as the schema
+of conf/activations and conf/sae; the YAML options there hold only what they change). Fields made
+with `neutral(...)` do not enter the output hash as they are (tools.core.config.output_fields).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tools.core.config import UserError, neutral
+
+ARCHITECTURES = ("l1", "topk")  # autoencoder.sae.ARCHITECTURES
+SPLITS = ("train", "val")
+HOOKS = ("neurons", "mlp_out", "resid_post")  # transformer.subject.HOOK_KINDS
+
+
+@dataclass
+class ActivationsConfig:
+    """The `activations` section, owned by autoencoder.generate.
+
+    Rows = contexts x tokens_per_context, each a float16 vector of one hook point of the subject
+    (blocks.<layer>.mlp.hook_post for neurons), shuffled across contexts.
+    """
+
+    # train | val: which token file to sample contexts from; output goes to run_dir/activations/<split>/
+    # (one hook point) or .../<split>/<hook>/ (several)
+    split: str = "train"
+    # random contexts for split=train (50M rows, ~51 GB at d_in 512); hashed as the chosen split's count
+    contexts: int = neutral(250_000)
+    val_contexts: int = neutral(5_000)  # random contexts for split=val (held-out rows for SAE evaluation)
+    tokens_per_context: int = 200  # random positions kept per context (Anthropic 2023: 200)
+    # context length, capped at the model's; null -> the GPT's block_size, an HF model's max positions
+    # capped at 1024
+    block_size: int | None = None
+    # neurons (blocks.L.mlp.hook_post) | mlp_out (blocks.L.hook_mlp_out)
+    # | resid_post (blocks.L.hook_resid_post); hashed as each hook point written
+    hook: str = neutral("neurons")
+    layers: Any = neutral(factory=lambda: [0])  # which blocks, all read in one forward: [0,5,10] or all
+    rows_per_shard: int = 1_048_576  # rows per .npy shard (1 GiB at d_in 512); pass-1 RAM is about one shard
+    resample_rows: int = 819_200  # rows of resample.npy for neuron resampling (Anthropic 2023); 0 = none
+    batch_contexts: int = 64  # contexts per forward pass (lower it when the forward runs out of memory)
+
+    def check(self) -> ActivationsConfig:
+        if self.split not in SPLITS:
+            raise UserError(f"config `activations.split`={self.split!r}: expected train or val")
+        for key in ("contexts", "val_contexts", "tokens_per_context", "rows_per_shard", "batch_contexts"):
+            if getattr(self, key) < 1:
+                raise UserError(f"config `activations.{key}`={getattr(self, key)}: expected an integer >= 1")
+        if self.resample_rows < 0:
+            raise UserError(f"config `activations.resample_rows`={self.resample_rows}: "
+                            "expected an integer >= 0")
+        if self.block_size is not None and self.block_size < 1:
+            raise UserError(f"config `activations.block_size`={self.block_size}: expected null or >= 1")
+        if self.hook not in HOOKS:
+            raise UserError(f"config `activations.hook`={self.hook!r}: expected {' | '.join(HOOKS)}")
+        layers = [self.layers] if isinstance(self.layers, int) else self.layers
+        ok = layers == "all" or (isinstance(layers, list | tuple) and len(layers) > 0 and all(
+            isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers))
+        if not ok:
+            raise UserError(f"config `activations.layers`={self.layers!r}: expected a list of layers >= 0 "
+                            "(e.g. [0,5,10]) or all")
+        self.layers = layers if layers == "all" else list(dict.fromkeys(layers))
+        return self
+
+    def n_contexts(self) -> int:
+        """Contexts sampled for this split."""
+        return self.contexts if self.split == "train" else self.val_contexts
+
+
+@dataclass
+class SAETrainConfig:
+    """The `sae` section, owned by autoencoder.train: Anthropic's "Towards Monosemanticity" (2023) recipe.
+
+        x̄ = x − b_dec;  f = ReLU(x̄ W_enc + b_enc);  x̂ = f W_dec + b_dec
+        loss = mean over the batch of ( ‖x − x̂‖² / s² + l1_coeff · ‖f‖₁ / s )
+
+    with s = RMS ‖x − b_dec‖ (normalize_loss; s = 1 is the paper's raw loss). The squared error of
+    a row is summed over d_in (mse_reduction: sum, the paper's ‖x − x̂‖²). Every term is averaged
+    over the rows of the batch (and over DDP ranks), so l1_coeff means the same at any batch size,
+    world size, activation scale and d_in. Decoder rows are unit norm after every step, with the
+    gradient component parallel to each row removed before the step. sae=topk (conf/sae/topk.yaml)
+    is the TopK SAE of Gao et al. 2024. Neutral fields may differ when a run resumes.
+    """
+
+    architecture: str = "l1"  # l1 (Anthropic 2023) | topk (Gao et al. 2024; see sae=topk)
+    name: str | None = neutral(None)  # folder under run_dir/sae/; null -> derived, e.g. l1-4096-l1c6e-2
+    hook: str | None = neutral(None)  # hook point when the shards hold several (e.g. blocks.10.mlp.hook_post)
+    n_features: int = 4096  # dictionary size (d_sae); Anthropic: 512 .. 131072 for d_in 512
+    d_in: int | None = None  # null -> from the shards' manifest; set to assert the width
+    l1_coeff: float = 0.06  # λ on ‖f‖₁ / s (see normalize_loss; per row, batch-averaged); topk: ignored
+    l1_warmup_steps: int = 0  # linear ramp of λ from 0 over these steps (0 = off)
+    mse_reduction: str = "sum"  # sum | mean over d_in (cancels out under normalize_loss)
+    # Scale-free loss: s = RMS ‖x − b_dec‖ of the init sample; loss = MSE / s² + λ ‖f‖₁ / s, so λ trades
+    # the fraction of unexplained variance against ‖f‖₁ / ‖x‖ at any activation scale or d_in.
+    # false: the paper's raw loss MSE + λ ‖f‖₁ (λ then depends on the activations' norm).
+    normalize_loss: bool = True
+    init_rescale: bool = True  # scale W_enc so the first reconstruction has the input's norm (false: W_decᵀ)
+    k: int = 32  # topk only
+    aux_k: int | None = None  # topk only: dead latents in the AuxK loss; null -> d_in // 2
+    aux_coeff: float = 0.03125  # topk only: AuxK weight α = 1/32 (Gao et al. 2024)
+    # rows (tokens) without firing before a feature counts as dead, for AuxK (topk) and resampling:
+    # 12,500 steps x 4,096 rows (Gao et al. 2024 use 10M tokens: sae=topk)
+    dead_tokens: int = 51_200_000
+    kernel: str = neutral("auto")  # dense | sparse | auto: autoencoder.kernels.l1_sae_forward when available
+    batch_size: int = 4096  # rows per step, global (split evenly across DDP ranks)
+    steps: int = 125000  # optimizer steps
+    lr: float = 1e-4  # Adam
+    lr_warmup_steps: int = 1000  # linear warmup from 0
+    lr_schedule: str = "constant"  # constant | cosine | linear: after warmup, decay to lr * min_lr_ratio
+    min_lr_ratio: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    b_dec_init: str = "geometric_median"  # geometric_median (Weiszfeld) | mean | zeros
+    b_dec_init_rows: int = 16384  # training rows sampled for that estimate
+    # Neuron resampling (Anthropic 2023, appendix): at these steps, features that did not fire on the
+    # last dead_tokens rows are re-initialised from inputs of resample.npy drawn with probability ∝
+    # their squared loss. Steps >= `steps` are ignored; [] disables it.
+    resample_steps: list[int] = field(default_factory=lambda: [25000, 50000, 75000, 100000])
+    resample_rows: int | None = None  # use at most this many rows of resample.npy (null = all)
+    resample_enc_scale: float = 0.2  # new encoder vector = unit input × 0.2 × mean alive encoder norm
+    # The paper's recipe: resample_centered=false resample_density=null resample_fresh_adam=false
+    # (docs on neuron resampling have the study behind these defaults).
+    resample_centered: bool = True  # the new direction is x − b_dec (false: the raw input x)
+    # new bias = −(1 − density) quantile of its pre-activations (null: 0)
+    resample_density: float | None = 0.01
+    resample_fresh_adam: bool = True  # reset the resampled features' Adam step counts, not only the moments
+    resample_max_fraction: float = 1.0  # resample at most this fraction of the dictionary per event
+    resample_weight: str = "loss"  # draw inputs ∝ loss² with loss = MSE + λ L1 (mse: the MSE term only)
+    resample_lr_warmup_steps: int = 0  # re-warm the LR linearly after each resampling (0 = off)
+    resample_watch_steps: int = neutral(200)  # diagnostics (cfg.json, W&B resample/*): steps watched after
+    eval_every: int = neutral(5000)  # held-out eval (val shards + val contexts) every N steps, and at the end
+    eval_rows: int = neutral(65536)  # val rows for reconstruction / density metrics
+    eval_contexts: int = neutral(64)  # val contexts for the NLL score (loss recovered)
+    eval_context_len: int | None = neutral(None)  # null -> the model's block_size
+    log_every: int = neutral(100)  # W&B training metrics every N steps
+    checkpoint_every: int = neutral(5000)  # resume state in run_dir/sae/<name>/checkpoint/
+    dtype: str = "float32"  # parameter dtype: float32 | float64
+    autocast: bool = neutral(True)  # on CUDA: bf16 autocast of the forward (ignored on CPU)
+    compile: bool = neutral(False)  # torch.compile the loss
+    stop_at: int | None = neutral(None)  # stop with a checkpoint after this step; a rerun resumes
+
+    def check(self) -> SAETrainConfig:
+        def bad(key: str, want: str) -> UserError:
+            return UserError(f"config `sae.{key}`={getattr(self, key)!r}: expected {want}")
+
+        if self.architecture not in ARCHITECTURES:
+            raise bad("architecture", " or ".join(ARCHITECTURES))
+        for key in ("n_features", "batch_size", "steps", "log_every", "eval_every", "checkpoint_every",
+                    "b_dec_init_rows", "eval_rows", "dead_tokens", "resample_watch_steps"):
+            if getattr(self, key) < 1:
+                raise bad(key, "an integer >= 1")
+        if self.architecture == "topk" and not 1 <= self.k <= self.n_features:
+            raise UserError(f"config `sae.k`={self.k}: expected 1 <= k <= sae.n_features={self.n_features}")
+        if self.mse_reduction not in ("sum", "mean"):
+            raise bad("mse_reduction", "sum or mean")
+        if self.kernel not in ("dense", "sparse", "auto"):
+            raise bad("kernel", "dense, sparse or auto")
+        if self.lr_schedule not in ("constant", "cosine", "linear"):
+            raise bad("lr_schedule", "constant, cosine or linear")
+        if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
+            raise bad("b_dec_init", "geometric_median, mean or zeros")
+        if self.dtype not in ("float32", "float64"):
+            raise bad("dtype", "float32 or float64 (use sae.autocast for bf16 compute on CUDA)")
+        if self.lr <= 0 or self.l1_coeff < 0 or self.aux_coeff < 0:
+            raise UserError("config `sae.lr` must be > 0 and `sae.l1_coeff`, `sae.aux_coeff` >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise bad("min_lr_ratio", "a number in [0, 1]")
+        if any(s < 1 for s in self.resample_steps):
+            raise bad("resample_steps", "a list of steps >= 1")
+        if self.resample_density is not None and not 0 < self.resample_density < 1:
+            raise bad("resample_density", "a fraction in (0, 1) or null")
+        if not 0 < self.resample_max_fraction <= 1:
+            raise bad("resample_max_fraction", "a fraction in (0, 1]")
+        if self.resample_weight not in ("loss", "mse"):
+            raise bad("resample_weight", "loss or mse")
+        return self
