@@ -39,7 +39,7 @@ from omegaconf import DictConfig
 
 from autoencoder import shards
 from autoencoder.scatter import CHUNK, SPLITS, WORK_FORMAT, ContextPlan, Scatter, pass2, resample_indices
-from tools.core import guard
+from tools.core import guard, preempt
 from tools.core.config import UserError, resolve_device, stage_main, typed
 from tools.core.distributed import Dist
 from tools.core.files import config_hash, read_json, write_json
@@ -377,9 +377,13 @@ def _pass1(a: ActivationsConfig, inp: Inputs, subject: Subject, scs: dict[str, S
     thread.start()
     bar = tqdm(total=(c_hi - c_lo) * T, initial=min(start * B, c_hi - c_lo) * T, unit="row", unit_scale=True,
                desc=f"activations rank {rank}" if rank else "activations", disable=rank != 0)
+    stopped_at = None
     try:
         for i in range(start, n_batches):
             if failure:
+                break
+            if i > start and preempt.requested():
+                stopped_at = i
                 break
             lo, hi = c_lo + i * B, min(c_lo + (i + 1) * B, c_hi)
             starts, pos = plan.get(lo, hi)
@@ -398,7 +402,10 @@ def _pass1(a: ActivationsConfig, inp: Inputs, subject: Subject, scs: dict[str, S
     if failure:
         raise failure[0]
     for sc in scs.values():
-        sc.flush(n_batches)
+        sc.flush(n_batches if stopped_at is None else stopped_at)
+    if stopped_at is not None:  # every batch before it is durable in the buckets
+        raise preempt.Preempted(f"activations {a.split}", f"batch {stopped_at} of {n_batches} (pass 1)",
+                                preempt.saved_hint(next(iter(scs.values())).work))
 
 
 def _forward(subject: Subject, idx: torch.Tensor, hooks: list[str], a: ActivationsConfig) -> dict:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from autoencoder import shards
+from tools.core import preempt
 from tools.core.config import UserError
 from tools.core.files import read_json, write_json
 
@@ -150,6 +151,9 @@ def pass2(sc: Scatter, first_shard: int, directory: Path, seed: int, split: str,
     """Each bucket alone in RAM: permute, write as a shard (atomically), checkpoint, drop the bucket."""
     entries = []
     for k in tqdm(range(sc.S), desc="shuffle shards", unit="shard", disable=rank != 0):
+        if k and preempt.requested():  # every shard before k is written and checkpointed
+            raise preempt.Preempted(f"activations {split}", f"shard {k} of {sc.S} (pass 2)",
+                                    preempt.saved_hint(sc.work))
         name = shards.shard_name(first_shard + k)
         entry = sc.state["shards"].get(str(k))
         path = directory / name

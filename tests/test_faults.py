@@ -1,7 +1,9 @@
-"""Fault injection over the whole pipeline at toy size (issue 13).
+"""Fault injection over the whole pipeline at toy size.
 
 - every stage, SIGKILLed at seeded commit points (an atomic rename or an fsync, just before or
   after it) and rerun, ends with the same bytes as an uninterrupted run, no temporaries and no lock;
+- every long stage, sent SIGTERM (or SIGINT) mid-run, saves its resume state at that point, exits
+  128 + the signal with one line saying how to resume, and its rerun ends with the same bytes;
 - a flipped byte in each kind of artifact is refused with a line naming the file;
 - two writers on one folder: one wins, the other refuses; a changed SAE is not described unseen.
 """
@@ -12,6 +14,7 @@ import importlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -155,6 +158,52 @@ def test_killed_stage_reruns_to_the_same_bytes(world, stage, one_thread):
         for rel, data in world.ref[stage].items():
             assert got[rel] == data, (stage, k, when, rel)
         assert not guard.lock_path(folder).exists()
+
+
+# (stage, signal, function whose k-th call is followed by the signal, k, where it stops, extra overrides)
+SIGNALLED = [
+    ("transformer", "SIGTERM", "transformer.trainer:Trainer.step", 3,
+     "train: stopped by SIGTERM at step 3;", []),
+    ("sae", "SIGTERM", "autoencoder.trainer:Trainer.step", 5,
+     f"sae {NAME}: stopped by SIGTERM at step 5;", []),
+    ("activations", "SIGTERM", "autoencoder.generate:_forward", 1,
+     "activations train: stopped by SIGTERM at batch 1 of 3 (pass 1);", []),
+    ("activations", "SIGINT", "autoencoder.shards:write_shard", 1,
+     "activations train: stopped by SIGINT at shard 1 of 3 (pass 2);", []),
+    ("features", "SIGTERM", "tools.features.scan:ScanState.update", 2,
+     "features: stopped by SIGTERM at context", ["features.unit=neuron", "features.batch_tokens=64"]),
+]
+
+
+@pytest.mark.parametrize("stage,signame,target,k,line,extra", SIGNALLED,
+                         ids=[f"{c[0]}-{c[1]}-{c[2].split(':')[1]}" for c in SIGNALLED])
+def test_signalled_stage_stops_then_reruns_to_the_same_bytes(world, stage, signame, target, k, line, extra,
+                                                             one_thread):
+    module, out = STAGES[stage]
+    stage_mod = importlib.import_module(module)
+    folder = world.root / out
+    if extra:  # another output folder: its own uninterrupted reference
+        stage_mod.run(world.cfg(*extra))
+        folder = world.root / "run/features/neurons"
+        ref = read_tree(folder)
+    else:
+        ref = world.ref[stage]
+    shutil.rmtree(folder)
+    r = run_cli([str(ROOT / "tests" / "fault_runner.py"), signame, target, str(k), module, *world.overrides,
+                 *extra])
+    assert r.returncode == 128 + getattr(signal, signame), (stage, r.returncode, r.stderr[-2000:])
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(line) and "run the same command again" in last, last
+    assert not guard.lock_path(folder).exists()
+    if stage == "transformer":  # the resume state is at the signalled step, not the last periodic one
+        assert json.loads((folder / "checkpoint/state.json").read_text())["step"] == 3
+    if stage == "sae":
+        assert json.loads((folder / "checkpoint/state.json").read_text())["step"] == 5
+    stage_mod.run(world.cfg(*extra))
+    got = read_tree(folder)
+    assert sorted(got) == sorted(ref), (stage, sorted(got))
+    for rel, data in ref.items():
+        assert got[rel] == data, (stage, rel)
 
 
 def flip(path: Path, at: int | None = None) -> int:
