@@ -165,7 +165,7 @@ SIGNALLED = [
     ("transformer", "SIGTERM", "transformer.trainer:Trainer.step", 3,
      "train: stopped by SIGTERM at step 3;", []),
     ("sae", "SIGTERM", "autoencoder.trainer:Trainer.step", 5,
-     f"sae {NAME}: stopped by SIGTERM at step 5;", []),
+     f"sae {NAME}: stopped by SIGTERM at step 6;", []),  # seen at the next step's all-reduce
     ("activations", "SIGTERM", "autoencoder.generate:_forward", 1,
      "activations train: stopped by SIGTERM at batch 1 of 3 (pass 1);", []),
     ("activations", "SIGINT", "autoencoder.shards:write_shard", 1,
@@ -198,7 +198,7 @@ def test_signalled_stage_stops_then_reruns_to_the_same_bytes(world, stage, signa
     if stage == "transformer":  # the resume state is at the signalled step, not the last periodic one
         assert json.loads((folder / "checkpoint/state.json").read_text())["step"] == 3
     if stage == "sae":
-        assert json.loads((folder / "checkpoint/state.json").read_text())["step"] == 5
+        assert json.loads((folder / "checkpoint/state.json").read_text())["step"] == 6
     stage_mod.run(world.cfg(*extra))
     got = read_tree(folder)
     assert sorted(got) == sorted(ref), (stage, sorted(got))
