@@ -50,7 +50,7 @@ class Evaluator:
 
     def load_rows(self, run_dir: Path, d_in: int) -> tuple[torch.Tensor | None, str | None]:
         """Held-out rows: the val shards, else the activations of the val contexts."""
-        from autoencoder import shards
+        from autoencoder import shard_check, shard_reader
         from autoencoder.generate import activation_dir
 
         try:
@@ -58,9 +58,9 @@ class Evaluator:
         except UserError:  # no val shards of this hook: the val contexts' activations below
             val_dir = run_dir / "activations" / "val" / "none"
         if (val_dir / "manifest.json").is_file():
-            shards.read_manifest(val_dir, d_in=d_in)
-            total = min(self.c.eval_rows, int(shards.read_manifest(val_dir)["total_rows"]))
-            reader = shards.ShardReader(val_dir, min(total, 8192), seed=0, device="cpu")
+            shard_check.read_manifest(val_dir, d_in=d_in)
+            total = min(self.c.eval_rows, int(shard_check.read_manifest(val_dir)["total_rows"]))
+            reader = shard_reader.ShardReader(val_dir, min(total, 8192), seed=0, device="cpu")
             try:
                 got, parts = 0, []
                 for b in reader:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from autoencoder import shards
+from autoencoder import shard_check, shard_write
 from autoencoder.scatter import CHUNK, SPLITS, WORK_FORMAT, ContextPlan, Scatter, pass2, resample_indices
 from tools.core import guard, preempt
 from tools.core.config import UserError, resolve_device, stage_main, typed
@@ -156,12 +156,12 @@ def activation_dir(run_dir: str | os.PathLike, split: str, hook: str | None = No
     base = Path(run_dir) / "activations" / split
     if hook is None:
         return base
-    m = base / shards.MANIFEST
+    m = base / shard_check.MANIFEST
     if m.is_file() and read_json(m).get("hook_name") == hook:
         return base
-    if (base / hook / shards.MANIFEST).is_file():
+    if (base / hook / shard_check.MANIFEST).is_file():
         return base / hook
-    have = sorted(p.parent.name for p in base.glob(f"*/{shards.MANIFEST}"))
+    have = sorted(p.parent.name for p in base.glob(f"*/{shard_check.MANIFEST}"))
     if m.is_file():
         have.append(str(read_json(m).get("hook_name")))
     raise UserError(f"no activations of {hook} in {base} (found: {', '.join(have) or 'none'}; "
@@ -174,12 +174,12 @@ def done(cfg: DictConfig) -> bool:
     try:
         inp = _inputs(cfg, a)
         for hook, directory in hook_dirs(cfg, a, inp).items():
-            m = shards.read_manifest(directory)
+            m = shard_check.read_manifest(directory)
             if m.get("config_hash") != output_hash(cfg, a, inp, hook):
                 return False
             for e in m["shards"]:
-                shards.check_shard(directory, e, int(m["d_in"]))
-            if a.resample_rows and not (directory / shards.RESAMPLE).is_file():
+                shard_check.check_shard(directory, e, int(m["d_in"]))
+            if a.resample_rows and not (directory / shard_check.RESAMPLE).is_file():
                 return False
     except UserError:
         return False
@@ -208,9 +208,10 @@ def _guard(cfg: DictConfig, a: ActivationsConfig, inp: Inputs) -> None:
     guard.verify_sealed(inp.tokens_path.parent, [inp.tokens_path.name], "token")
     for hook, directory in hook_dirs(cfg, a, inp).items():
         new = output_hash(cfg, a, inp, hook)
-        m = read_json(directory / shards.MANIFEST) if (directory / shards.MANIFEST).is_file() else {}
+        manifest = directory / shard_check.MANIFEST
+        m = read_json(manifest) if manifest.is_file() else {}
         old = m.get("config_hash") if m.get("complete") is True else new  # unfinished: resumed or redone
-        guard.prepare_output(directory, "activation directory", marker=shards.MANIFEST, old=old, new=new,
+        guard.prepare_output(directory, "activation directory", marker=shard_check.MANIFEST, old=old, new=new,
                              overwrite=bool(cfg.get("overwrite", False)))
 
 
@@ -231,11 +232,11 @@ def _run(cfg: DictConfig, a: ActivationsConfig, inp: Inputs, dist: Dist) -> dict
 
     if all(dist.gather(done(cfg))):  # every rank decides, so none waits at a barrier alone
         log(f"activations {a.split}: {out_dir(cfg, a.split)} is complete for this config, nothing to do")
-        return _summaries({h: (read_json(d / shards.MANIFEST), d) for h, d in dirs.items()}, 0.0)
+        return _summaries({h: (read_json(d / shard_check.MANIFEST), d) for h, d in dirs.items()}, 0.0)
     device = dist.device(resolve_device(str(cfg.device)))
     subject = load_subject(cfg, device, inp.spec)
     widths = {h: subject.width(h) for h in dirs}
-    headers = {h: {"d_in": widths[h], "dtype": shards.DTYPE, "hook_name": h, "hook": a.hook,
+    headers = {h: {"d_in": widths[h], "dtype": shard_check.DTYPE, "hook_name": h, "hook": a.hook,
                    "layer": int(h.split(".")[1]), "model": inp.spec.identity, "split": a.split,
                    "contexts": C, "tokens_per_context": T, "block_size": inp.context_len,
                    "rows_per_shard": a.rows_per_shard, "total_rows": total_rows, "seed": seed,
@@ -244,7 +245,7 @@ def _run(cfg: DictConfig, a: ActivationsConfig, inp: Inputs, dist: Dist) -> dict
     dist.barrier()
     if rank == 0:  # nothing may read a half-rewritten directory as complete
         for h, directory in dirs.items():
-            shards.write_manifest(directory, {**headers[h], "shards": [], "complete": False})
+            shard_write.write_manifest(directory, {**headers[h], "shards": [], "complete": False})
     dist.barrier()
 
     res_all = resample_indices(seed, a.split, total_rows, a.resample_rows)
@@ -279,7 +280,7 @@ def _run(cfg: DictConfig, a: ActivationsConfig, inp: Inputs, dist: Dist) -> dict
     for directory in dirs.values():
         shutil.rmtree(directory / f".work-rank{rank:03d}", ignore_errors=True)
     seconds = time.perf_counter() - t0
-    out = _summaries({h: (read_json(d / shards.MANIFEST), d) for h, d in dirs.items()}, seconds)
+    out = _summaries({h: (read_json(d / shard_check.MANIFEST), d) for h, d in dirs.items()}, seconds)
     out.update({k: round(v, 2) for k, v in timing.items()})
     log(f"activations {a.split}: wrote {out['rows']:,} rows x {'/'.join(map(str, widths.values()))} for "
         f"{len(dirs)} hook point(s) ({', '.join(dirs)}) in {out['shards']} shards ({out['gb']:.3g} GB) "
@@ -304,17 +305,18 @@ def _finish(directory: Path, header: dict[str, Any], *, all_entries: list[dict[s
         step = max(1, (1 << 24) // (d * 2))
         try:
             rows = (res[perm[i:i + step]] for i in range(0, n_res, step))
-            res_sha = shards.write_shard(directory / shards.RESAMPLE, rows, n_res, d)["sha256"]
+            res_sha = shard_write.write_shard(directory / shard_check.RESAMPLE, rows, n_res, d)["sha256"]
         except OSError as e:
-            raise UserError(f"writing {directory / shards.RESAMPLE} failed ({e}); rerun to resume") from e
+            raise UserError(f"writing {directory / shard_check.RESAMPLE} failed ({e}); "
+                            "rerun to resume") from e
         del res
     else:
-        (directory / shards.RESAMPLE).unlink(missing_ok=True)
+        (directory / shard_check.RESAMPLE).unlink(missing_ok=True)
     listed = {e["file"] for e in all_entries}
     for stale in directory.glob("shard_*.npy"):  # from an earlier, different config
         if stale.name not in listed:
             stale.unlink()
-    shards.write_manifest(directory, {**header, "total_rows": int(sum(e["rows"] for e in all_entries)),
+    shard_write.write_manifest(directory, {**header, "total_rows": int(sum(e["rows"] for e in all_entries)),
                                       "shards": all_entries, "resample_rows": n_res,
                                       "resample_sha256": res_sha, "complete": True})
 

@@ -26,10 +26,10 @@ if TYPE_CHECKING:
 
 def training_sample(train_dir: Path, rows: int) -> torch.Tensor:
     """Up to `rows` training rows (float64, CPU), read with a fixed seed: the same on every rank."""
-    from autoencoder import shards
+    from autoencoder import shard_check, shard_reader
 
-    want = min(rows, int(shards.read_manifest(train_dir)["total_rows"]))
-    reader = shards.ShardReader(train_dir, min(want, 8192), seed=12345, device="cpu")
+    want = min(rows, int(shard_check.read_manifest(train_dir)["total_rows"]))
+    reader = shard_reader.ShardReader(train_dir, min(want, 8192), seed=12345, device="cpu")
     try:
         parts, got = [], 0
         for b in reader:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from autoencoder import shards
+from autoencoder import shard_check, shard_write
 from tools.core import preempt
 from tools.core.config import UserError
 from tools.core.files import read_json, write_json
@@ -154,12 +154,12 @@ def pass2(sc: Scatter, first_shard: int, directory: Path, seed: int, split: str,
         if k and preempt.requested():  # every shard before k is written and checkpointed
             raise preempt.Preempted(f"activations {split}", f"shard {k} of {sc.S} (pass 2)",
                                     preempt.saved_hint(sc.work))
-        name = shards.shard_name(first_shard + k)
+        name = shard_write.shard_name(first_shard + k)
         entry = sc.state["shards"].get(str(k))
         path = directory / name
         if entry is not None and path.is_file():
             try:
-                shards.check_shard(directory, entry, sc.d)
+                shard_check.check_shard(directory, entry, sc.d)
                 entries.append(entry)
                 continue
             except UserError:
@@ -175,7 +175,8 @@ def pass2(sc: Scatter, first_shard: int, directory: Path, seed: int, split: str,
         perm = np.random.default_rng([seed, SPLITS.index(split), 5, rank, k]).permutation(rows)
         step = max(1, (1 << 24) // (sc.d * 2))
         try:
-            entry = shards.write_shard(path, (x[perm[i:i + step]] for i in range(0, rows, step)), rows, sc.d)
+            chunks = (x[perm[i:i + step]] for i in range(0, rows, step))
+            entry = shard_write.write_shard(path, chunks, rows, sc.d)
         except OSError as e:
             raise UserError(f"writing {path} failed ({e}); completed shards are kept: free space and "
                             "rerun to resume at this shard") from e

@@ -236,9 +236,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def _guard(cfg: DictConfig, c: SAETrainConfig, train_dir: Path, sae_dir: Path) -> None:
     """Refuse shards made from a model that changed since, and replacing a finished SAE unasked."""
-    from autoencoder import shards
+    from autoencoder import shard_check
 
-    manifest = shards.read_manifest(train_dir)
+    manifest = shard_check.read_manifest(train_dir)
     model = manifest.get("model") or {}
     weights = Path(str(model.get("path"))) / "model.safetensors"
     if model.get("weights_sha256") and weights.is_file():
@@ -255,7 +255,7 @@ def _guard(cfg: DictConfig, c: SAETrainConfig, train_dir: Path, sae_dir: Path) -
 
 
 def _run(cfg: DictConfig) -> dict[str, Any]:
-    from autoencoder import shards
+    from autoencoder import shard_check
 
     c = check_config(typed(cfg.sae, SAETrainConfig, "sae"))
     from tools.core.tracking import WandbConfig, init_wandb
@@ -266,7 +266,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     run_dir, train_dir, sae_dir = _paths(cfg, name)
     ckpt_dir = sae_dir / "checkpoint"
 
-    manifest = shards.read_manifest(train_dir)
+    manifest = shard_check.read_manifest(train_dir)
     d_in = int(manifest["d_in"])
     if c.d_in is not None and c.d_in != d_in:
         raise UserError(f"config `sae.d_in`={c.d_in} but the shards in {train_dir} have d_in={d_in}")

@@ -74,7 +74,7 @@ class Trainer:
     """A training run's state and its five operations: step, resample, evaluate, checkpoint, finish."""
 
     def __init__(self, spec: RunSpec, open_wandb: Callable[[dict[str, Any]], Any]):
-        from autoencoder import shards
+        from autoencoder import shard_reader
 
         self.spec, c, dev = spec, spec.c, spec.device
         self.c, self.is_main = c, spec.rank == 0
@@ -94,9 +94,9 @@ class Trainer:
         if self.schedule:
             x = load_resample_set(spec.train_dir / "resample.npy", spec.d_in)
             self.resample_x = x[: c.resample_rows or None].to(device=dev, dtype=self.sae.W_dec.dtype)
-        self.reader = shards.ShardReader(spec.train_dir, c.batch_size // spec.world, seed=int(spec.cfg.seed),
-                                         rank=spec.rank, world_size=spec.world,
-                                         dtype=getattr(torch, c.dtype), device=dev)
+        self.reader = shard_reader.ShardReader(spec.train_dir, c.batch_size // spec.world,
+                                               seed=int(spec.cfg.seed), rank=spec.rank, world_size=spec.world,
+                                               dtype=getattr(torch, c.dtype), device=dev)
         self.dead_after = dead_steps(c)
         self.watch = ResampleWatch(self.schedule, c.n_features, dev, after=c.resample_watch_steps)
         self.step_no, self.last_fired = 0, torch.zeros(c.n_features, dtype=torch.long, device=dev)

@@ -168,7 +168,7 @@ SIGNALLED = [
      f"sae {NAME}: stopped by SIGTERM at step 6;", []),  # seen at the next step's all-reduce
     ("activations", "SIGTERM", "autoencoder.generate:_forward", 1,
      "activations train: stopped by SIGTERM at batch 1 of 3 (pass 1);", []),
-    ("activations", "SIGINT", "autoencoder.shards:write_shard", 1,
+    ("activations", "SIGINT", "autoencoder.shard_write:write_shard", 1,
      "activations train: stopped by SIGINT at shard 1 of 3 (pass 2);", []),
     ("features", "SIGTERM", "tools.features.scan:ScanState.update", 2,
      "features: stopped by SIGTERM at context", ["features.unit=neuron", "features.batch_tokens=64"]),

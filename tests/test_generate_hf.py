@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from autoencoder import generate, shards
+from autoencoder import generate, shard_check
 from tools.core.config import UserError, compose
 from tools.core.files import write_json
 from transformer.subject import SubjectSpec
@@ -44,7 +44,7 @@ def make_cfg(world: Path, run: str, *extra: str, data: str = "tiny"):
 
 
 def rows_of(directory: Path) -> np.ndarray:
-    m = shards.read_manifest(directory)
+    m = shard_check.read_manifest(directory)
     return np.concatenate([np.load(directory / s["file"]) for s in m["shards"]])
 
 
@@ -55,12 +55,12 @@ def test_several_hooks_in_one_run(world):
     assert set(out["hooks"]) == set(hooks) and out["rows"] == C * T
     base = Path(cfg.run_dir) / "activations" / "train"
     for h in hooks:
-        m = shards.read_manifest(base / h, d_in=24)
+        m = shard_check.read_manifest(base / h, d_in=24)
         assert m["hook_name"] == h and m["hook"] == "neurons" and m["layer"] == int(h.split(".")[1])
         assert m["model"]["kind"] == "hf" and m["model"]["architecture"] == "llama"
         assert m["model"]["name"].endswith("tiny-llama")
         assert len(m["model"]["weights"]["model.safetensors"]) == 64  # a sha256
-        assert shards.verify_shards(base / h)["ok"]
+        assert shard_check.verify_shards(base / h)["ok"]
         assert generate.activation_dir(cfg.run_dir, "train", h) == base / h
     with pytest.raises(UserError, match=r"no activations of blocks.1.mlp.hook_post .*found: blocks.0"):
         generate.activation_dir(cfg.run_dir, "train", "blocks.1.mlp.hook_post")
@@ -85,8 +85,8 @@ def test_one_hook_keeps_the_split_folder_and_uint32_tokens_read_the_same(world):
     b = make_cfg(world, "one32", "activations.hook=resid_post", "activations.layers=[1]", data="tiny32")
     generate.run(a)
     generate.run(b)
-    ma = shards.read_manifest(Path(a.run_dir) / "activations" / "train", d_in=16)
-    mb = shards.read_manifest(Path(b.run_dir) / "activations" / "train")
+    ma = shard_check.read_manifest(Path(a.run_dir) / "activations" / "train", d_in=16)
+    mb = shard_check.read_manifest(Path(b.run_dir) / "activations" / "train")
     assert ma["hook_name"] == "blocks.1.hook_resid_post"
     assert [s["sha256"] for s in ma["shards"]] == [s["sha256"] for s in mb["shards"]]
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from autoencoder.sae import SAEModelConfig, build_sae
-from autoencoder.shards import write_shards
+from autoencoder.shard_write import write_shards
 from autoencoder.train import SAETrainConfig, make_optimizer, make_step
 
 SCRIPT = textwrap.dedent('''

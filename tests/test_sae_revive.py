@@ -14,7 +14,7 @@ from autoencoder.init import init_from_sample
 from autoencoder.optim import FeatureAdam
 from autoencoder.resample import ResampleRecipe, resample_dead
 from autoencoder.sae import L1SAE, SAEModelConfig, TopKSAE
-from autoencoder.shards import write_shards
+from autoencoder.shard_write import write_shards
 from autoencoder.synthetic import ground_truth, sparse_rows
 from tools.core.config import compose
 

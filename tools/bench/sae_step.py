@@ -193,7 +193,8 @@ def bench_features(n: int, args: argparse.Namespace, device: torch.device, peak:
 def bench_shards(n: int, args: argparse.Namespace, device: torch.device) -> None:
     """The same step fed from `ShardReader` vs an in-memory tensor, interleaved."""
     try:
-        from autoencoder.shards import ShardReader, write_shards
+        from autoencoder.shard_reader import ShardReader
+        from autoencoder.shard_write import write_shards
     except ImportError as e:
         print(fmt(features=n, source="shards", skipped="autoencoder.shards_unavailable"))
         print(f"# {e}", file=sys.stderr)
