@@ -25,29 +25,24 @@ a file system every rank sees.
 from __future__ import annotations
 
 import os
-import queue
 import shutil
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from omegaconf import DictConfig
 
 from autoencoder import shard_check, shard_write
-from autoencoder.scatter import CHUNK, SPLITS, WORK_FORMAT, ContextPlan, Scatter, pass2, resample_indices
-from tools.core import guard, preempt
+from autoencoder.scatter import SPLITS, ContextPlan, Scatter, pass1, pass2, resample_indices
+from tools.core import guard
 from tools.core.config import UserError, resolve_device, stage_main, typed
 from tools.core.distributed import Dist
 from tools.core.files import config_hash, read_json, write_json
 from transformer.data import open_tokens, token_dir
-from transformer.subject import HOOK_KINDS, Subject, SubjectSpec, hook_point
+from transformer.subject import HOOK_KINDS, SubjectSpec, hook_point
 from transformer.subject_load import load_subject, subject_spec
-
-__all__ = ["CHUNK", "SPLITS", "WORK_FORMAT", "ContextPlan", "Scatter", "resample_indices", "run", "done"]
 
 
 @dataclass
@@ -260,7 +255,9 @@ def _run(cfg: DictConfig, a: ActivationsConfig, inp: Inputs, dist: Dist) -> dict
         todo = {h: sc for h, sc in scs.items() if sc.state["pass"] == 1}
         if todo:
             t1 = time.perf_counter()
-            _pass1(a, inp, subject, todo, c_lo, c_hi, seed, rank, tqdm)
+            plan = ContextPlan(seed, a.split, inp.n_tokens, inp.context_len, T)
+            pass1(subject, todo, plan, inp.tokens_path, c_lo=c_lo, c_hi=c_hi, batch_contexts=a.batch_contexts,
+                  rank=rank, tqdm=tqdm)
             timing["pass1_s"] = time.perf_counter() - t1
             for sc in todo.values():
                 sc.state["pass"] = 2
@@ -338,100 +335,6 @@ def _summaries(found: dict[str, tuple[dict[str, Any], Path]], seconds: float) ->
     return {**first, "dir": str(Path(first["dir"]).parent), "d_in": None,
             "shards": sum(s["shards"] for s in each.values()), "gb": sum(s["gb"] for s in each.values()),
             "hooks": each}
-
-
-def _pass1(a: ActivationsConfig, inp: Inputs, subject: Subject, scs: dict[str, Scatter], c_lo: int,
-           c_hi: int, seed: int, rank: int, tqdm) -> None:
-    """Forward passes on the main thread (one per batch for every hook); scattering and disk writes on
-    a writer thread."""
-    T, B = a.tokens_per_context, a.batch_contexts
-    plan = ContextPlan(seed, a.split, inp.n_tokens, inp.context_len, T)
-    tokens = open_tokens(inp.tokens_path.parent, inp.tokens_path.stem)
-    vocab = inp.spec.vocab_size
-    n_batches = -(-(c_hi - c_lo) // B)
-    done_batches = {h: int(sc.state["batches"]) for h, sc in scs.items()}
-    start = min(done_batches.values())
-    arange = np.arange(inp.context_len, dtype=np.int64)
-    q: queue.Queue = queue.Queue(maxsize=4)
-    failure: list[BaseException] = []
-    hooks = list(scs)
-
-    def writer() -> None:
-        try:
-            while (item := q.get()) is not None:
-                i, first_row, xs = item
-                for h, x in xs.items():
-                    if ((x.view(np.uint16) & 0x7C00) == 0x7C00).any():  # inf/nan: 8x faster than isfinite
-                        c0 = first_row // T
-                        raise UserError(f"non-finite activations (fp16 overflow?) at {h} in contexts "
-                                        f"{c0}..{c0 + len(x) // T} of {inp.tokens_path}")
-                    if i >= done_batches[h]:
-                        scs[h].add(i, first_row, x)
-                if any(sc.buffered >= sc.budget for sc in scs.values()):
-                    for sc in scs.values():  # together, so every hook checkpoints at the same batch
-                        sc.flush(i + 1)
-        except BaseException as e:
-            failure.append(e)
-            while q.get() is not None:  # drain so the producer never blocks
-                pass
-
-    thread = threading.Thread(target=writer, name="shard-writer", daemon=True)
-    thread.start()
-    bar = tqdm(total=(c_hi - c_lo) * T, initial=min(start * B, c_hi - c_lo) * T, unit="row", unit_scale=True,
-               desc=f"activations rank {rank}" if rank else "activations", disable=rank != 0)
-    stopped_at = None
-    try:
-        for i in range(start, n_batches):
-            if failure:
-                break
-            if i > start and preempt.requested():
-                stopped_at = i
-                break
-            lo, hi = c_lo + i * B, min(c_lo + (i + 1) * B, c_hi)
-            starts, pos = plan.get(lo, hi)
-            idx = torch.from_numpy(tokens[starts[:, None] + arange].astype(np.int64))
-            if int(idx.max()) >= vocab:
-                raise UserError(f"{inp.tokens_path}: token id {int(idx.max())} >= the model's "
-                                f"vocab_size {vocab}")
-            got = _forward(subject, idx, hooks, a)
-            pos_t = torch.from_numpy(pos).to(subject.device)
-            q.put((i, lo * T, {h: _rows(got[h], pos_t) for h in hooks}))
-            bar.update((hi - lo) * T)
-    finally:
-        q.put(None)
-        thread.join()
-        bar.close()
-    if failure:
-        raise failure[0]
-    for sc in scs.values():
-        sc.flush(n_batches if stopped_at is None else stopped_at)
-    if stopped_at is not None:  # every batch before it is durable in the buckets
-        raise preempt.Preempted(f"activations {a.split}", f"batch {stopped_at} of {n_batches} (pass 1)",
-                                preempt.saved_hint(next(iter(scs.values())).work))
-
-
-def _forward(subject: Subject, idx: torch.Tensor, hooks: list[str], a: ActivationsConfig) -> dict:
-    """The hooks' values for one batch; running out of memory names the setting to lower."""
-    try:
-        return subject.capture(idx.to(subject.device, non_blocking=True), hooks)
-    except (torch.OutOfMemoryError, RuntimeError) as e:
-        if not isinstance(e, torch.OutOfMemoryError) and "memory" not in str(e).lower():
-            raise
-        raise UserError(f"out of memory in the forward pass of {idx.shape[0]} contexts x {idx.shape[1]} "
-                        f"tokens on {subject.device}: lower activations.batch_contexts (now "
-                        f"{a.batch_contexts}) or activations.block_size") from e
-
-
-def _rows(h: torch.Tensor, pos_t: torch.Tensor) -> np.ndarray:
-    """The kept positions of [b, L, d] as fp16 rows [b * T, d]."""
-    rows = torch.gather(h, 1, pos_t[:, :, None].expand(-1, -1, h.shape[-1])).reshape(-1, h.shape[-1])
-    if rows.is_cuda:  # convert on the device: half the bytes over the bus
-        return rows.to(torch.float16).cpu().numpy()
-    if rows.dtype != torch.float32:
-        rows = rows.float()
-    # numpy's F16C conversion is faster than torch's on CPU; same rounding (IEEE RNE)
-    with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked by the writer
-        return rows.numpy().astype(np.float16)
 
 
 main = stage_main(run)

@@ -166,7 +166,7 @@ SIGNALLED = [
      "train: stopped by SIGTERM at step 3;", []),
     ("sae", "SIGTERM", "autoencoder.trainer:Trainer.step", 5,
      f"sae {NAME}: stopped by SIGTERM at step 6;", []),  # seen at the next step's all-reduce
-    ("activations", "SIGTERM", "autoencoder.generate:_forward", 1,
+    ("activations", "SIGTERM", "autoencoder.scatter:forward", 1,
      "activations train: stopped by SIGTERM at batch 1 of 3 (pass 1);", []),
     ("activations", "SIGINT", "autoencoder.shard_write:write_shard", 1,
      "activations train: stopped by SIGINT at shard 1 of 3 (pass 2);", []),

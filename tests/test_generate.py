@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from autoencoder import generate, shard_check, shard_reader, shard_write
+from autoencoder import generate, scatter, shard_check, shard_reader, shard_write
 from tools.core.config import UserError, compose
 from tools.core.files import read_json
 from transformer.model import GPT, GPTConfig, save_model
@@ -57,7 +57,7 @@ def expected_rows(world: Path, cfg) -> tuple[np.ndarray, np.ndarray]:
 
     model = load_model(world / "model")
     tokens = np.fromfile(world / "data" / "tiny" / "train.bin", dtype=np.uint16)
-    plan = generate.ContextPlan(int(cfg.seed), "train", len(tokens), L, T)
+    plan = scatter.ContextPlan(int(cfg.seed), "train", len(tokens), L, T)
     rows, ctx = [], []
     for lo in range(0, C, B):
         hi = min(lo + B, C)
@@ -163,7 +163,7 @@ def test_val_split_and_block_cap(world):
 def test_resume_after_kill_in_scatter(world, generated, monkeypatch):
     ref = read_json(Path(generated[0].run_dir) / "activations" / "train" / "manifest.json")
     cfg = make_cfg(world, "run_kill1")
-    real_flush, calls = generate.Scatter.flush, []
+    real_flush, calls = scatter.Scatter.flush, []
 
     def dying_flush(self, batches_done):
         real_flush(self, batches_done)
@@ -173,12 +173,12 @@ def test_resume_after_kill_in_scatter(world, generated, monkeypatch):
                 f.write(b"\x01" * 256 * 6)
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(generate.Scatter, "flush", dying_flush)
+    monkeypatch.setattr(scatter.Scatter, "flush", dying_flush)
     with pytest.raises(KeyboardInterrupt):
         generate.run(cfg)
     with pytest.raises(UserError, match="incomplete"):
         shard_check.read_manifest(Path(cfg.run_dir) / "activations" / "train")
-    monkeypatch.setattr(generate.Scatter, "flush", real_flush)
+    monkeypatch.setattr(scatter.Scatter, "flush", real_flush)
     generate.run(cfg)
     got = read_json(Path(cfg.run_dir) / "activations" / "train" / "manifest.json")
     assert [s["sha256"] for s in got["shards"]] == [s["sha256"] for s in ref["shards"]]

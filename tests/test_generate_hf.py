@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from autoencoder import generate, shard_check
+from autoencoder import generate, scatter, shard_check
 from tools.core.config import UserError, compose
 from tools.core.files import write_json
 from transformer.subject import SubjectSpec
@@ -69,7 +69,7 @@ def test_several_hooks_in_one_run(world):
     # every row is the subject's own capture, and row i of both hooks is the same token
     subject = load_subject(cfg, "cpu")
     tokens = np.fromfile(world / "data" / "tiny--tiny-llama" / "train.bin", dtype=np.uint16)
-    plan = generate.ContextPlan(int(cfg.seed), "train", len(tokens), L, T)
+    plan = scatter.ContextPlan(int(cfg.seed), "train", len(tokens), L, T)
     starts, pos = plan.get(0, C)
     got = subject.capture(torch.from_numpy(tokens[starts[:, None] + np.arange(L)].astype(np.int64)), hooks)
     want = {h: torch.gather(v, 1, torch.from_numpy(pos)[:, :, None].expand(-1, -1, 24)).reshape(-1, 24)
