@@ -1,5 +1,6 @@
-"""The two passes of activation generation: the context plan, the forward passes and the scatter of rows into
-bucket files with checkpoints, and the per-bucket shuffle into shards (autoencoder.generate drives it).
+"""The two passes of activation generation (autoencoder.generate drives them): the context plan;
+pass 1, the forward passes and the scatter of rows into bucket files with checkpoints; pass 2, the
+per-bucket shuffle into shards.
 
 Everything is a function of the seed (contexts, positions, scatter, permutations), so a killed run
 resumes to the same bytes, and the shards of several hook points generated together hold their rows

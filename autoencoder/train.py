@@ -22,15 +22,11 @@ from omegaconf import DictConfig
 
 from autoencoder.evaluator import summary
 from autoencoder.sae import ARCHITECTURES
-from autoencoder.step import TrainStep, l1_at, lr_at, make_optimizer, make_step
 from autoencoder.trainer import RunSpec, Trainer
 from tools.core import guard
 from tools.core.config import UserError, resolve_device, stage_main, typed
 from tools.core.distributed import Dist
 from tools.core.files import config_hash, read_json
-
-__all__ = ["SAETrainConfig", "TrainStep", "check_config", "done", "l1_at", "lr_at", "main",
-           "make_optimizer", "make_step", "run", "sae_name"]
 
 
 @dataclass

@@ -285,7 +285,7 @@ def test_second_writer_refuses_naming_the_holder(world):
 
 
 def test_two_trainers_one_name_one_result(world):
-    """The issue's case: same sae.name, different l1_coeff, started together. Whichever order they
+    """Same sae.name, different l1_coeff, started together. Whichever order they
     run in, exactly one succeeds and the other refuses (the lock, or the overwrite rule)."""
     args = [sys.executable, "-m", "autoencoder.train", *world.overrides, "sae.name=race", "sae.steps=8"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

@@ -11,6 +11,8 @@ from test_top_activations import _all_acts, _check_against_brute_force, _records
 
 from tools import top_activations as ta
 from tools.core.config import UserError, compose
+from tools.features import config as fconf
+from tools.features import scan as fscan
 
 FRAC = 0.5
 
@@ -51,7 +53,7 @@ def test_negative_side_matches_brute_force(neuron_run):
     assert all(e["min"] == min(e["acts"]) and e["acts"][e["pos"]] == e["min"] for e in r0["bottom"])
     assert all(q["lo"] < q["hi"] <= 0 for q in r0["quantiles"])
     # the negative side's candidates come from its own seed (see tools.features.scan.scan_sides)
-    cand = ta.candidate_contexts(f.shape[0], 30, int(cfg.seed) ^ 0x5A5A)
+    cand = fscan.candidate_contexts(f.shape[0], 30, int(cfg.seed) ^ 0x5A5A)
     _check_against_brute_force([_mirrored(r) for r in recs[:40]], -f[..., :40], toks, n_random=5,
                                cand=cand, frac=FRAC)
 
@@ -59,7 +61,7 @@ def test_negative_side_matches_brute_force(neuron_run):
 def test_activation_quantiles_are_within_a_bin(neuron_run):
     cfg, run_dir, data_dir = neuron_run
     f, _ = _all_acts(run_dir, data_dir, "neuron")
-    probs = list(ta.section(cfg).act_quantiles)
+    probs = list(fconf.section(cfg).act_quantiles)
     flat = f.reshape(-1, f.shape[-1]).double()
     for r in _records(run_dir, "neurons")[:32]:
         u = r["index"]

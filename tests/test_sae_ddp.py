@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from autoencoder.sae import SAEModelConfig, build_sae
 from autoencoder.shard_write import write_shards
-from autoencoder.train import SAETrainConfig, make_optimizer, make_step
+from autoencoder.step import make_optimizer, make_step
+from autoencoder.train import SAETrainConfig
 
 SCRIPT = textwrap.dedent('''
     import json, sys
@@ -24,7 +25,8 @@ SCRIPT = textwrap.dedent('''
     import torch, torch.distributed as dist
     from safetensors.torch import save_file
     from autoencoder.sae import SAEModelConfig, build_sae
-    from autoencoder.train import SAETrainConfig, make_optimizer, make_step
+    from autoencoder.step import make_optimizer, make_step
+    from autoencoder.train import SAETrainConfig
     import autoencoder.train as train
     from tools.core.config import compose
 

@@ -17,7 +17,8 @@ from autoencoder.sae import (
     load_sae,
     save_sae,
 )
-from autoencoder.train import SAETrainConfig, make_optimizer, make_step
+from autoencoder.step import make_optimizer, make_step
+from autoencoder.train import SAETrainConfig
 from tools.core.config import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -13,6 +13,9 @@ import torch
 from autoencoder.sae import SAEModelConfig, build_sae, load_sae, save_sae
 from tools import top_activations as ta
 from tools.core.config import UserError, compose
+from tools.features import config as fconf
+from tools.features import scan as fscan
+from tools.features import select as fselect
 from transformer.model import GPT, GPTConfig, load_model, save_model
 from transformer.tokenizer import get_encoding
 
@@ -156,7 +159,7 @@ def test_sae_features_match_brute_force(tiny, sae_run):
     f, toks = _all_acts(run_dir, data_dir, "sae")
     recs = _records(run_dir, "tiny_sae")
     meta = json.loads((run_dir / "features" / "tiny_sae" / "meta.json").read_text())
-    cand = ta.candidate_contexts(f.shape[0], meta["negative_candidates"], int(cfg.seed))
+    cand = fscan.candidate_contexts(f.shape[0], meta["negative_candidates"], int(cfg.seed))
     _check_against_brute_force(recs, f, toks, n_random=20, cand=cand)
     for u in (62, 63):
         assert recs[u]["density"] == 0 and recs[u]["top"] == [] and len(recs[u]["random"]) == 20
@@ -201,7 +204,7 @@ def test_neurons_match_brute_force(tiny, sae_run):
     # fewer candidates than contexts, so the brute force checks the candidate sample is respected
     cfg = compose(overrides(run_dir, data_dir, "features.unit=neuron", "features.n_random=5",
                             "features.negative_candidates=30", f"features.negative_frac={NEURON_FRAC}"))
-    assert ta.unit_name(cfg) == "neurons"
+    assert fconf.unit_name(cfg) == "neurons"
     result = ta.run(cfg)
     assert result["name"] == "neurons" and result["units"] == 128
     f, toks = _all_acts(run_dir, data_dir, "neuron")
@@ -209,7 +212,7 @@ def test_neurons_match_brute_force(tiny, sae_run):
     assert [r["index"] for r in recs] == list(range(128))
     meta = json.loads((run_dir / "features" / "neurons" / "meta.json").read_text())
     assert meta["negative_frac"] == NEURON_FRAC and meta["negative_candidates"] == 30
-    cand = ta.candidate_contexts(f.shape[0], 30, int(cfg.seed))
+    cand = fscan.candidate_contexts(f.shape[0], 30, int(cfg.seed))
     assert len(cand) == 30 and len(set(cand.tolist())) == 30
     # a subset keeps this quick; GELU neurons are almost never <= 0 over a whole context, so their
     # negatives are candidates under the threshold
@@ -236,8 +239,8 @@ def test_done_tracks_config_and_inputs(tiny, sae_run):
     assert (run_dir / "features" / "tiny_sae" / "features.jsonl").stat().st_mtime_ns == before
 
 
-def _synthetic_scan(f: torch.Tensor, batch: int, **kw) -> ta.ScanState:
-    st = ta.ScanState(f.shape[-1], kw.get("k", 4), kw.get("m", 5), kw.get("n_random", 3), "cpu", seed=0,
+def _synthetic_scan(f: torch.Tensor, batch: int, **kw) -> fscan.ScanState:
+    st = fscan.ScanState(f.shape[-1], kw.get("k", 4), kw.get("m", 5), kw.get("n_random", 3), "cpu", seed=0,
                       n_ctx=f.shape[0], candidates=kw.get("candidates", 8))
     for c0 in range(0, f.shape[0], batch):
         st.update(f[c0:c0 + batch], c0)
@@ -257,7 +260,7 @@ def test_state_is_exact_and_batch_invariant():
     assert torch.equal(a.count, (f > 0).sum((0, 1)))
     cmax, carg = f.max(1)
     # the candidate negatives' table: each sampled context's max per unit
-    assert torch.equal(a.cand_ctx, torch.from_numpy(ta.candidate_contexts(n_ctx, 8, 0)))
+    assert torch.equal(a.cand_ctx, torch.from_numpy(fscan.candidate_contexts(n_ctx, 8, 0)))
     assert torch.equal(a.cand_max, cmax[a.cand_ctx])
     assert torch.equal(a.top_p, carg.t().gather(1, a.top_c))  # where each top context's max is
     assert torch.allclose(a.total, b.total)
@@ -265,7 +268,7 @@ def test_state_is_exact_and_batch_invariant():
         vals = f[..., u][f[..., u] > 0].numpy()
         R = float(a.scale[u])
         assert vals.max() <= R < 2 * vals.max()
-        want = np.histogram(vals, bins=np.linspace(0, R, ta.HIST_BINS + 1))[0]
+        want = np.histogram(vals, bins=np.linspace(0, R, fconf.HIST_BINS + 1))[0]
         assert np.array_equal(a.hist[u].numpy(), want)
 
 
@@ -287,7 +290,7 @@ def test_quantile_samples_are_uniform_within_bins():
     rng = np.random.default_rng(0)
     for u in range(F):
         fu = f[..., u]
-        picks = ta.quantile_picks(arrays, u, 10, 5, set(), rng)
+        picks = fselect.quantile_picks(arrays, u, 10, 5, set(), rng)
         assert len(picks) == 10
         for lo, hi, est, chosen in picks:
             true = int(((fu > lo) & (fu <= hi + 1e-7)).sum())
@@ -300,7 +303,7 @@ def test_quantile_samples_are_uniform_within_bins():
         lo, hi = picks[0][0], picks[0][1]
         inbin = fu[(fu > lo) & (fu <= hi)]
         draws = [float(fu[c, p]) for _ in range(40)
-                 for c, p in ta.quantile_picks(arrays, u, 10, 5, set(), rng)[0][3]]
+                 for c, p in fselect.quantile_picks(arrays, u, 10, 5, set(), rng)[0][3]]
         assert abs(np.mean(draws) - inbin.mean().item()) < 0.2 * (hi - lo)
 
 
@@ -313,7 +316,7 @@ def test_bad_inputs_are_user_errors(tiny, tmp_path):
     with pytest.raises(UserError, match="features.pages"):
         ta.run(compose(overrides(run_dir, data_dir, "features.pages=[3,64]")))
     with pytest.raises(UserError, match="nope"):
-        ta.unit_name(compose(overrides(run_dir, data_dir, "features.sae=nope")))
+        fconf.unit_name(compose(overrides(run_dir, data_dir, "features.sae=nope")))
     with pytest.raises(UserError, match="features"):
         ta.run(compose(overrides(run_dir, data_dir, "+features.topk=3")))
     # a second SAE: the name must be chosen; one with the wrong d_in is refused
@@ -322,12 +325,12 @@ def test_bad_inputs_are_user_errors(tiny, tmp_path):
     wrong = build_sae(SAEModelConfig(architecture="standard", d_in=64, d_sae=8))
     save_sae(wrong, other / "sae" / "wrong_d_in")
     with pytest.raises(UserError, match="several SAEs.*tiny_sae.*wrong_d_in"):
-        ta.unit_name(compose(overrides(other, tmp_path / "data")))
+        fconf.unit_name(compose(overrides(other, tmp_path / "data")))
     with pytest.raises(UserError, match="d_in=64"):
         ta.run(compose(overrides(other, tmp_path / "data", "features.sae=wrong_d_in")))
     empty = tmp_path / "empty"
     with pytest.raises(UserError, match="no SAE found"):
-        ta.unit_name(compose(overrides(empty, tmp_path / "data")))
+        fconf.unit_name(compose(overrides(empty, tmp_path / "data")))
 
 
 def test_pages_subset_and_resumable_site(tmp_path):

@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         figures["from_shards_vs_memory"] = mem / fed
         reader.close()
 
-        # 4. the same from a fresh reader that still has to verify every shard's sha256 (issue 13)
+        # 4. the same from a fresh reader that still has to verify every shard's sha256
         from autoencoder import shard_check
 
         shard_check._VERIFIED.clear()

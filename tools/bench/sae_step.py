@@ -4,7 +4,7 @@
     python -m tools.bench.sae_step --quick    # smoke run (seconds)
     python -m tools.bench.sae_step --crossover  # where the sparse path starts to beat dense GEMMs
 
-The step is the trainer's own (`autoencoder.train.make_step`: forward, loss = MSE + λ L1, backward,
+The step is the trainer's own (`autoencoder.step.make_step`: forward, loss = MSE + λ L1, backward,
 parallel-gradient removal, Adam, decoder renormalisation), run with `sae.kernel=dense` (the plain
 autograd path, printed as `kernel=reference`) and `sae.kernel=auto` (`autoencoder.kernels`, which
 picks its sparse or fused-dense path per batch; the path it took is printed as `path=`).
@@ -106,7 +106,8 @@ def gemm_ceiling(B: int, d: int, n: int, device: torch.device, dtype: torch.dtyp
 def make_trainer(n: int, args: argparse.Namespace, kernel: str, device: torch.device):
     """The trainer's own step for a fresh SAE (seeded, so every variant starts identical)."""
     from autoencoder.sae import SAEModelConfig, build_sae
-    from autoencoder.train import SAETrainConfig, make_optimizer, make_step
+    from autoencoder.step import make_optimizer, make_step
+    from autoencoder.train import SAETrainConfig
 
     cfg = SAETrainConfig(architecture="l1", n_features=n, batch_size=args.batch, kernel=kernel,
                          l1_coeff=1e-3, compile=False)
