@@ -25,21 +25,18 @@ a file system every rank sees.
 from __future__ import annotations
 
 import functools
-import queue
 import shutil
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from omegaconf import DictConfig
 
-from autoencoder import shards
+from autoencoder import shard_check, shard_write
 from autoencoder.config import ActivationsConfig
-from autoencoder.scatter import CHUNK, SPLITS, WORK_FORMAT, ContextPlan, Scatter, pass2, resample_indices
+from autoencoder.scatter import SPLITS, ContextPlan, Scatter, pass1, pass2, resample_indices
 from tools.core import guard
 from tools.core.config import UserError, output_fields, resolve_device, stage_main
 from tools.core.distributed import Dist
@@ -47,11 +44,8 @@ from tools.core.files import config_hash, read_json, write_json
 from tools.core.layout import RunLayout
 from tools.core.stage import Stage
 from transformer.data import open_tokens, token_dir
-from transformer.subject import Subject, SubjectSpec, hook_point
+from transformer.subject import SubjectSpec, hook_point
 from transformer.subject_load import load_subject, subject_spec
-
-__all__ = ["CHUNK", "SPLITS", "WORK_FORMAT", "ContextPlan", "Scatter", "resample_indices", "run", "done",
-           "ActivationsStage"]
 
 
 def n_contexts(a: ActivationsConfig) -> int:
@@ -120,7 +114,7 @@ class ActivationsStage(Stage):
     """Tokens + subject -> `run_dir/activations/<split>/[<hook>/]` (one shard folder per hook point)."""
 
     name, what, key, schema = "autoencoder.generate", "activation directory", "activations", ActivationsConfig
-    marker = shards.MANIFEST
+    marker = shard_check.MANIFEST
 
     @functools.cached_property
     def inp(self) -> Inputs:
@@ -139,12 +133,12 @@ class ActivationsStage(Stage):
         try:
             inp = self.inp
             for hook, directory in hook_dirs(self.cfg, a, inp).items():
-                m = shards.read_manifest(directory)
+                m = shard_check.read_manifest(directory)
                 if m.get("config_hash") != output_hash(self.cfg, a, inp, hook):
                     return False
                 for e in m["shards"]:
-                    shards.check_shard(directory, e, int(m["d_in"]))
-                if a.resample_rows and not (directory / shards.RESAMPLE).is_file():
+                    shard_check.check_shard(directory, e, int(m["d_in"]))
+                if a.resample_rows and not (directory / shard_check.RESAMPLE).is_file():
                     return False
         except UserError:
             return False
@@ -162,9 +156,10 @@ class ActivationsStage(Stage):
         self.verify_inputs()
         for hook, directory in hook_dirs(self.cfg, self.c, self.inp).items():
             new = self.output_hash(hook)
-            m = read_json(directory / shards.MANIFEST) if (directory / shards.MANIFEST).is_file() else {}
+            manifest = directory / shard_check.MANIFEST
+            m = read_json(manifest) if manifest.is_file() else {}
             old = m.get("config_hash") if m.get("complete") is True else new
-            guard.prepare_output(directory, self.what, marker=shards.MANIFEST, old=old, new=new,
+            guard.prepare_output(directory, self.what, marker=shard_check.MANIFEST, old=old, new=new,
                                  overwrite=self.overwrite())
 
     def finished(self, result: dict[str, Any]) -> bool:
@@ -208,11 +203,11 @@ def _run(cfg: DictConfig, a: ActivationsConfig, inp: Inputs, dist: Dist) -> dict
 
     if all(dist.gather(done(cfg))):  # every rank decides, so none waits at a barrier alone
         log(f"activations {a.split}: {out_dir(cfg, a.split)} is complete for this config, nothing to do")
-        return _summaries({h: (read_json(d / shards.MANIFEST), d) for h, d in dirs.items()}, 0.0)
+        return _summaries({h: (read_json(d / shard_check.MANIFEST), d) for h, d in dirs.items()}, 0.0)
     device = dist.device(resolve_device(str(cfg.device)))
     subject = load_subject(cfg, device, inp.spec)
     widths = {h: subject.width(h) for h in dirs}
-    headers = {h: {"d_in": widths[h], "dtype": shards.DTYPE, "hook_name": h, "hook": a.hook,
+    headers = {h: {"d_in": widths[h], "dtype": shard_check.DTYPE, "hook_name": h, "hook": a.hook,
                    "layer": int(h.split(".")[1]), "model": inp.spec.identity, "split": a.split,
                    "contexts": C, "tokens_per_context": T, "block_size": inp.context_len,
                    "rows_per_shard": a.rows_per_shard, "total_rows": total_rows, "seed": seed,
@@ -221,7 +216,7 @@ def _run(cfg: DictConfig, a: ActivationsConfig, inp: Inputs, dist: Dist) -> dict
     dist.barrier()
     if rank == 0:  # nothing may read a half-rewritten directory as complete
         for h, directory in dirs.items():
-            shards.write_manifest(directory, {**headers[h], "shards": [], "complete": False})
+            shard_write.write_manifest(directory, {**headers[h], "shards": [], "complete": False})
     dist.barrier()
 
     res_all = resample_indices(seed, a.split, total_rows, a.resample_rows)
@@ -236,7 +231,9 @@ def _run(cfg: DictConfig, a: ActivationsConfig, inp: Inputs, dist: Dist) -> dict
         todo = {h: sc for h, sc in scs.items() if sc.state["pass"] == 1}
         if todo:
             t1 = time.perf_counter()
-            _pass1(a, inp, subject, todo, c_lo, c_hi, seed, rank, tqdm)
+            plan = ContextPlan(seed, a.split, inp.n_tokens, inp.context_len, T)
+            pass1(subject, todo, plan, inp.tokens_path, c_lo=c_lo, c_hi=c_hi, batch_contexts=a.batch_contexts,
+                  rank=rank, tqdm=tqdm)
             timing["pass1_s"] = time.perf_counter() - t1
             for sc in todo.values():
                 sc.state["pass"] = 2
@@ -256,7 +253,7 @@ def _run(cfg: DictConfig, a: ActivationsConfig, inp: Inputs, dist: Dist) -> dict
     for directory in dirs.values():
         shutil.rmtree(directory / f".work-rank{rank:03d}", ignore_errors=True)
     seconds = time.perf_counter() - t0
-    out = _summaries({h: (read_json(d / shards.MANIFEST), d) for h, d in dirs.items()}, seconds)
+    out = _summaries({h: (read_json(d / shard_check.MANIFEST), d) for h, d in dirs.items()}, seconds)
     out.update({k: round(v, 2) for k, v in timing.items()})
     log(f"activations {a.split}: wrote {out['rows']:,} rows x {'/'.join(map(str, widths.values()))} for "
         f"{len(dirs)} hook point(s) ({', '.join(dirs)}) in {out['shards']} shards ({out['gb']:.3g} GB) "
@@ -281,19 +278,20 @@ def _finish(directory: Path, header: dict[str, Any], *, all_entries: list[dict[s
         step = max(1, (1 << 24) // (d * 2))
         try:
             rows = (res[perm[i:i + step]] for i in range(0, n_res, step))
-            res_sha = shards.write_shard(directory / shards.RESAMPLE, rows, n_res, d)["sha256"]
+            res_sha = shard_write.write_shard(directory / shard_check.RESAMPLE, rows, n_res, d)["sha256"]
         except OSError as e:
-            raise UserError(f"writing {directory / shards.RESAMPLE} failed ({e}); rerun to resume") from e
+            raise UserError(f"writing {directory / shard_check.RESAMPLE} failed ({e}); "
+                            "rerun to resume") from e
         del res
     else:
-        (directory / shards.RESAMPLE).unlink(missing_ok=True)
+        (directory / shard_check.RESAMPLE).unlink(missing_ok=True)
     listed = {e["file"] for e in all_entries}
     for stale in directory.glob("shard_*.npy"):  # from an earlier, different config
         if stale.name not in listed:
             stale.unlink()
-    shards.write_manifest(directory, {**header, "total_rows": int(sum(e["rows"] for e in all_entries)),
-                                      "shards": all_entries, "resample_rows": n_res,
-                                      "resample_sha256": res_sha, "complete": True})
+    shard_write.write_manifest(directory, {**header, "total_rows": int(sum(e["rows"] for e in all_entries)),
+                                           "shards": all_entries, "resample_rows": n_res,
+                                           "resample_sha256": res_sha, "complete": True})
 
 
 def _summary(m: dict[str, Any], directory: Path, seconds: float) -> dict[str, Any]:
@@ -313,93 +311,6 @@ def _summaries(found: dict[str, tuple[dict[str, Any], Path]], seconds: float) ->
     return {**first, "dir": str(Path(first["dir"]).parent), "d_in": None,
             "shards": sum(s["shards"] for s in each.values()), "gb": sum(s["gb"] for s in each.values()),
             "hooks": each}
-
-
-def _pass1(a: ActivationsConfig, inp: Inputs, subject: Subject, scs: dict[str, Scatter], c_lo: int,
-           c_hi: int, seed: int, rank: int, tqdm) -> None:
-    """Forward passes on the main thread (one per batch for every hook); scattering and disk writes on
-    a writer thread."""
-    T, B = a.tokens_per_context, a.batch_contexts
-    plan = ContextPlan(seed, a.split, inp.n_tokens, inp.context_len, T)
-    tokens = open_tokens(inp.tokens_path.parent, inp.tokens_path.stem)
-    vocab = inp.spec.vocab_size
-    n_batches = -(-(c_hi - c_lo) // B)
-    done_batches = {h: int(sc.state["batches"]) for h, sc in scs.items()}
-    start = min(done_batches.values())
-    arange = np.arange(inp.context_len, dtype=np.int64)
-    q: queue.Queue = queue.Queue(maxsize=4)
-    failure: list[BaseException] = []
-    hooks = list(scs)
-
-    def writer() -> None:
-        try:
-            while (item := q.get()) is not None:
-                i, first_row, xs = item
-                for h, x in xs.items():
-                    if ((x.view(np.uint16) & 0x7C00) == 0x7C00).any():  # inf/nan: 8x faster than isfinite
-                        c0 = first_row // T
-                        raise UserError(f"non-finite activations (fp16 overflow?) at {h} in contexts "
-                                        f"{c0}..{c0 + len(x) // T} of {inp.tokens_path}")
-                    if i >= done_batches[h]:
-                        scs[h].add(i, first_row, x)
-                if any(sc.buffered >= sc.budget for sc in scs.values()):
-                    for sc in scs.values():  # together, so every hook checkpoints at the same batch
-                        sc.flush(i + 1)
-        except BaseException as e:
-            failure.append(e)
-            while q.get() is not None:  # drain so the producer never blocks
-                pass
-
-    thread = threading.Thread(target=writer, name="shard-writer", daemon=True)
-    thread.start()
-    bar = tqdm(total=(c_hi - c_lo) * T, initial=min(start * B, c_hi - c_lo) * T, unit="row", unit_scale=True,
-               desc=f"activations rank {rank}" if rank else "activations", disable=rank != 0)
-    try:
-        for i in range(start, n_batches):
-            if failure:
-                break
-            lo, hi = c_lo + i * B, min(c_lo + (i + 1) * B, c_hi)
-            starts, pos = plan.get(lo, hi)
-            idx = torch.from_numpy(tokens[starts[:, None] + arange].astype(np.int64))
-            if int(idx.max()) >= vocab:
-                raise UserError(f"{inp.tokens_path}: token id {int(idx.max())} >= the model's "
-                                f"vocab_size {vocab}")
-            got = _forward(subject, idx, hooks, a)
-            pos_t = torch.from_numpy(pos).to(subject.device)
-            q.put((i, lo * T, {h: _rows(got[h], pos_t) for h in hooks}))
-            bar.update((hi - lo) * T)
-    finally:
-        q.put(None)
-        thread.join()
-        bar.close()
-    if failure:
-        raise failure[0]
-    for sc in scs.values():
-        sc.flush(n_batches)
-
-
-def _forward(subject: Subject, idx: torch.Tensor, hooks: list[str], a: ActivationsConfig) -> dict:
-    """The hooks' values for one batch; running out of memory names the setting to lower."""
-    try:
-        return subject.capture(idx.to(subject.device, non_blocking=True), hooks)
-    except (torch.OutOfMemoryError, RuntimeError) as e:
-        if not isinstance(e, torch.OutOfMemoryError) and "memory" not in str(e).lower():
-            raise
-        raise UserError(f"out of memory in the forward pass of {idx.shape[0]} contexts x {idx.shape[1]} "
-                        f"tokens on {subject.device}: lower activations.batch_contexts (now "
-                        f"{a.batch_contexts}) or activations.block_size") from e
-
-
-def _rows(h: torch.Tensor, pos_t: torch.Tensor) -> np.ndarray:
-    """The kept positions of [b, L, d] as fp16 rows [b * T, d]."""
-    rows = torch.gather(h, 1, pos_t[:, :, None].expand(-1, -1, h.shape[-1])).reshape(-1, h.shape[-1])
-    if rows.is_cuda:  # convert on the device: half the bytes over the bus
-        return rows.to(torch.float16).cpu().numpy()
-    if rows.dtype != torch.float32:
-        rows = rows.float()
-    # numpy's F16C conversion is faster than torch's on CPU; same rounding (IEEE RNE)
-    with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked by the writer
-        return rows.numpy().astype(np.float16)
 
 
 main = stage_main(run)

@@ -58,7 +58,7 @@ def load_resample_set(path: Path, d_in: int) -> torch.Tensor:
     if not path.is_file():
         raise UserError(f"resampling subset not found: {path} (autoencoder.generate writes it; "
                         "or set sae.resample_steps=[] to train without resampling)")
-    from autoencoder.shards import verify_resample
+    from autoencoder.shard_check import verify_resample
 
     verify_resample(path.parent)  # sha256 against the manifest, when it records one
     arr = np.load(path, mmap_mode="r", allow_pickle=False)

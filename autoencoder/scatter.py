@@ -1,5 +1,6 @@
-"""Pass-1 and pass-2 machinery of activation generation: the context plan, the scatter of rows into
-bucket files with checkpoints, and the per-bucket shuffle into shards (autoencoder.generate drives it).
+"""The two passes of activation generation (autoencoder.generate drives them): the context plan;
+pass 1, the forward passes and the scatter of rows into bucket files with checkpoints; pass 2, the
+per-bucket shuffle into shards.
 
 Everything is a function of the seed (contexts, positions, scatter, permutations), so a killed run
 resumes to the same bytes, and the shards of several hook points generated together hold their rows
@@ -9,15 +10,21 @@ in the same order (row i of every hook's shards is the same token).
 from __future__ import annotations
 
 import os
+import queue
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from autoencoder import shards
+from autoencoder import shard_check, shard_write
+from tools.core import preempt
 from tools.core.config import UserError
 from tools.core.files import read_json, write_json
+from transformer.data import open_tokens
+from transformer.subject import Subject
 
 SPLITS = ("train", "val")
 CHUNK = 1024  # contexts drawn per RNG stream, so the sample does not depend on batch size or ranks
@@ -150,12 +157,15 @@ def pass2(sc: Scatter, first_shard: int, directory: Path, seed: int, split: str,
     """Each bucket alone in RAM: permute, write as a shard (atomically), checkpoint, drop the bucket."""
     entries = []
     for k in tqdm(range(sc.S), desc="shuffle shards", unit="shard", disable=rank != 0):
-        name = shards.shard_name(first_shard + k)
+        if k and preempt.requested():  # every shard before k is written and checkpointed
+            raise preempt.Preempted(f"activations {split}", f"shard {k} of {sc.S} (pass 2)",
+                                    preempt.saved_hint(sc.work))
+        name = shard_write.shard_name(first_shard + k)
         entry = sc.state["shards"].get(str(k))
         path = directory / name
         if entry is not None and path.is_file():
             try:
-                shards.check_shard(directory, entry, sc.d)
+                shard_check.check_shard(directory, entry, sc.d)
                 entries.append(entry)
                 continue
             except UserError:
@@ -171,7 +181,8 @@ def pass2(sc: Scatter, first_shard: int, directory: Path, seed: int, split: str,
         perm = np.random.default_rng([seed, SPLITS.index(split), 5, rank, k]).permutation(rows)
         step = max(1, (1 << 24) // (sc.d * 2))
         try:
-            entry = shards.write_shard(path, (x[perm[i:i + step]] for i in range(0, rows, step)), rows, sc.d)
+            chunks = (x[perm[i:i + step]] for i in range(0, rows, step))
+            entry = shard_write.write_shard(path, chunks, rows, sc.d)
         except OSError as e:
             raise UserError(f"writing {path} failed ({e}); completed shards are kept: free space and "
                             "rerun to resume at this shard") from e
@@ -181,3 +192,102 @@ def pass2(sc: Scatter, first_shard: int, directory: Path, seed: int, split: str,
         bucket.unlink()
         entries.append(entry)
     return entries
+
+
+# ------------------------------------------------------------------------ pass 1: the forward passes
+
+
+def pass1(subject: Subject, scs: dict[str, Scatter], plan: ContextPlan, tokens_path: Path, *, c_lo: int,
+          c_hi: int, batch_contexts: int, rank: int, tqdm: Any) -> None:
+    """Contexts c_lo .. c_hi - 1 through the subject, `batch_contexts` at a time: forward passes on
+    the main thread (one per batch for every hook), scattering and disk writes on a writer thread.
+
+    SIGTERM/SIGINT stop it at the next batch: the buffers are flushed (a checkpoint pass 1 resumes
+    from) and `Preempted` is raised."""
+    T, B, split = plan.T, batch_contexts, SPLITS[plan.split_id]
+    tokens = open_tokens(tokens_path.parent, tokens_path.stem)
+    vocab = subject.spec.vocab_size
+    n_batches = -(-(c_hi - c_lo) // B)
+    done_batches = {h: int(sc.state["batches"]) for h, sc in scs.items()}
+    start = min(done_batches.values())
+    arange = np.arange(plan.L, dtype=np.int64)
+    q: queue.Queue = queue.Queue(maxsize=4)
+    failure: list[BaseException] = []
+    hooks = list(scs)
+
+    def writer() -> None:
+        try:
+            while (item := q.get()) is not None:
+                i, first_row, xs = item
+                for h, x in xs.items():
+                    if ((x.view(np.uint16) & 0x7C00) == 0x7C00).any():  # inf/nan: 8x faster than isfinite
+                        c0 = first_row // T
+                        raise UserError(f"non-finite activations (fp16 overflow?) at {h} in contexts "
+                                        f"{c0}..{c0 + len(x) // T} of {tokens_path}")
+                    if i >= done_batches[h]:
+                        scs[h].add(i, first_row, x)
+                if any(sc.buffered >= sc.budget for sc in scs.values()):
+                    for sc in scs.values():  # together, so every hook checkpoints at the same batch
+                        sc.flush(i + 1)
+        except BaseException as e:
+            failure.append(e)
+            while q.get() is not None:  # drain so the producer never blocks
+                pass
+
+    thread = threading.Thread(target=writer, name="shard-writer", daemon=True)
+    thread.start()
+    bar = tqdm(total=(c_hi - c_lo) * T, initial=min(start * B, c_hi - c_lo) * T, unit="row", unit_scale=True,
+               desc=f"activations rank {rank}" if rank else "activations", disable=rank != 0)
+    stopped_at = None
+    try:
+        for i in range(start, n_batches):
+            if failure:
+                break
+            if i > start and preempt.requested():
+                stopped_at = i
+                break
+            lo, hi = c_lo + i * B, min(c_lo + (i + 1) * B, c_hi)
+            starts, pos = plan.get(lo, hi)
+            idx = torch.from_numpy(tokens[starts[:, None] + arange].astype(np.int64))
+            if int(idx.max()) >= vocab:
+                raise UserError(f"{tokens_path}: token id {int(idx.max())} >= the model's "
+                                f"vocab_size {vocab}")
+            got = forward(subject, idx, hooks)
+            pos_t = torch.from_numpy(pos).to(subject.device)
+            q.put((i, lo * T, {h: kept_rows(got[h], pos_t) for h in hooks}))
+            bar.update((hi - lo) * T)
+    finally:
+        q.put(None)
+        thread.join()
+        bar.close()
+    if failure:
+        raise failure[0]
+    for sc in scs.values():
+        sc.flush(n_batches if stopped_at is None else stopped_at)
+    if stopped_at is not None:  # every batch before it is durable in the buckets
+        raise preempt.Preempted(f"activations {split}", f"batch {stopped_at} of {n_batches} (pass 1)",
+                                preempt.saved_hint(next(iter(scs.values())).work))
+
+
+def forward(subject: Subject, idx: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
+    """The hooks' values for one batch; running out of memory names the setting to lower."""
+    try:
+        return subject.capture(idx.to(subject.device, non_blocking=True), hooks)
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not isinstance(e, torch.OutOfMemoryError) and "memory" not in str(e).lower():
+            raise
+        raise UserError(f"out of memory in the forward pass of {idx.shape[0]} contexts x {idx.shape[1]} "
+                        f"tokens on {subject.device}: lower activations.batch_contexts (now "
+                        f"{idx.shape[0]}) or activations.block_size") from e
+
+
+def kept_rows(h: torch.Tensor, pos_t: torch.Tensor) -> np.ndarray:
+    """The kept positions of [b, L, d] as fp16 rows [b * T, d]."""
+    rows = torch.gather(h, 1, pos_t[:, :, None].expand(-1, -1, h.shape[-1])).reshape(-1, h.shape[-1])
+    if rows.is_cuda:  # convert on the device: half the bytes over the bus
+        return rows.to(torch.float16).cpu().numpy()
+    if rows.dtype != torch.float32:
+        rows = rows.float()
+    # numpy's F16C conversion is faster than torch's on CPU; same rounding (IEEE RNE)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked by the writer
+        return rows.numpy().astype(np.float16)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from autoencoder.shards import ShardReader, read_manifest
+from autoencoder.shard_check import read_manifest
+from autoencoder.shard_reader import ShardReader
 
 
 def take_rows(directory: Path, rows: int, *, seed: int, d_in: int | None = None) -> torch.Tensor:

@@ -23,7 +23,6 @@ from omegaconf import DictConfig
 
 from autoencoder.config import SAETrainConfig
 from autoencoder.evaluator import summary
-from autoencoder.step import TrainStep, l1_at, lr_at, make_optimizer, make_step
 from autoencoder.trainer import RunSpec, Trainer
 from tools.core import guard
 from tools.core.config import UserError, output_fields, resolve_device, section, stage_main
@@ -31,9 +30,6 @@ from tools.core.distributed import Dist
 from tools.core.files import config_hash, read_json
 from tools.core.layout import RunLayout
 from tools.core.stage import Stage
-
-__all__ = ["SAETrainStage", "TrainStep", "done", "l1_at", "lr_at", "main", "make_optimizer", "make_step",
-           "run", "sae_name"]
 
 
 def math_config(c: SAETrainConfig, d_in: int, world_size: int) -> dict[str, Any]:
@@ -125,9 +121,9 @@ class SAETrainStage(Stage):
         return RunLayout.of(self.cfg).sae(self.sae_name)
 
     def manifest(self) -> dict[str, Any]:
-        from autoencoder import shards
+        from autoencoder import shard_check
 
-        return shards.read_manifest(self.train_dir)
+        return shard_check.read_manifest(self.train_dir)
 
     def output_hash(self, world_size: int | None = None, manifest: dict[str, Any] | None = None) -> str:
         """The trained weights' hash: the output fields of `sae`, d_in, world size, shards, model."""

@@ -30,6 +30,7 @@ from autoencoder.resample import load_resample_set, resample_dead
 from autoencoder.resample_watch import ResampleWatch
 from autoencoder.sae import ARCHITECTURES, PARAM_NAMES, SAEModelConfig, build_sae, save_sae
 from autoencoder.step import TrainStep, dead_steps, l1_at, lr_at, make_optimizer, recipe
+from tools.core import preempt
 from tools.core.config import UserError
 
 if TYPE_CHECKING:
@@ -72,7 +73,7 @@ class Trainer:
     """A training run's state and its five operations: step, resample, evaluate, checkpoint, finish."""
 
     def __init__(self, spec: RunSpec, open_wandb: Callable[[dict[str, Any]], Any]):
-        from autoencoder import shards
+        from autoencoder import shard_reader
 
         self.spec, c, dev = spec, spec.c, spec.device
         self.c, self.is_main = c, spec.rank == 0
@@ -92,9 +93,9 @@ class Trainer:
         if self.schedule:
             x = load_resample_set(spec.train_dir / "resample.npy", spec.d_in)
             self.resample_x = x[: c.resample_rows or None].to(device=dev, dtype=self.sae.W_dec.dtype)
-        self.reader = shards.ShardReader(spec.train_dir, c.batch_size // spec.world, seed=int(spec.cfg.seed),
-                                         rank=spec.rank, world_size=spec.world,
-                                         dtype=getattr(torch, c.dtype), device=dev)
+        self.reader = shard_reader.ShardReader(spec.train_dir, c.batch_size // spec.world,
+                                               seed=int(spec.cfg.seed), rank=spec.rank, world_size=spec.world,
+                                               dtype=getattr(torch, c.dtype), device=dev)
         self.dead_after = dead_steps(c)
         self.watch = ResampleWatch(self.schedule, c.n_features, dev, after=c.resample_watch_steps)
         self.step_no, self.last_fired = 0, torch.zeros(c.n_features, dtype=torch.long, device=dev)
@@ -112,6 +113,7 @@ class Trainer:
         self.it = iter(self.reader)
         self.acc: dict[str, torch.Tensor] = {}
         self.n_acc, self.t0, self.rows = 0, time.time(), 0
+        self.stop_requested = False  # SIGTERM/SIGINT on some rank: checkpoint and stop after this step
 
     def _initialise(self) -> None:
         """b_dec at the geometric median of a training sample, the encoder rescaled so the first
@@ -151,8 +153,14 @@ class Trainer:
                     self.resample()
                 if self.step_no % c.eval_every == 0 and self.step_no < c.steps:
                     self.evaluate()
-                if self.step_no % c.checkpoint_every == 0 and self.step_no < c.steps:
+                saved = self.step_no % c.checkpoint_every == 0 and self.step_no < c.steps
+                if saved:
                     self.checkpoint()
+                if self.stop_requested and self.step_no < c.steps:
+                    if not saved:
+                        self.checkpoint()
+                    raise preempt.Preempted(f"sae {self.spec.name}", f"step {self.step_no}",
+                                            preempt.saved_hint(self.spec.ckpt_dir))
                 if c.stop_at is not None and c.stop_at <= self.step_no < c.steps:
                     self.checkpoint()
                     self.log(f"\nsae {self.spec.name}: stopped at step {self.step_no} (sae.stop_at); "
@@ -177,10 +185,12 @@ class Trainer:
         dead_mask = (step - self.last_fired) >= self.dead_after if c.architecture == "topk" else None
         out = self.step_fn(x, l1_coeff=l1_at(step, c), dead_mask=dead_mask)
         loss, fired = out["loss"].reshape(1), out["fired"].float()
-        if self.spec.world > 1:  # one collective: the loss (for the NaN check) and the firing mask
-            buf = torch.cat([loss, fired])
+        self.stop_requested = preempt.requested()
+        if self.spec.world > 1:  # one collective: the loss (NaN check), SIGTERM on any rank, firing mask
+            flag = torch.full_like(loss, float(self.stop_requested))
+            buf = torch.cat([loss, flag, fired])
             dist.all_reduce(buf, op=dist.ReduceOp.MAX)
-            loss, fired = buf[:1], buf[1:]
+            loss, fired, self.stop_requested = buf[:1], buf[2:], bool(buf[1] > 0)
         if not math.isfinite(float(loss)):
             what = "the input batch" if not torch.isfinite(x).all() else "the loss"
             raise UserError(f"non-finite values in {what} at step {step + 1} of sae {self.spec.name} "

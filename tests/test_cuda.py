@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from tests.tools.core.test_faults import NAME, TINY, write_corpus
+from tests.helpers.pipeline import NAME, TINY, write_corpus
 from tools.core.config import compose
 
 pytestmark = pytest.mark.cuda
@@ -61,10 +61,10 @@ def test_bf16_feature_pass_agrees_with_fp32(gpu_run):
 def test_reader_delivers_on_device(tmp_path):
     import numpy as np
 
-    from autoencoder import shards
+    from autoencoder import shard_reader, shard_write
 
     rows = np.random.default_rng(0).standard_normal((512, 64)).astype(np.float16)
-    shards.write_shards(tmp_path, rows, 128)
-    with shards.ShardReader(tmp_path, 64, device="cuda", dtype=torch.bfloat16) as r:
+    shard_write.write_shards(tmp_path, rows, 128)
+    with shard_reader.ShardReader(tmp_path, 64, device="cuda", dtype=torch.bfloat16) as r:
         b = next(iter(r))
     assert b.device.type == "cuda" and b.dtype == torch.bfloat16 and b.shape == (64, 64)

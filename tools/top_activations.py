@@ -50,19 +50,9 @@ from tools.core import guard
 from tools.core.config import UserError, resolve_device, stage_main
 from tools.core.files import config_hash, read_json, sha256_file, write_json
 from tools.core.layout import RunLayout
-from tools.features.config import (  # noqa: F401 (the stage's names, as before the split)
-    FORMAT_META,
-    HIST_BINS,
-    NEGATIVES,
-    UNITS,
-    FeaturesConfig,
-    section,
-    unit_name,
-)
-from tools.features.scan import ScanState, candidate_contexts, scan, scan_sides  # noqa: F401
-from tools.features.select import Plan, pick_negatives, plan_examples, quantile_picks  # noqa: F401
-from tools.features.source import Inputs, UnitActs, load_inputs, logit_effects  # noqa: F401
-from tools.features.write import build_examples, scan_and_write, window_acts  # noqa: F401
+from tools.features.config import FeaturesConfig, section, unit_name
+from tools.features.source import load_inputs
+from tools.features.write import scan_and_write
 
 
 def _hash_inputs(cfg: DictConfig, fc: FeaturesConfig, files: dict[str, str]) -> str:
@@ -110,7 +100,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from tools import site
 
     out = _out_dir(cfg)
-    with guard.output_lock(out, "tools.top_activations"):  # one writer (cleans leftovers), checksums
+    with guard.output_lock(out, "tools.top_activations"):  # lock (cleans leftovers), checksums
         result = _run(cfg)
         guard.seal(out, ["features.jsonl"], inputs=read_json(out / "meta.json").get("inputs"))
     result["site"] = site.run(cfg)["site"]  # the site stage, under its own lock

@@ -68,19 +68,17 @@ def load_source(src: MixSource, want: int | None, cache_dir: str | None, tmp: Pa
     import datasets
 
     if src.files:
-        from transformer.config import DataConfig
-        from transformer.prepare import _expand, _load_builder, _load_files
+        from transformer.corpus import TEXT_EXTS, expand_files, load_builder, load_files
 
-        files = _expand(src.files, f"data.sources[{src.name}].files")
-        text_files = [f for f in files if Path(f).suffix.lower() in (".txt", ".md", ".text")]
+        files = expand_files(src.files, f"data.sources[{src.name}].files")
+        text_files = [f for f in files if Path(f).suffix.lower() in TEXT_EXTS]
         if text_files and len(text_files) == len(files):
-            d = DataConfig(source="local", files=src.files, sample_by=src.sample_by, cache_dir=cache_dir)
-            ds, _ = _load_files(files, d, tmp)
+            ds, _ = load_files(files, tmp, sample_by=src.sample_by, cache_dir=cache_dir)
             return _uniform(ds, src, files), f"{src.name}: {len(files)} local files"
         if text_files:
             raise UserError(f"source {src.name}: mixes text and structured files; give them as two sources")
         builder = "parquet" if all(f.endswith(".parquet") for f in files) else "json"
-        ds = _load_builder(builder, files, dict(split="train", cache_dir=cache_dir))
+        ds = load_builder(builder, files, dict(split="train", cache_dir=cache_dir))
         return _uniform(ds, src, files), f"{src.name}: {len(files)} local {builder} files"
     common = dict(name=src.subset, split=src.split, revision=src.revision)
     try:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from autoencoder import generate, shards
+from autoencoder import generate, scatter, shard_check, shard_reader, shard_write
 from tools.core.config import UserError, compose
 from tools.core.files import read_json
 from transformer.model import GPT, GPTConfig, save_model
@@ -57,7 +57,7 @@ def expected_rows(world: Path, cfg) -> tuple[np.ndarray, np.ndarray]:
 
     model = load_model(world / "model")
     tokens = np.fromfile(world / "data" / "tiny" / "train.bin", dtype=np.uint16)
-    plan = generate.ContextPlan(int(cfg.seed), "train", len(tokens), L, T)
+    plan = scatter.ContextPlan(int(cfg.seed), "train", len(tokens), L, T)
     rows, ctx = [], []
     for lo in range(0, C, B):
         hi = min(lo + B, C)
@@ -83,13 +83,13 @@ def generated(world):
 def test_manifest_and_verify(generated):
     cfg, summary = generated
     directory = Path(cfg.run_dir) / "activations" / "train"
-    m = shards.read_manifest(directory, d_in=128, dtype="float16")
+    m = shard_check.read_manifest(directory, d_in=128, dtype="float16")
     assert m["complete"] and m["total_rows"] == C * T == summary["rows"]
     assert m["hook_name"] == "blocks.0.mlp.hook_post" and m["split"] == "train" and m["block_size"] == L
     assert m["contexts"] == C and m["tokens_per_context"] == T and m["rows_per_shard"] == 250
     assert m["model"]["config_hash"] and m["model"]["path"].endswith("transformer")
     assert len(m["shards"]) == 4 and abs(m["shards"][0]["rows"] - 240) < 80  # random scatter, ~C*T/4
-    assert shards.verify_shards(directory)["ok"]
+    assert shard_check.verify_shards(directory)["ok"]
     assert not list(directory.glob(".work-*")) and not list(directory.glob(".*tmp*"))
     assert generate.done(cfg)
 
@@ -110,7 +110,7 @@ def test_rows_shuffled_across_contexts(world, generated):
     distinct = len({where[k] for k in as_keys(first)})
     # unshuffled output would hold 64 / T = 4 contexts; uniform shuffling ~ C(1 - e^(-64/C)) = 39
     assert distinct >= 28, distinct
-    with shards.ShardReader(directory, 64, seed=0) as r:
+    with shard_reader.ShardReader(directory, 64, seed=0) as r:
         batch = next(iter(r)).half().numpy()
     assert len({where[k] for k in as_keys(batch)}) >= 28
 
@@ -148,7 +148,7 @@ def test_deterministic_and_skip(world, generated):
 def test_val_split_and_block_cap(world):
     cfg = make_cfg(world, "run_a", "activations.split=val", "activations.block_size=1000")
     out = generate.run(cfg)
-    m = shards.read_manifest(Path(cfg.run_dir) / "activations" / "val")
+    m = shard_check.read_manifest(Path(cfg.run_dir) / "activations" / "val")
     assert out["rows"] == 12 * T and m["split"] == "val" and m["resample_rows"] == 12 * T
     assert m["block_size"] == L  # capped at the model's
     cfg = make_cfg(world, "run_a", "activations.split=val", "activations.block_size=32")
@@ -157,13 +157,13 @@ def test_val_split_and_block_cap(world):
         generate.run(cfg)  # a finished output of another config is not replaced unasked
     generate.run(make_cfg(world, "run_a", "activations.split=val", "activations.block_size=32",
                           "overwrite=true"))
-    assert shards.read_manifest(Path(cfg.run_dir) / "activations" / "val")["block_size"] == 32
+    assert shard_check.read_manifest(Path(cfg.run_dir) / "activations" / "val")["block_size"] == 32
 
 
 def test_resume_after_kill_in_scatter(world, generated, monkeypatch):
     ref = read_json(Path(generated[0].run_dir) / "activations" / "train" / "manifest.json")
     cfg = make_cfg(world, "run_kill1")
-    real_flush, calls = generate.Scatter.flush, []
+    real_flush, calls = scatter.Scatter.flush, []
 
     def dying_flush(self, batches_done):
         real_flush(self, batches_done)
@@ -173,12 +173,12 @@ def test_resume_after_kill_in_scatter(world, generated, monkeypatch):
                 f.write(b"\x01" * 256 * 6)
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(generate.Scatter, "flush", dying_flush)
+    monkeypatch.setattr(scatter.Scatter, "flush", dying_flush)
     with pytest.raises(KeyboardInterrupt):
         generate.run(cfg)
     with pytest.raises(UserError, match="incomplete"):
-        shards.read_manifest(Path(cfg.run_dir) / "activations" / "train")
-    monkeypatch.setattr(generate.Scatter, "flush", real_flush)
+        shard_check.read_manifest(Path(cfg.run_dir) / "activations" / "train")
+    monkeypatch.setattr(scatter.Scatter, "flush", real_flush)
     generate.run(cfg)
     got = read_json(Path(cfg.run_dir) / "activations" / "train" / "manifest.json")
     assert [s["sha256"] for s in got["shards"]] == [s["sha256"] for s in ref["shards"]]
@@ -188,7 +188,7 @@ def test_resume_after_kill_mid_shard_and_disk_full(world, generated, monkeypatch
     ref = read_json(Path(generated[0].run_dir) / "activations" / "train" / "manifest.json")
     cfg = make_cfg(world, "run_kill2")
     directory = Path(cfg.run_dir) / "activations" / "train"
-    real_write, n = shards.write_shard, []
+    real_write, n = shard_write.write_shard, []
 
     def full_disk(path, rows, n_rows=None, d_in=None):
         n.append(path)
@@ -199,15 +199,15 @@ def test_resume_after_kill_mid_shard_and_disk_full(world, generated, monkeypatch
             return real_write(path, chunks(), n_rows, d_in)
         return real_write(path, rows, n_rows, d_in)
 
-    monkeypatch.setattr(shards, "write_shard", full_disk)
+    monkeypatch.setattr(shard_write, "write_shard", full_disk)
     with pytest.raises(UserError, match="shard_00002.npy failed.*No space left.*rerun to resume"):
         generate.run(cfg)
     assert sorted(p.name for p in directory.glob("shard_*.npy")) == ["shard_00000.npy", "shard_00001.npy"]
     assert not list(directory.glob(".shard_*"))  # no partial file left behind
     kept = {p.name: os.stat(p).st_ino for p in directory.glob("shard_*.npy")}
-    monkeypatch.setattr(shards, "write_shard", real_write)
+    monkeypatch.setattr(shard_write, "write_shard", real_write)
     written = []
-    monkeypatch.setattr(shards, "write_shard", lambda p, *a: written.append(p.name) or real_write(p, *a))
+    monkeypatch.setattr(shard_write, "write_shard", lambda p, *a: written.append(p.name) or real_write(p, *a))
     generate.run(cfg)
     # completed shards were not rewritten
     assert [w for w in written if w.startswith("shard_")] == ["shard_00002.npy", "shard_00003.npy"]
@@ -240,9 +240,9 @@ def test_torchrun_two_ranks(world, generated):
 
     torchrun()
     directory = Path(cfg.run_dir) / "activations" / "train"
-    m = shards.read_manifest(directory)
+    m = shard_check.read_manifest(directory)
     assert m["world_size"] == 2 and m["total_rows"] == C * T and len(m["shards"]) == 4
-    assert shards.verify_shards(directory)["ok"]
+    assert shard_check.verify_shards(directory)["ok"]
     single = Path(generated[0].run_dir) / "activations" / "train"
     assert sorted(as_keys(shard_rows(directory))) == sorted(as_keys(shard_rows(single)))
     res_a, res_b = np.load(directory / "resample.npy"), np.load(single / "resample.npy")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from autoencoder import generate, shards
+from autoencoder import generate, scatter, shard_check
 from tools.core.config import UserError, compose
 from tools.core.files import write_json
 from tools.core.layout import RunLayout
@@ -45,7 +45,7 @@ def make_cfg(world: Path, run: str, *extra: str, data: str = "tiny"):
 
 
 def rows_of(directory: Path) -> np.ndarray:
-    m = shards.read_manifest(directory)
+    m = shard_check.read_manifest(directory)
     return np.concatenate([np.load(directory / s["file"]) for s in m["shards"]])
 
 
@@ -56,12 +56,12 @@ def test_several_hooks_in_one_run(world):
     assert set(out["hooks"]) == set(hooks) and out["rows"] == C * T
     base = Path(cfg.run_dir) / "activations" / "train"
     for h in hooks:
-        m = shards.read_manifest(base / h, d_in=24)
+        m = shard_check.read_manifest(base / h, d_in=24)
         assert m["hook_name"] == h and m["hook"] == "neurons" and m["layer"] == int(h.split(".")[1])
         assert m["model"]["kind"] == "hf" and m["model"]["architecture"] == "llama"
         assert m["model"]["name"].endswith("tiny-llama")
         assert len(m["model"]["weights"]["model.safetensors"]) == 64  # a sha256
-        assert shards.verify_shards(base / h)["ok"]
+        assert shard_check.verify_shards(base / h)["ok"]
         assert RunLayout.of(cfg).activations("train", h) == base / h
     with pytest.raises(UserError, match=r"no activations of blocks.1.mlp.hook_post .*found: blocks.0"):
         RunLayout.of(cfg).activations("train", "blocks.1.mlp.hook_post")
@@ -70,7 +70,7 @@ def test_several_hooks_in_one_run(world):
     # every row is the subject's own capture, and row i of both hooks is the same token
     subject = load_subject(cfg, "cpu")
     tokens = np.fromfile(world / "data" / "tiny--tiny-llama" / "train.bin", dtype=np.uint16)
-    plan = generate.ContextPlan(int(cfg.seed), "train", len(tokens), L, T)
+    plan = scatter.ContextPlan(int(cfg.seed), "train", len(tokens), L, T)
     starts, pos = plan.get(0, C)
     got = subject.capture(torch.from_numpy(tokens[starts[:, None] + np.arange(L)].astype(np.int64)), hooks)
     want = {h: torch.gather(v, 1, torch.from_numpy(pos)[:, :, None].expand(-1, -1, 24)).reshape(-1, 24)
@@ -86,8 +86,8 @@ def test_one_hook_keeps_the_split_folder_and_uint32_tokens_read_the_same(world):
     b = make_cfg(world, "one32", "activations.hook=resid_post", "activations.layers=[1]", data="tiny32")
     generate.run(a)
     generate.run(b)
-    ma = shards.read_manifest(Path(a.run_dir) / "activations" / "train", d_in=16)
-    mb = shards.read_manifest(Path(b.run_dir) / "activations" / "train")
+    ma = shard_check.read_manifest(Path(a.run_dir) / "activations" / "train", d_in=16)
+    mb = shard_check.read_manifest(Path(b.run_dir) / "activations" / "train")
     assert ma["hook_name"] == "blocks.1.hook_resid_post"
     assert [s["sha256"] for s in ma["shards"]] == [s["sha256"] for s in mb["shards"]]
 

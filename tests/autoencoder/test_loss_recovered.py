@@ -23,7 +23,7 @@ class Noisy(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def llama():
-    from tests.transformer.test_subject import hf_subject, tiny_hf
+    from tests.helpers.subjects import hf_subject, tiny_hf
 
     return hf_subject(tiny_hf("llama"))
 

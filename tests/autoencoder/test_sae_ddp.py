@@ -1,5 +1,6 @@
 """DDP: two gloo ranks under torchrun take the same steps as one process on the whole batch, and
-the trainer runs, checkpoints and resumes exactly under torchrun."""
+the trainer runs, checkpoints and resumes exactly under torchrun, and SIGTERM on one rank stops
+both at the same step."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 
 from autoencoder.config import SAETrainConfig
 from autoencoder.sae import SAEModelConfig, build_sae
-from autoencoder.shards import write_shards
+from autoencoder.shard_write import write_shards
 from autoencoder.step import make_optimizer, make_step
 from tests.helpers import ROOT
 
@@ -54,6 +55,19 @@ SCRIPT = textwrap.dedent('''
     train.run(compose(common + ["sae.name=resumed", "sae.stop_at=25"]))
     s2 = train.run(compose(common + ["sae.name=resumed"]))
     (out / f"summary_rank{r}.json").write_text(json.dumps([s, s2]))
+
+    import signal
+    from tools.core import preempt
+    with preempt.handlers():  # SIGTERM reaches rank 1 only: both ranks stop at the same step
+        if r == 1:
+            signal.raise_signal(signal.SIGTERM)
+        try:
+            train.run(compose(common + ["sae.name=preempted"]))
+            where = None
+        except preempt.Preempted as e:
+            where = e.line()
+    train.run(compose(common + ["sae.name=preempted"]))
+    (out / f"preempted_rank{r}.json").write_text(json.dumps(where))
     dist.destroy_process_group()
 ''')
 
@@ -97,3 +111,9 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     b = load_file(str(run_dir / "sae/resumed/sae_weights.safetensors"))
     for name in a:  # resume under DDP is exact too
         assert torch.equal(a[name], b[name]), name
+    for r in (0, 1):
+        line = json.loads((tmp_path / f"preempted_rank{r}.json").read_text())
+        assert line.startswith("sae preempted: stopped by SIGTERM at step 1; resume state saved in "), line
+    c = load_file(str(run_dir / "sae/preempted/sae_weights.safetensors"))
+    for name in a:  # and so is the rerun after SIGTERM
+        assert torch.equal(a[name], c[name]), name

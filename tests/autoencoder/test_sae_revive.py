@@ -15,7 +15,8 @@ from autoencoder.init import init_from_sample
 from autoencoder.optim import FeatureAdam
 from autoencoder.resample import ResampleRecipe, resample_dead
 from autoencoder.sae import L1SAE, SAEModelConfig, TopKSAE
-from autoencoder.shards import write_shards
+from autoencoder.shard_write import write_shards
+from autoencoder.step import make_optimizer, make_step
 from autoencoder.synthetic import ground_truth, sparse_rows
 from tools.core.config import compose
 
@@ -93,8 +94,8 @@ def trained_on_offset_rows(steps: int = 300):
     sae = L1SAE(SAEModelConfig("standard", 16, 64))
     c = SAETrainConfig(lr=3e-3, l1_coeff=0.2, kernel="dense", n_features=64)
     init_from_sample(sae, x.double(), c, log=lambda *a: None)
-    opt = train.make_optimizer(sae, c)
-    step = train.make_step(sae, opt, c)
+    opt = make_optimizer(sae, c)
+    step = make_step(sae, opt, c)
     step.set_scale(float((x - sae.b_dec.detach()).pow(2).sum(-1).mean().sqrt()))
     for i in range(steps):
         step(x[(i * 128) % 4096:(i * 128) % 4096 + 128])

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from autoencoder import train
 from autoencoder.config import SAETrainConfig
 from autoencoder.sae import load_sae
-from autoencoder.shards import write_shards
+from autoencoder.shard_write import write_shards
 from autoencoder.synthetic import ground_truth, mean_max_cosine, sparse_rows
 from tools.core.config import UserError, compose
 
@@ -144,10 +144,10 @@ def test_empty_resample_set_is_an_error(tmp_path):
 
 
 def test_nan_stops_with_step_and_last_checkpoint(planted, tmp_path, monkeypatch):
-    from autoencoder import shards
+    from autoencoder import shard_reader
 
     run_dir = clone_run(planted[0], tmp_path / "run")
-    real_iter = shards.ShardReader.__iter__
+    real_iter = shard_reader.ShardReader.__iter__
 
     def poisoned(self):
         for i, batch in enumerate(real_iter(self)):
@@ -156,7 +156,7 @@ def test_nan_stops_with_step_and_last_checkpoint(planted, tmp_path, monkeypatch)
                 batch[3, 2] = float("nan")
             yield batch
 
-    monkeypatch.setattr(shards.ShardReader, "__iter__", poisoned)
+    monkeypatch.setattr(shard_reader.ShardReader, "__iter__", poisoned)
     with pytest.raises(UserError, match=r"input batch at step 13 .*checkpoint/state.json \(step 10\)"):
         train.run(cfg_for(run_dir, "sae.steps=40", "sae.checkpoint_every=5", "sae.b_dec_init=zeros",
                           "sae.name=n"))

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from autoencoder import shards
-from autoencoder.shards import ShardReader, read_manifest, verify_shards, write_shards
+from autoencoder import shard_check, shard_reader, shard_write, shards
+from autoencoder.shard_check import read_manifest, verify_shards
+from autoencoder.shard_reader import ShardReader
+from autoencoder.shard_write import write_shards
 from tools.core.config import UserError
 from tools.core.files import read_json, write_json
 
@@ -44,7 +46,7 @@ def shard_dir(tmp_path):
 
 def test_write_shards_layout(shard_dir):
     m = read_manifest(shard_dir, d_in=D, dtype="float16")
-    assert m["complete"] is True and m["total_rows"] == 1000 and m["format"] == shards.FORMAT
+    assert m["complete"] is True and m["total_rows"] == 1000 and m["format"] == shard_check.FORMAT
     assert [s["rows"] for s in m["shards"]] == [300, 300, 300, 100]
     a = np.load(shard_dir / "shard_00001.npy", mmap_mode="r")
     assert a.dtype == np.float16 and a.shape == (300, D)
@@ -215,17 +217,18 @@ def test_cuda_pinned_batches_match_cpu(shard_dir):
 
 def test_reader_refuses_a_corrupt_shard_before_using_its_rows(tmp_path):
     rows = np.random.default_rng(3).standard_normal((600, 16)).astype(np.float16)
-    shards.write_shards(tmp_path, rows, 200)
-    with shards.ShardReader(tmp_path, 50, seed=1) as r:
+    shard_write.write_shards(tmp_path, rows, 200)
+    with shard_reader.ShardReader(tmp_path, 50, seed=1) as r:
         want = [b for _, b in zip(range(12), r, strict=False)]  # every shard once (600 rows)
-    path = tmp_path / shards.shard_name(1)
+    path = tmp_path / shard_write.shard_name(1)
     data = bytearray(path.read_bytes())
     data[-7] ^= 0x01  # one bit of one value, header and size intact
     path.write_bytes(bytes(data))
-    with shards.ShardReader(tmp_path, 50, seed=1, verify=False) as r:  # the old reader: silently different
+    # the old reader: silently different
+    with shard_reader.ShardReader(tmp_path, 50, seed=1, verify=False) as r:
         got = [b for _, b in zip(range(12), r, strict=False)]
     assert any(not torch.equal(a, b) for a, b in zip(want, got, strict=True))
-    with shards.ShardReader(tmp_path, 50, seed=1) as r:
+    with shard_reader.ShardReader(tmp_path, 50, seed=1) as r:
         with pytest.raises(UserError, match=f"shard {path}: sha256"):
             for _ in zip(range(12), r, strict=False):
                 pass

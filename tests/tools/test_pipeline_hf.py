@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from autoencoder import shards
+from autoencoder import shard_check
 from tests.helpers import ROOT
 from tests.helpers.tokenizers import byte_level
 from tools import pipeline
@@ -58,7 +58,7 @@ def test_pipeline_on_a_tiny_hf_model(tmp_path, one_thread):
     tokens = tmp_path / "data" / "local--tiny-llama"
     assert json.loads((tokens / "meta.json").read_text())["tokenizer_info"]["kind"] == "hf"
     for hook, layer in (("blocks.1.mlp.hook_post", 1), ("blocks.2.mlp.hook_post", 2)):
-        m = shards.read_manifest(run / "activations" / "train" / hook, d_in=48)
+        m = shard_check.read_manifest(run / "activations" / "train" / hook, d_in=48)
         assert m["layer"] == layer and m["model"]["kind"] == "hf" and m["model"]["architecture"] == "llama"
     sae = results["sae"]
     assert sae["l0"] > 0 and math.isfinite(sae["loss_recovered"]) and sae["explained_variance"] > 0

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.helpers import ROOT
 from tests.helpers.wandb_readback import read_offline_run
 from tools.core.config import UserError, compose
 from transformer import train
@@ -172,6 +173,36 @@ def test_ddp_two_gloo_processes_match_one_process(data_dir, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     ddp_conf = json.loads((tmp_path / "ddp" / "transformer" / "config.json").read_text())
     assert ddp_conf["val_loss"] == pytest.approx(single["val_loss"], rel=1e-5)
+    # SIGTERM reaching rank 1 only: both ranks stop at step 1 (rank 0 writes the checkpoint), the
+    # rerun ends with the uninterrupted run's weights
+    script = tmp_path / "preempted.py"
+    script.write_text("import json, os, signal, sys\n"
+                      "from tools.core import preempt\n"
+                      "from tools.core.config import compose\n"
+                      "from transformer import train\n"
+                      "with preempt.handlers():\n"
+                      "    if os.environ['RANK'] == '1':\n"
+                      "        signal.raise_signal(signal.SIGTERM)\n"
+                      "    try:\n"
+                      "        train.run(compose(sys.argv[1:]))\n"
+                      "    except preempt.Preempted as e:\n"
+                      "        print('LINE', e.line(), flush=True)\n")
+    args = [f"run_dir={tmp_path / 'ddp2'}", *common, "transformer.grad_accum=1"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    root = str(ROOT)
+    r = subprocess.run([*torchrun, str(script), *args], env={**env, "PYTHONPATH": root}, capture_output=True,
+                       text=True, timeout=240)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("LINE")]
+    assert r.returncode == 0 and len(lines) == 2, r.stdout[-2000:] + r.stderr[-3000:]
+    assert all("train: stopped by SIGTERM at step 1; resume state saved in" in ln for ln in lines), lines
+    state = json.loads((tmp_path / "ddp2" / "transformer" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 1
+    r = subprocess.run([*torchrun, "-m", "transformer.train", *args], env=env, capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    c = weights(tmp_path / "ddp2")
+    for k in a:
+        assert torch.equal(a[k], c[k]), k
 
 
 def test_sigkill_mid_run_then_rerun_equals_uninterrupted(data_dir, tmp_path, no_wandb):

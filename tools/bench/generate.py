@@ -77,7 +77,7 @@ def _setup(args: argparse.Namespace, root: Path, device: str) -> tuple[list[str]
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = _args(argv)
-    from autoencoder import generate
+    from autoencoder import generate, scatter
     from tools.core.config import compose, resolve_device
 
     device = resolve_device(args.device)
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         rows = args.contexts * args.tokens_per_context
 
         # the ceiling: the same batches through the bare forward alone, inputs already on the device
-        plan = generate.ContextPlan(int(cfg.seed), "train", len(tokens), args.block_size,
+        plan = scatter.ContextPlan(int(cfg.seed), "train", len(tokens), args.block_size,
                                     args.tokens_per_context)
         batches = []
         for lo in range(0, args.contexts, args.batch_contexts):

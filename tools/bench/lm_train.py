@@ -34,7 +34,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from transformer.model import GPT, GPTConfig  # noqa: E402
-from transformer.train import flops_per_token, peak_flops  # noqa: E402
+from transformer.trainer import flops_per_token, peak_flops  # noqa: E402
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

@@ -52,7 +52,7 @@ def reset_peak_rss() -> bool:
 
 def write_random_shards(directory: Path, rows: int, d_in: int, rows_per_shard: int) -> None:
     """Shards written chunk by chunk, so making them does not itself need the data in RAM."""
-    from autoencoder import shards
+    from autoencoder import shard_write
 
     rng = np.random.default_rng(0)
     entries = []
@@ -60,12 +60,14 @@ def write_random_shards(directory: Path, rows: int, d_in: int, rows_per_shard: i
         n = min(rows_per_shard, rows - start)
         chunks = (np.abs(rng.standard_normal((min(65536, n - j), d_in), dtype=np.float32)).astype(np.float16)
                   for j in range(0, n, 65536))
-        entries.append(shards.write_shard(directory / shards.shard_name(i), chunks, n, d_in))
-    shards.write_manifest(directory, {"d_in": d_in, "dtype": "float16", "hook_name": shards.DEFAULT_HOOK,
-                                      "model": {"path": None, "config_hash": None}, "split": "train",
-                                      "contexts": None, "tokens_per_context": None, "block_size": None,
-                                      "rows_per_shard": rows_per_shard, "total_rows": rows, "shards": entries,
-                                      "resample_rows": 0, "seed": 0, "complete": True})
+        entries.append(shard_write.write_shard(directory / shard_write.shard_name(i), chunks, n, d_in))
+    shard_write.write_manifest(directory, {"d_in": d_in, "dtype": "float16",
+                                           "hook_name": shard_write.DEFAULT_HOOK,
+                                           "model": {"path": None, "config_hash": None}, "split": "train",
+                                           "contexts": None, "tokens_per_context": None, "block_size": None,
+                                           "rows_per_shard": rows_per_shard, "total_rows": rows,
+                                           "shards": entries, "resample_rows": 0, "seed": 0,
+                                           "complete": True})
 
 
 class SAEStep:
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--dir", default=None, help="existing shard folder to read, or where to write them")
     args = p.parse_args(argv)
 
-    from autoencoder.shards import ShardReader
+    from autoencoder.shard_reader import ShardReader
     from tools.core.config import resolve_device
 
     device = resolve_device(args.device)
@@ -168,15 +170,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         figures["from_shards_vs_memory"] = mem / fed
         reader.close()
 
-        # 4. the same from a fresh reader that still has to verify every shard's sha256 (issue 13)
-        from autoencoder import shards
+        # 4. the same from a fresh reader that still has to verify every shard's sha256
+        from autoencoder import shard_check
 
-        shards._VERIFIED.clear()
+        shard_check._VERIFIED.clear()
         t0 = time.perf_counter()
         for e in reader.entries:
-            shards.verify_once(directory / e["file"], e["sha256"])
+            shard_check.verify_once(directory / e["file"], e["sha256"])
         figures["verify_mb_per_s"] = total * reader.d_in * 2 / 1e6 / (time.perf_counter() - t0)
-        shards._VERIFIED.clear()
+        shard_check._VERIFIED.clear()
         fresh = ShardReader(directory, args.batch_size, seed=0, device=device)
         sync()
         t0 = time.perf_counter()

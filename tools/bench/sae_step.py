@@ -4,7 +4,7 @@
     python -m tools.bench.sae_step --quick    # smoke run (seconds)
     python -m tools.bench.sae_step --crossover  # where the sparse path starts to beat dense GEMMs
 
-The step is the trainer's own (`autoencoder.train.make_step`: forward, loss = MSE + λ L1, backward,
+The step is the trainer's own (`autoencoder.step.make_step`: forward, loss = MSE + λ L1, backward,
 parallel-gradient removal, Adam, decoder renormalisation), run with `sae.kernel=dense` (the plain
 autograd path, printed as `kernel=reference`) and `sae.kernel=auto` (`autoencoder.kernels`, which
 picks its sparse or fused-dense path per batch; the path it took is printed as `path=`).
@@ -194,7 +194,8 @@ def bench_features(n: int, args: argparse.Namespace, device: torch.device, peak:
 def bench_shards(n: int, args: argparse.Namespace, device: torch.device) -> None:
     """The same step fed from `ShardReader` vs an in-memory tensor, interleaved."""
     try:
-        from autoencoder.shards import ShardReader, write_shards
+        from autoencoder.shard_reader import ShardReader
+        from autoencoder.shard_write import write_shards
     except ImportError as e:
         print(fmt(features=n, source="shards", skipped="autoencoder.shards_unavailable"))
         print(f"# {e}", file=sys.stderr)

@@ -20,8 +20,10 @@ import numpy as np
 import torch
 
 from autoencoder.sae import SAEModelConfig, build_sae
-from tools import top_activations as ta
 from tools.core.config import resolve_device
+from tools.features import config as fconf
+from tools.features import scan as fscan
+from tools.features import source as fsource
 from transformer.model import GPT, GPTConfig
 
 
@@ -54,8 +56,8 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():  # thresholds for the target density, from the first batch
         pre = sae.pre_acts(model.mlp_acts(batches[0], 0).reshape(-1, model.config.d_mlp))
         sae.b_enc -= torch.quantile(pre[:4096], 1 - args.density, dim=0)
-    inp = ta.Inputs(model, sae, 0, tokens, T, n_ctx, args.features, {})
-    fc = ta.FeaturesConfig(batch_tokens=args.batch_tokens)
+    inp = fsource.Inputs(model, sae, 0, tokens, T, n_ctx, args.features, {})
+    fc = fconf.FeaturesConfig(batch_tokens=args.batch_tokens)
     n_tok = n_ctx * T
 
     def best(fn) -> float:
@@ -84,8 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
     bare(), encode_only()  # warm-up
     a = best(bare)
     b = best(encode_only)
-    c = best(lambda: ta.scan(inp, fc, 0, device))
-    state, _ = ta.scan(inp, fc, 0, device)
+    c = best(lambda: fscan.scan(inp, fc, 0, device))
+    state, _ = fscan.scan(inp, fc, 0, device)
     density = float(state.count.sum()) / (n_tok * args.features)
     out = {"device": device, "features": args.features, "tokens": n_tok, "batch_tokens": args.batch_tokens,
            "measured_density": round(density, 4),

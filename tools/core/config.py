@@ -138,13 +138,19 @@ def stage_main(run: Callable[[DictConfig], Any]) -> Callable[[], None]:
     """Wrap a stage's `run(cfg)` as a Hydra app over conf/config.yaml with clean error exits.
 
     Bad overrides, config errors, `UserError` and file system errors print one line and exit 2;
-    MONOSEMANTIC_FULL_ERROR=1 (or HYDRA_FULL_ERROR=1) gives the traceback instead.
+    MONOSEMANTIC_FULL_ERROR=1 (or HYDRA_FULL_ERROR=1) gives the traceback instead. SIGTERM/SIGINT
+    stop a long stage at its next resume point: one line, exit 128 + the signal (`tools.core.preempt`).
     """
+    from tools.core import preempt
 
     @functools.wraps(run)
     def task(cfg: DictConfig) -> Any:
         try:
-            return run(cfg)
+            with preempt.handlers():
+                return run(cfg)
+        except preempt.Preempted as e:
+            print(e.line(), file=sys.stderr, flush=True)
+            sys.exit(e.exit_code)
         except Exception as e:  # reported here, or Hydra logs its own line first
             if full_errors():
                 raise

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from tools.core import preempt
 from tools.core.config import UserError
 from tools.features.config import HIST_BINS, FeaturesConfig
 
@@ -206,7 +207,10 @@ def candidate_contexts(n_ctx: int, n: int, seed: int) -> np.ndarray:
 
 def scan_sides(inp: Inputs, fc: FeaturesConfig, seed: int, device: str,
                negative: bool = False) -> tuple[ScanState, ScanState | None, float]:
-    """One pass over the contexts: (positive-side state, negative-side state or None, tokens/s)."""
+    """One pass over the contexts: (positive-side state, negative-side state or None, tokens/s).
+
+    SIGTERM/SIGINT stop it between batches (`Preempted`): it keeps no resume state, so a rerun scans
+    from the start."""
     from tools.features.source import UnitActs
 
     acts = UnitActs(inp, fc.dtype)
@@ -230,6 +234,10 @@ def scan_sides(inp: Inputs, fc: FeaturesConfig, seed: int, device: str,
         pos.update(f, c0)
         if neg is not None:
             neg.update(-f, c0)
+        if preempt.requested() and c1 < inp.n_ctx:
+            raise preempt.Preempted("features", f"context {c1} of {inp.n_ctx} (scan)",
+                                    "the scan keeps no resume state and nothing was written; run the same "
+                                    "command again to scan from the start")
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return pos, neg, inp.n_ctx * inp.T / max(time.perf_counter() - t0, 1e-9)

@@ -18,7 +18,7 @@ import shutil
 from collections import Counter
 from pathlib import Path
 from string import Template
-from typing import Any
+from typing import Any, NamedTuple
 
 from tqdm.auto import tqdm
 
@@ -39,6 +39,22 @@ CSP = ("default-src 'none'; script-src 'self' file:; style-src 'self' file:; img
        "base-uri 'none'; form-action 'none'")
 RENDER_FORMAT = "monosemantic.site_render/1"
 ULTRA_LOW = 1e-5  # density below which a live unit counts as "ultra-low" in the index filter
+
+
+class IndexRow(NamedTuple):
+    """One unit's row of the index table (shipped as a JSON array; `columns` names the slots)."""
+
+    unit: int
+    density: float
+    max_act: float
+    top_tokens: list[str]
+    logits: list[str]
+    description: str
+    score: float | None
+    status: str
+    has_page: int
+    min_act: float | None
+    other_runs: list[str]
 
 
 def embed_json(obj: Any) -> str:
@@ -263,17 +279,19 @@ def render_site(run_dir: Path, name: str) -> Path:
     for f in ("site.css", "site.js"):
         shutil.copyfile(STATIC / f, tmp / "static" / f)
     title_name = html.escape(str(meta.get("name", name)))
-    rows, hashes, built = [], {}, 0
+    rows: list[IndexRow] = []
+    hashes, built = {}, 0
     for rec in tqdm(iter_records(feats), total=n_units, desc="pages", unit="page", leave=False):
         u = int(rec["index"])
         views = unit_views(runs, u)
         d = views[0] if primary is not None and u in primary.records else {}
         has_page = u in order
         others = [lab for lab, r in labels if r.records.get(u, {}).get("status") == "ok"]
-        rows.append([u, rec.get("density", 0.0), rec.get("max_act", 0.0), _top_tokens(rec),
-                     visible_logits(rec),
-                     d.get("description", ""), d.get("scores", {}).get("simulation_all"), d.get("status", ""),
-                     1 if has_page else 0, (rec.get("neg") or {}).get("min_act"), others])
+        rows.append(IndexRow(
+            unit=u, density=rec.get("density", 0.0), max_act=rec.get("max_act", 0.0),
+            top_tokens=_top_tokens(rec), logits=visible_logits(rec), description=d.get("description", ""),
+            score=d.get("scores", {}).get("simulation_all"), status=d.get("status", ""),
+            has_page=1 if has_page else 0, min_act=(rec.get("neg") or {}).get("min_act"), other_runs=others))
         if not has_page:
             continue
         key = hashes[str(u)] = hashlib.sha256(embed_json(views).encode()).hexdigest()[:16]
@@ -301,8 +319,8 @@ def render_site(run_dir: Path, name: str) -> Path:
                   "tokens_scanned": meta.get("tokens_scanned"), "contexts": meta.get("contexts"),
                   "split": meta.get("split"), "alive": meta.get("alive"), "dead": meta.get("dead"),
                   "sae_metrics": _flat_metrics(meta.get("sae_metrics")), "ultra_low": ULTRA_LOW,
-                  "bins": meta.get("bins"), "described": sum(1 for r in rows if r[7] == "ok"),
-                  "runs": [run_view(r) for r in runs], "rows": rows}
+                  "bins": meta.get("bins"), "described": sum(1 for r in rows if r.status == "ok"),
+                  "runs": [run_view(r) for r in runs], "columns": IndexRow._fields, "rows": rows}
     index = _fill("index.html", title=f"Features{_layer_label(meta)} · {title_name}",
                   data=embed_json(index_data), density_svg=_density_svg(meta))
     (tmp / "index.html").write_text(index, encoding="utf-8")

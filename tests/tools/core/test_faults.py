@@ -1,7 +1,9 @@
-"""Fault injection over the whole pipeline at toy size (issue 13).
+"""Fault injection over the whole pipeline at toy size.
 
 - every stage, SIGKILLed at seeded commit points (an atomic rename or an fsync, just before or
   after it) and rerun, ends with the same bytes as an uninterrupted run, no temporaries and no lock;
+- every long stage, sent SIGTERM (or SIGINT) mid-run, saves its resume state at that point, exits
+  128 + the signal with one line saying how to resume, and its rerun ends with the same bytes;
 - a flipped byte in each kind of artifact is refused with a line naming the file;
 - two writers on one folder: one wins, the other refuses; a changed SAE is not described unseen.
 """
@@ -12,6 +14,7 @@ import importlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -22,29 +25,11 @@ import pytest
 import torch
 
 from tests.helpers import ROOT
+from tests.helpers.pipeline import NAME, TINY, write_corpus
 from tools.core import guard
 from tools.core.config import UserError, compose
 
 FAULT_RUNNER = ROOT / "tests" / "helpers" / "fault_runner.py"
-NAME = "tiny"
-WORDS = ("the cat sat on a mat while dogs ran far away and birds sang songs of old kings who ruled "
-         "green hills with stone towers near the sea").split()
-TINY = [
-    "data=local", "data.num_proc=1", "data.val_fraction=0.1", "device=cpu", "wandb.mode=disabled",
-    "transformer.n_embd=32", "transformer.n_head=2", "transformer.block_size=32", "transformer.batch_size=4",
-    "transformer.max_steps=6", "transformer.eval_interval=3", "transformer.eval_batches=1",
-    "transformer.checkpoint_interval=2", "transformer.log_interval=2", "transformer.warmup_steps=1",
-    "transformer.threads=1",
-    "activations.contexts=48", "activations.tokens_per_context=8", "activations.rows_per_shard=128",
-    "activations.resample_rows=96", "activations.batch_contexts=16",
-    f"sae.name={NAME}", "sae.n_features=64", "sae.batch_size=32", "sae.steps=24", "sae.lr_warmup_steps=2",
-    "sae.checkpoint_every=8", "sae.eval_every=12", "sae.resample_steps=[12]", "sae.dead_tokens=192",
-    "sae.b_dec_init_rows=64", "sae.eval_rows=64", "sae.eval_contexts=4", "sae.log_every=6",
-    "sae.kernel=dense",
-    f"features.sae={NAME}", "features.contexts=24", "features.window=4", "features.top_k=4",
-    "features.per_bin=1", "features.n_random=3", "features.negative_candidates=16", "features.logit_k=3",
-    "describe.chunk_units=4", "describe.max_units=24", "describe.site=false",
-]
 # stage -> (module, output folder relative to the tmp root)
 STAGES = {
     "prepare": ("transformer.prepare", "data/local"),
@@ -88,12 +73,6 @@ def read_tree(folder: Path) -> dict[str, object]:
     return out
 
 
-def write_corpus(folder: Path) -> None:
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True)
-    for i in range(60):
-        words = rng.choice(WORDS, size=int(rng.integers(30, 80)))
-        (folder / f"doc{i:03d}.txt").write_text(" ".join(words) + ".\n", encoding="utf-8")
 
 
 def count_commits(fn) -> int:
@@ -156,6 +135,52 @@ def test_killed_stage_reruns_to_the_same_bytes(world, stage, one_thread):
         for rel, data in world.ref[stage].items():
             assert got[rel] == data, (stage, k, when, rel)
         assert not guard.lock_path(folder).exists()
+
+
+# (stage, signal, function whose k-th call is followed by the signal, k, where it stops, extra overrides)
+SIGNALLED = [
+    ("transformer", "SIGTERM", "transformer.trainer:Trainer.step", 3,
+     "train: stopped by SIGTERM at step 3;", []),
+    ("sae", "SIGTERM", "autoencoder.trainer:Trainer.step", 5,
+     f"sae {NAME}: stopped by SIGTERM at step 6;", []),  # seen at the next step's all-reduce
+    ("activations", "SIGTERM", "autoencoder.scatter:forward", 1,
+     "activations train: stopped by SIGTERM at batch 1 of 3 (pass 1);", []),
+    ("activations", "SIGINT", "autoencoder.shard_write:write_shard", 1,
+     "activations train: stopped by SIGINT at shard 1 of 3 (pass 2);", []),
+    ("features", "SIGTERM", "tools.features.scan:ScanState.update", 2,
+     "features: stopped by SIGTERM at context", ["features.unit=neuron", "features.batch_tokens=64"]),
+]
+
+
+@pytest.mark.parametrize("stage,signame,target,k,line,extra", SIGNALLED,
+                         ids=[f"{c[0]}-{c[1]}-{c[2].split(':')[1]}" for c in SIGNALLED])
+def test_signalled_stage_stops_then_reruns_to_the_same_bytes(world, stage, signame, target, k, line, extra,
+                                                             one_thread):
+    module, out = STAGES[stage]
+    stage_mod = importlib.import_module(module)
+    folder = world.root / out
+    if extra:  # another output folder: its own uninterrupted reference
+        stage_mod.run(world.cfg(*extra))
+        folder = world.root / "run/features/neurons"
+        ref = read_tree(folder)
+    else:
+        ref = world.ref[stage]
+    shutil.rmtree(folder)
+    r = run_cli([str(FAULT_RUNNER), signame, target, str(k), module, *world.overrides,
+                 *extra])
+    assert r.returncode == 128 + getattr(signal, signame), (stage, r.returncode, r.stderr[-2000:])
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(line) and "run the same command again" in last, last
+    assert not guard.lock_path(folder).exists()
+    if stage == "transformer":  # the resume state is at the signalled step, not the last periodic one
+        assert json.loads((folder / "checkpoint/state.json").read_text())["step"] == 3
+    if stage == "sae":
+        assert json.loads((folder / "checkpoint/state.json").read_text())["step"] == 6
+    stage_mod.run(world.cfg(*extra))
+    got = read_tree(folder)
+    assert sorted(got) == sorted(ref), (stage, sorted(got))
+    for rel, data in ref.items():
+        assert got[rel] == data, (stage, rel)
 
 
 def flip(path: Path, at: int | None = None) -> int:
@@ -237,7 +262,7 @@ def test_second_writer_refuses_naming_the_holder(world):
 
 
 def test_two_trainers_one_name_one_result(world):
-    """The issue's case: same sae.name, different l1_coeff, started together. Whichever order they
+    """Same sae.name, different l1_coeff, started together. Whichever order they
     run in, exactly one succeeds and the other refuses (the lock, or the overwrite rule)."""
     args = [sys.executable, "-m", "autoencoder.train", *world.overrides, "sae.name=race", "sae.steps=8"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

@@ -1,4 +1,4 @@
-"""Output guards and one-line errors (issue 13): the lock, checksums, provenance, the overwrite rule,
+"""Output guards and one-line errors: the lock, checksums, provenance, the overwrite rule,
 command-line errors as one line with exit status 2, and counted jsonl records without text."""
 
 from __future__ import annotations

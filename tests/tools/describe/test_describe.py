@@ -12,38 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tools.core.config import UserError, compose
+from tests.helpers.describe import RULES, cfg_for, make_run, make_sae_folder, read_lines
+from tools.core.config import UserError
 from tools.describe import describer, stage
 from tools.describe.answers import parse_lines, value_evs
 from tools.describe.exemplars import split_exemplars
 from tools.describe.explainers import explain_baseline, mark_spans, parse_explanation, scale
 from tools.describe.scorers import active_labels, balanced_accuracy, pearson, score
 from tools.describe.simulators import parse_items, simulate_baseline
-from tools.describe.synthetic import fires_after, fires_on, fires_randomly, gelu_like_on, write_features
-
-RULES = [fires_on(" thou"), fires_randomly(), fires_after(" the"), fires_on(" king")]
-
-
-def make_sae_folder(run_dir: Path, name: str = "l1") -> None:
-    """What tools.top_activations.unit_name looks for to find the SAE's name."""
-    (run_dir / "sae" / name).mkdir(parents=True, exist_ok=True)
-    (run_dir / "sae" / name / "cfg.json").write_text("{}")
-
-
-def make_run(tmp_path: Path, rules=RULES, name: str = "l1", **kw) -> Path:
-    write_features(tmp_path, name, rules, extra={" thou": 0.04}, **kw)
-    make_sae_folder(tmp_path, name)
-    return tmp_path
-
-
-def cfg_for(run_dir: Path, *overrides: str):
-    return compose([f"run_dir={run_dir}", "describe.site=false", *overrides])
-
-
-def read_lines(run_dir: Path, name: str = "l1") -> list[dict]:
-    path = run_dir / "descriptions" / name / "descriptions.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
+from tools.describe.synthetic import fires_after, fires_on, gelu_like_on, write_features
 
 # ---- scorer math on hand inputs -------------------------------------------------------------
 

@@ -8,15 +8,17 @@ import json
 import numpy as np
 import pytest
 
-from tests.tools.features.test_top_activations import (
-    _all_acts,
-    _check_against_brute_force,
-    _records,
+from tests.helpers.features import (
+    all_acts,
+    check_against_brute_force,
     make_run,
     overrides,
+    records,
 )
 from tools import top_activations as ta
 from tools.core.config import UserError, compose
+from tools.features import config as fconf
+from tools.features import scan as fscan
 
 FRAC = 0.5
 
@@ -47,8 +49,8 @@ def _mirrored(r: dict) -> dict:
 
 def test_negative_side_matches_brute_force(neuron_run):
     cfg, run_dir, data_dir = neuron_run
-    f, toks = _all_acts(run_dir, data_dir, "neuron")
-    recs = _records(run_dir, "neurons")
+    f, toks = all_acts(run_dir, data_dir, "neuron")
+    recs = records(run_dir, "neurons")
     assert all("neg" in r for r in recs)
     meta = json.loads((run_dir / "features" / "neurons" / "meta.json").read_text())
     assert meta["negative_side"] is True and meta["layer"] == 0
@@ -57,17 +59,17 @@ def test_negative_side_matches_brute_force(neuron_run):
     assert all(e["min"] == min(e["acts"]) and e["acts"][e["pos"]] == e["min"] for e in r0["bottom"])
     assert all(q["lo"] < q["hi"] <= 0 for q in r0["quantiles"])
     # the negative side's candidates come from its own seed (see tools.features.scan.scan_sides)
-    cand = ta.candidate_contexts(f.shape[0], 30, int(cfg.seed) ^ 0x5A5A)
-    _check_against_brute_force([_mirrored(r) for r in recs[:40]], -f[..., :40], toks, n_random=5,
+    cand = fscan.candidate_contexts(f.shape[0], 30, int(cfg.seed) ^ 0x5A5A)
+    check_against_brute_force([_mirrored(r) for r in recs[:40]], -f[..., :40], toks, n_random=5,
                                cand=cand, frac=FRAC)
 
 
 def test_activation_quantiles_are_within_a_bin(neuron_run):
     cfg, run_dir, data_dir = neuron_run
-    f, _ = _all_acts(run_dir, data_dir, "neuron")
-    probs = list(ta.section(cfg).act_quantiles)
+    f, _ = all_acts(run_dir, data_dir, "neuron")
+    probs = list(fconf.section(cfg).act_quantiles)
     flat = f.reshape(-1, f.shape[-1]).double()
-    for r in _records(run_dir, "neurons")[:32]:
+    for r in records(run_dir, "neurons")[:32]:
         u = r["index"]
         x = flat[:, u].numpy()
         # the order statistics around each quantile (definitions differ in between them)
@@ -82,7 +84,7 @@ def test_activation_quantiles_are_within_a_bin(neuron_run):
 def test_sae_features_have_one_side_and_exact_zero_quantiles(tmp_path):
     run_dir, data_dir = make_run(tmp_path, n_features=8)
     ta.run(compose(overrides(run_dir, data_dir, "features.pages=[0]")))
-    recs = _records(run_dir, "tiny_sae")
+    recs = records(run_dir, "tiny_sae")
     assert all("neg" not in r for r in recs)
     for r in recs:
         q = r["act_quantiles"]
@@ -95,7 +97,7 @@ def test_neurons_without_the_negative_side(tmp_path):
     run_dir, data_dir = make_run(tmp_path, n_features=8)
     ta.run(compose(overrides(run_dir, data_dir, "features.unit=neuron", "features.negative_side=false",
                              "features.pages=[0]")))
-    recs = _records(run_dir, "neurons")
+    recs = records(run_dir, "neurons")
     assert all("neg" not in r for r in recs)
     # GELU neurons are negative on most tokens: their low quantiles are unknown without that side
     assert sum(r["act_quantiles"][0] is None for r in recs) > len(recs) // 2
@@ -126,12 +128,12 @@ def test_tokens_of_another_tokenizer_are_refused(tmp_path):
 
 def test_both_sides_render_in_a_browser(neuron_run, tmp_path):
     """The neuron page in chromium: no errors, bottom examples and negative bins drawn, shaded blue."""
-    from tests.tools.html.test_site_browser import CHROMIUM, Watch
+    from tests.helpers.browser import CHROMIUM, Watch
 
     if not CHROMIUM.exists():
         pytest.skip("needs Debian chromium at /usr/bin/chromium")
     sync_api = pytest.importorskip("playwright.sync_api")
-    from tests.tools.html.test_site_browser import ARGS
+    from tests.helpers.browser import ARGS
 
     _, run_dir, _ = neuron_run
     site = run_dir / "features" / "neurons" / "site"

@@ -11,48 +11,30 @@ import pytest
 import torch
 
 from autoencoder.sae import SAEModelConfig, build_sae, load_sae, save_sae
+from tests.helpers.features import (
+    DEAD,
+    T,
+    all_acts,
+    check_against_brute_force,
+    make_run,
+    overrides,
+    records,
+)
 from tools import top_activations as ta
 from tools.core.config import UserError, compose
-from transformer.model import GPT, GPTConfig, load_model, save_model
-from transformer.tokenizer import get_encoding
+from tools.features import config as fconf
+from tools.features import scan as fscan
+from tools.features import select as fselect
+from transformer.model import load_model
 
-T = 64
-HOSTILE = (
-    '</script><script>window.__pwned=1</script> <img src=x onerror="window.__pwned=2"> '
-    '"><svg onload="window.__pwned=3"> 日本語 🎉 zero\u200bwidth \u202eRTL override\u202c '
-    + "x" * 400 + "\n\ttab & <b>bold</b>"
-)
 # features.negative_frac in the neuron test: a random GPT's neurons are unselective (on these random
 # tokens no context stays below 0.1 x a neuron's max, ~12% stay below 0.5), so a higher threshold
 # exercises the candidate top-up for most neurons
 NEURON_FRAC = 0.5
-DEAD = (-2, -1)  # SAE features made dead in the fixture (the last two)
 
 
-def make_run(root: Path, n_features: int = 64, seed: int = 0) -> tuple[Path, Path]:
-    """A tiny random GPT, a val.bin of random tokens with the hostile text planted, a random SAE."""
-    torch.manual_seed(seed)
-    run_dir, data_dir = root / "run", root / "data"
-    model = GPT(GPTConfig(block_size=T, n_embd=32, n_head=2, vocab_size=50304))
-    save_model(model, run_dir / "transformer")
-    enc = get_encoding()
-    planted = enc.encode(HOSTILE) + [50256]
-    rng = np.random.default_rng(seed)
-    noise = lambda n: rng.integers(0, 50257, n)  # noqa: E731
-    toks = np.concatenate([noise(T * 30), np.tile(planted, 4), noise(T * 20)])
-    (data_dir / "tiny").mkdir(parents=True, exist_ok=True)
-    toks.astype(np.uint16).tofile(data_dir / "tiny" / "val.bin")
-    sae = build_sae(SAEModelConfig(architecture="standard", d_in=model.config.d_mlp, d_sae=n_features))
-    with torch.no_grad():
-        sae.b_enc.fill_(-0.05)
-        sae.b_enc[list(DEAD)] = -100.0
-    save_sae(sae, run_dir / "sae" / "tiny_sae", extra={"metrics": {"l0": 3.5, "explained_variance": 0.5}})
-    return run_dir, data_dir
 
 
-def overrides(run_dir: Path, data_dir: Path, *extra: str) -> list[str]:
-    return [f"run_dir={run_dir}", f"data_dir={data_dir}", "data.name=tiny", "device=cpu",
-            "features.batch_tokens=640", "wandb.mode=disabled", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -68,83 +50,10 @@ def sae_run(tiny):
     return cfg, result
 
 
-def _records(run_dir: Path, name: str) -> list[dict]:
-    lines = (run_dir / "features" / name / "features.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines]
 
 
-def _all_acts(run_dir: Path, data_dir: Path, unit: str) -> tuple[torch.Tensor, np.ndarray]:
-    model = load_model(run_dir / "transformer")
-    toks = np.fromfile(data_dir / "tiny" / "val.bin", dtype=np.uint16).astype(np.int64)
-    n = len(toks) // T
-    x = model.mlp_acts(torch.from_numpy(toks[: n * T]).view(n, T), 0)
-    if unit == "neuron":
-        return x, toks
-    with torch.no_grad():
-        return load_sae(run_dir / "sae" / "tiny_sae").encode(x), toks
 
 
-def _check_against_brute_force(recs: list[dict], f: torch.Tensor, toks: np.ndarray, n_random: int,
-                               cand: np.ndarray, frac: float = 0.1) -> int:
-    n_ctx = f.shape[0]
-    cand_set = set(cand.tolist())
-    topped_up = 0
-    shown = possible = 0
-    for r in recs:
-        u = r["index"]
-        fu = f[..., u].double()
-        firing = fu > 0
-        assert r["density"] == pytest.approx(firing.double().mean().item(), abs=1e-12)
-        assert r["max_act"] == pytest.approx(max(fu.max().item(), 0.0), abs=1e-5)
-        if firing.any():
-            assert r["mean_act"] == pytest.approx(fu[firing].mean().item(), rel=1e-4)
-        assert sum(r["hist"]["counts"]) == int(firing.sum())
-        # top-k: the k contexts with the largest max activation (as a multiset of values)
-        cmax = fu.max(1).values
-        want = sorted(cmax[cmax > 0].tolist(), reverse=True)[:20]
-        got = sorted((cmax[e["ctx"]].item() for e in r["top"]), reverse=True)
-        assert got == pytest.approx(want, abs=1e-5)
-        assert len({e["ctx"] for e in r["top"]}) == len(r["top"])  # distinct contexts
-        for e in r["top"]:
-            assert e["acts"][e["pos"]] == pytest.approx(cmax[e["ctx"]].item(), abs=1e-4)
-        examples = r["top"] + [e for q in r["quantiles"] for e in q["examples"]] + r["random"]
-        for e in examples:
-            c, s, n = e["ctx"], e["start"], len(e["tokens"])
-            assert n == len(e["strs"]) == len(e["acts"]) == min(2 * 32 + 1, T)
-            assert 0 <= s and s + n <= T
-            assert e["tokens"] == toks[c * T + s: c * T + s + n].tolist()
-            assert np.allclose(e["acts"], fu[c, s:s + n].numpy(), atol=2e-4)
-            assert e["max"] == pytest.approx(max(e["acts"]), abs=1e-4)
-        # negatives: max over the whole context <= frac x max_act; never-firing contexts come first
-        # (sampled over the whole scan), then candidate contexts under the threshold
-        thr = frac * max(fu.max().item(), 0.0)
-        silent = cmax <= 0
-        under = [c for c in cand_set if 0 < cmax[c] <= thr + 1e-6]
-        n_silent = int(silent.sum())
-        assert len(r["random"]) == min(n_random, n_silent + len(under))
-        assert len({e["ctx"] for e in r["random"]}) == len(r["random"])
-        assert sum(bool(silent[e["ctx"]]) for e in r["random"]) == min(n_random, n_silent)
-        for e in r["random"]:
-            assert cmax[e["ctx"]] <= thr + 1e-6
-            assert silent[e["ctx"]] or e["ctx"] in cand_set
-        topped_up += sum(not bool(silent[e["ctx"]]) for e in r["random"])
-        # quantile bins: equal width over (0, max], each example's token inside its bin
-        if r["max_act"] > 0:
-            qs = r["quantiles"]
-            assert len(qs) == 10
-            assert qs[0]["lo"] == 0 and qs[-1]["hi"] == pytest.approx(r["max_act"], rel=1e-5)
-            for q in qs:
-                inbin = ((fu > q["lo"]) & (fu <= q["hi"] + 1e-6)).sum().item()
-                # a histogram bin straddling a bin edge may hold only samples from its other side
-                assert len(q["examples"]) <= min(5, inbin)
-                shown, possible = shown + len(q["examples"]), possible + min(5, inbin)
-                for e in q["examples"]:
-                    assert q["lo"] - 1e-4 < e["acts"][e["pos"]] <= q["hi"] + 1e-4
-        else:
-            assert r["top"] == [] and r["quantiles"] == [] and r["hist"]["counts"] == []
-    assert len(recs) == f.shape[-1] and [r["index"] for r in recs] == list(range(f.shape[-1]))
-    assert n_ctx > 0 and shown >= 0.9 * possible, (shown, possible)
-    return topped_up
 
 
 def test_sae_features_match_brute_force(tiny, sae_run):
@@ -153,11 +62,11 @@ def test_sae_features_match_brute_force(tiny, sae_run):
     assert result["name"] == "tiny_sae" and result["units"] == 64
     assert result["alive"] == 64 - len(DEAD)
     assert Path(result["site"]).is_file()
-    f, toks = _all_acts(run_dir, data_dir, "sae")
-    recs = _records(run_dir, "tiny_sae")
+    f, toks = all_acts(run_dir, data_dir, "sae")
+    recs = records(run_dir, "tiny_sae")
     meta = json.loads((run_dir / "features" / "tiny_sae" / "meta.json").read_text())
-    cand = ta.candidate_contexts(f.shape[0], meta["negative_candidates"], int(cfg.seed))
-    _check_against_brute_force(recs, f, toks, n_random=20, cand=cand)
+    cand = fscan.candidate_contexts(f.shape[0], meta["negative_candidates"], int(cfg.seed))
+    check_against_brute_force(recs, f, toks, n_random=20, cand=cand)
     for u in (62, 63):
         assert recs[u]["density"] == 0 and recs[u]["top"] == [] and len(recs[u]["random"]) == 20
     assert meta["negative_frac"] == 0.1 and "never fires" in meta["negatives"]
@@ -169,7 +78,7 @@ def test_sae_features_match_brute_force(tiny, sae_run):
 
 def test_contract_fields(tiny, sae_run):
     """The keys docs/formats.md pins (the describe stage reads them)."""
-    rec = _records(tiny[0], "tiny_sae")[0]
+    rec = records(tiny[0], "tiny_sae")[0]
     assert set(rec) >= {"index", "density", "max_act", "mean_act", "hist", "logits", "top", "quantiles",
                         "random"}
     assert set(rec["hist"]) == {"edges", "counts"}
@@ -187,7 +96,7 @@ def test_logit_effects_match_brute_force(tiny, sae_run):
     with torch.no_grad():
         full = (sae.W_dec @ model.transformer.h[0].mlp.c_proj.weight.t()) * model.transformer.ln_f.weight
         full = full @ model.lm_head.weight[:50257].t()
-    for rec in _records(run_dir, "tiny_sae")[:8]:
+    for rec in records(run_dir, "tiny_sae")[:8]:
         row = full[rec["index"]]
         top = row.topk(10)
         bottom = row.topk(10, largest=False)
@@ -201,19 +110,19 @@ def test_neurons_match_brute_force(tiny, sae_run):
     # fewer candidates than contexts, so the brute force checks the candidate sample is respected
     cfg = compose(overrides(run_dir, data_dir, "features.unit=neuron", "features.n_random=5",
                             "features.negative_candidates=30", f"features.negative_frac={NEURON_FRAC}"))
-    assert ta.unit_name(cfg) == "neurons"
+    assert fconf.unit_name(cfg) == "neurons"
     result = ta.run(cfg)
     assert result["name"] == "neurons" and result["units"] == 128
-    f, toks = _all_acts(run_dir, data_dir, "neuron")
-    recs = _records(run_dir, "neurons")
+    f, toks = all_acts(run_dir, data_dir, "neuron")
+    recs = records(run_dir, "neurons")
     assert [r["index"] for r in recs] == list(range(128))
     meta = json.loads((run_dir / "features" / "neurons" / "meta.json").read_text())
     assert meta["negative_frac"] == NEURON_FRAC and meta["negative_candidates"] == 30
-    cand = ta.candidate_contexts(f.shape[0], 30, int(cfg.seed))
+    cand = fscan.candidate_contexts(f.shape[0], 30, int(cfg.seed))
     assert len(cand) == 30 and len(set(cand.tolist())) == 30
     # a subset keeps this quick; GELU neurons are almost never <= 0 over a whole context, so their
     # negatives are candidates under the threshold
-    topped_up = _check_against_brute_force(recs[:40], f[..., :40], toks, n_random=5, cand=cand,
+    topped_up = check_against_brute_force(recs[:40], f[..., :40], toks, n_random=5, cand=cand,
                                            frac=NEURON_FRAC)
     assert topped_up > 0
     assert sum(len(r["random"]) > 0 for r in recs) > 64, "most neurons should get negatives"
@@ -236,8 +145,8 @@ def test_done_tracks_config_and_inputs(tiny, sae_run):
     assert (run_dir / "features" / "tiny_sae" / "features.jsonl").stat().st_mtime_ns == before
 
 
-def _synthetic_scan(f: torch.Tensor, batch: int, **kw) -> ta.ScanState:
-    st = ta.ScanState(f.shape[-1], kw.get("k", 4), kw.get("m", 5), kw.get("n_random", 3), "cpu", seed=0,
+def _synthetic_scan(f: torch.Tensor, batch: int, **kw) -> fscan.ScanState:
+    st = fscan.ScanState(f.shape[-1], kw.get("k", 4), kw.get("m", 5), kw.get("n_random", 3), "cpu", seed=0,
                       n_ctx=f.shape[0], candidates=kw.get("candidates", 8))
     for c0 in range(0, f.shape[0], batch):
         st.update(f[c0:c0 + batch], c0)
@@ -257,7 +166,7 @@ def test_state_is_exact_and_batch_invariant():
     assert torch.equal(a.count, (f > 0).sum((0, 1)))
     cmax, carg = f.max(1)
     # the candidate negatives' table: each sampled context's max per unit
-    assert torch.equal(a.cand_ctx, torch.from_numpy(ta.candidate_contexts(n_ctx, 8, 0)))
+    assert torch.equal(a.cand_ctx, torch.from_numpy(fscan.candidate_contexts(n_ctx, 8, 0)))
     assert torch.equal(a.cand_max, cmax[a.cand_ctx])
     assert torch.equal(a.top_p, carg.t().gather(1, a.top_c))  # where each top context's max is
     assert torch.allclose(a.total, b.total)
@@ -265,7 +174,7 @@ def test_state_is_exact_and_batch_invariant():
         vals = f[..., u][f[..., u] > 0].numpy()
         R = float(a.scale[u])
         assert vals.max() <= R < 2 * vals.max()
-        want = np.histogram(vals, bins=np.linspace(0, R, ta.HIST_BINS + 1))[0]
+        want = np.histogram(vals, bins=np.linspace(0, R, fconf.HIST_BINS + 1))[0]
         assert np.array_equal(a.hist[u].numpy(), want)
 
 
@@ -287,7 +196,7 @@ def test_quantile_samples_are_uniform_within_bins():
     rng = np.random.default_rng(0)
     for u in range(F):
         fu = f[..., u]
-        picks = ta.quantile_picks(arrays, u, 10, 5, set(), rng)
+        picks = fselect.quantile_picks(arrays, u, 10, 5, set(), rng)
         assert len(picks) == 10
         for lo, hi, est, chosen in picks:
             true = int(((fu > lo) & (fu <= hi + 1e-7)).sum())
@@ -300,7 +209,7 @@ def test_quantile_samples_are_uniform_within_bins():
         lo, hi = picks[0][0], picks[0][1]
         inbin = fu[(fu > lo) & (fu <= hi)]
         draws = [float(fu[c, p]) for _ in range(40)
-                 for c, p in ta.quantile_picks(arrays, u, 10, 5, set(), rng)[0][3]]
+                 for c, p in fselect.quantile_picks(arrays, u, 10, 5, set(), rng)[0][3]]
         assert abs(np.mean(draws) - inbin.mean().item()) < 0.2 * (hi - lo)
 
 
@@ -313,7 +222,7 @@ def test_bad_inputs_are_user_errors(tiny, tmp_path):
     with pytest.raises(UserError, match="features.pages"):
         ta.run(compose(overrides(run_dir, data_dir, "features.pages=[3,64]")))
     with pytest.raises(UserError, match="nope"):
-        ta.unit_name(compose(overrides(run_dir, data_dir, "features.sae=nope")))
+        fconf.unit_name(compose(overrides(run_dir, data_dir, "features.sae=nope")))
     with pytest.raises(UserError, match="features"):
         ta.run(compose(overrides(run_dir, data_dir, "+features.topk=3")))
     # a second SAE: the name must be chosen; one with the wrong d_in is refused
@@ -322,12 +231,12 @@ def test_bad_inputs_are_user_errors(tiny, tmp_path):
     wrong = build_sae(SAEModelConfig(architecture="standard", d_in=64, d_sae=8))
     save_sae(wrong, other / "sae" / "wrong_d_in")
     with pytest.raises(UserError, match="several SAEs.*tiny_sae.*wrong_d_in"):
-        ta.unit_name(compose(overrides(other, tmp_path / "data")))
+        fconf.unit_name(compose(overrides(other, tmp_path / "data")))
     with pytest.raises(UserError, match="d_in=64"):
         ta.run(compose(overrides(other, tmp_path / "data", "features.sae=wrong_d_in")))
     empty = tmp_path / "empty"
     with pytest.raises(UserError, match="no SAE found"):
-        ta.unit_name(compose(overrides(empty, tmp_path / "data")))
+        fconf.unit_name(compose(overrides(empty, tmp_path / "data")))
 
 
 def test_pages_subset_and_resumable_site(tmp_path):
@@ -360,10 +269,10 @@ def test_top_up_negatives_leave_other_units_unchanged(tmp_path):
     unit short of n_random gets extra negatives appended, and every other example stays the same."""
     run_dir, data_dir = make_run(tmp_path, n_features=16)
     ta.run(compose(overrides(run_dir, data_dir, "features.negative_candidates=0", "features.pages=[0]")))
-    before = _records(run_dir, "tiny_sae")
+    before = records(run_dir, "tiny_sae")
     ta.run(compose(overrides(run_dir, data_dir, "features.pages=[0]", "features.negative_frac=0.3",
                              "overwrite=true")))  # another config: replacing it needs overwrite=true
-    after = _records(run_dir, "tiny_sae")
+    after = records(run_dir, "tiny_sae")
     changed = 0
     for x, y in zip(before, after, strict=True):
         assert {k: v for k, v in x.items() if k != "random"} == {k: v for k, v in y.items() if k != "random"}
@@ -377,8 +286,8 @@ def test_uniform_windows_are_the_same_for_every_unit(sae_run, tiny):
     """`uniform`: n_uniform windows drawn uniformly from the scanned text, identical (ctx, start)
     for every unit, each with that unit's own activations (docs/formats.md)."""
     run_dir, data_dir = tiny
-    recs = _records(run_dir, "tiny_sae")
-    f, _ = _all_acts(run_dir, data_dir, "sae")
+    recs = records(run_dir, "tiny_sae")
+    f, _ = all_acts(run_dir, data_dir, "sae")
     where = [(e["ctx"], e["start"]) for e in recs[0]["uniform"]]
     assert len(where) == 10 and len({c for c, _ in where}) == 10
     for r in recs:

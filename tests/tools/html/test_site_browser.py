@@ -14,11 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.browser import Watch
 from tools.html.site import embed_json, render_site
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run", "--disable-sync"]
 HOSTILE_DESC = '<img src=x onerror="window.__pwned=9"> fires on </script> & "quotes" \u202eevil'
 SHOWN_DESC = HOSTILE_DESC.replace("\u202e", "<U+202E>")  # the bidi override is shown, not obeyed
 HOSTILE_LLM = '<script>alert(1)</script><img src=x onerror="window.__pwned=7"> the " king"'
@@ -70,7 +68,7 @@ def test_embed_json_escapes_markup():
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    from tests.tools.features.test_top_activations import make_run, overrides
+    from tests.helpers.features import make_run, overrides
     from tools import top_activations as ta
     from tools.core.config import compose
 
@@ -93,34 +91,8 @@ def site(tmp_path_factory):
     return index, recs
 
 
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        pytest.skip("needs Debian chromium at /usr/bin/chromium")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        yield b
-        b.close()
 
 
-class Watch:
-    """A page with every console message, page error and request recorded."""
-
-    def __init__(self, browser):
-        self.page = browser.new_page(viewport={"width": 1280, "height": 900})
-        self.console: list[str] = []
-        self.errors: list[str] = []
-        self.requests: list[str] = []
-        self.page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"))
-        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
-        self.page.on("request", lambda r: self.requests.append(r.url))
-
-    def clean(self) -> None:
-        assert not self.errors, self.errors
-        assert not [c for c in self.console if c.startswith(("error", "warning"))], self.console
-        assert all(u.startswith("file:") for u in self.requests), self.requests
-        assert self.page.evaluate("typeof window.__pwned") == "undefined"
 
 
 def _rows(page) -> list[str]:
@@ -139,12 +111,12 @@ def test_index_sort_filter_search(site, browser, tmp_path):
     assert "explained_variance" in page.text_content("#metrics")
     # sort by density: descending first, then ascending on a second click
     by_density = sorted(recs, key=lambda r: (-r["density"], r["index"]))
-    page.click("th button[data-sort='1']")
+    page.click("th button[data-sort='density']")
     assert _rows(page)[0] == str(by_density[0]["index"])
-    page.click("th button[data-sort='1']")
+    page.click("th button[data-sort='density']")
     assert _rows(page)[0] in {"62", "63"}  # the dead ones
     # sort by score: described units first, best first
-    page.click("th button[data-sort='6']")
+    page.click("th button[data-sort='score']")
     assert _rows(page)[:2] == ["0", "1"]
     # class filter and density range
     page.select_option("#klass", "dead")
@@ -318,7 +290,7 @@ def test_index_with_16k_features_stays_responsive(browser, tmp_path):
     t0 = time.perf_counter()
     page.goto(index.as_uri())
     assert len(_rows(page)) == 100
-    page.click("th button[data-sort='2']")
+    page.click("th button[data-sort='max_act']")
     assert _rows(page)[0] == "96"  # the largest max act (9.6) with the lowest index
     page.select_option("#klass", "dead")
     assert "of 2341 matching" in page.text_content("#status")

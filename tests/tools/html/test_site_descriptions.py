@@ -77,7 +77,8 @@ def test_site_shows_its_own_runs_and_rebuilds_only_changed_pages(tmp_path):
     assert "L10" not in text and "stray" not in text
     data = _data(index)
     assert [r["run"] for r in data["runs"]] == ["neurons", "neurons-neg", "neurons-llm"]
-    assert data["rows"][0][10] == ["llm"] and data["rows"][1][10] == []
+    runs = data["columns"].index("other_runs")
+    assert data["rows"][0][runs] == ["llm"] and data["rows"][1][runs] == []
     state = json.loads((index.parent / "render.json").read_text())
     assert state["built"] == 3
     before = (index.parent / "feature" / "1.html").stat().st_ino
@@ -94,7 +95,7 @@ def test_site_shows_its_own_runs_and_rebuilds_only_changed_pages(tmp_path):
 
 def test_tagged_runs_rerender_the_site(tmp_path, monkeypatch):
     import tools.html.site as site
-    from tests.tools.describe.test_describe import cfg_for, make_run
+    from tests.helpers.describe import cfg_for, make_run
     from tools.describe import stage
 
     run_dir = make_run(tmp_path)

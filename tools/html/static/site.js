@@ -32,8 +32,10 @@
     // [index, density, max act, [top tokens], [top logits], description, score, status, has page,
     //  min act, [labels of the tagged runs that describe it]]
     var rows = data.rows;
+    var C = {};  // column name -> slot of an index row (data.columns)
+    data.columns.forEach(function (n, i) { C[n] = i; });
     var view = rows.slice();
-    var sortCol = 0, sortDir = 1, page = 0;
+    var sortCol = C.unit, sortDir = 1, page = 0;
     var q = {search: "", klass: "all", dmin: null, dmax: null, size: 100};
     var unitWord = data.unit === "neuron" ? "neurons" : "features";
     var layerWord = data.layer === null || data.layer === undefined ? "" : ", layer " + data.layer;
@@ -77,8 +79,8 @@
       return td;
     }
     function klassOf(r) {
-      if (r[1] <= 0) return "dead";
-      return r[1] < data.ultra_low ? "ultralow" : "alive";
+      if (r[C.density] <= 0) return "dead";
+      return r[C.density] < data.ultra_low ? "ultralow" : "alive";
     }
     function apply() {
       var s = q.search.toLowerCase();
@@ -87,13 +89,13 @@
         if (q.klass === "dead" && k !== "dead") return false;
         if (q.klass === "alive" && k === "dead") return false;
         if (q.klass === "ultralow" && k !== "ultralow") return false;
-        if (q.klass === "several" && !r[10].length) return false;
-        var ld = r[1] > 0 ? Math.log10(r[1]) : -Infinity;
+        if (q.klass === "several" && !r[C.other_runs].length) return false;
+        var ld = r[C.density] > 0 ? Math.log10(r[C.density]) : -Infinity;
         if (q.dmin !== null && ld < q.dmin) return false;
         if (q.dmax !== null && ld > q.dmax) return false;
-        if (s && (r[3].join("\u0000") + "\u0000" + r[4].join("\u0000") + "\u0000" + r[5] + "\u0000" + r[10].join("\u0000"))
+        if (s && (r[C.top_tokens].join("\u0000") + "\u0000" + r[C.logits].join("\u0000") + "\u0000" + r[C.description] + "\u0000" + r[C.other_runs].join("\u0000"))
             .toLowerCase().indexOf(s) < 0 &&
-            String(r[0]) !== s) return false;
+            String(r[C.unit]) !== s) return false;
         return true;
       });
       view.sort(function (a, b) {
@@ -114,24 +116,24 @@
       for (var i = start; i < end; i++) {
         var r = view[i], tr = el("tr", klassOf(r));
         var td = el("td", "num");
-        if (r[8]) {
-          var a = el("a", null, String(r[0]));
-          a.href = "feature/" + r[0] + ".html";
+        if (r[C.has_page]) {
+          var a = el("a", null, String(r[C.unit]));
+          a.href = "feature/" + r[C.unit] + ".html";
           td.appendChild(a);
-        } else td.textContent = String(r[0]);
+        } else td.textContent = String(r[C.unit]);
         tr.appendChild(td);
-        tr.appendChild(el("td", "num", fmt(r[1])));
-        tr.appendChild(el("td", "num", fmt(r[2]) + (r[9] === null || r[9] === undefined ? "" : " / " + fmt(r[9]))));
-        tr.appendChild(chips(r[3]));
-        tr.appendChild(chips(r[4]));
-        var dc = el("td", "descr", r[5] || (r[7] && r[7] !== "ok" ? "(" + r[7] + ")" : ""));
-        r[10].forEach(function (lab) {
+        tr.appendChild(el("td", "num", fmt(r[C.density])));
+        tr.appendChild(el("td", "num", fmt(r[C.max_act]) + (r[C.min_act] === null || r[C.min_act] === undefined ? "" : " / " + fmt(r[C.min_act]))));
+        tr.appendChild(chips(r[C.top_tokens]));
+        tr.appendChild(chips(r[C.logits]));
+        var dc = el("td", "descr", r[C.description] || (r[C.status] && r[C.status] !== "ok" ? "(" + r[C.status] + ")" : ""));
+        r[C.other_runs].forEach(function (lab) {
           var chip = el("span", "also", "+" + lab);
           chip.title = "also described by the tagged run " + lab + " (see the unit's page)";
           dc.appendChild(chip);
         });
         tr.appendChild(dc);
-        tr.appendChild(el("td", "num", fmt(r[6], 2)));
+        tr.appendChild(el("td", "num", fmt(r[C.score], 2)));
         frag.appendChild(tr);
       }
       tbody.replaceChildren(frag);
@@ -143,7 +145,7 @@
       document.getElementById("prevpage").disabled = page === 0;
       document.getElementById("nextpage").disabled = page >= pages - 1;
       document.querySelectorAll("th button").forEach(function (b) {
-        var on = Number(b.dataset.sort) === sortCol;
+        var on = C[b.dataset.sort] === sortCol;
         b.parentNode.setAttribute("aria-sort", on ? (sortDir > 0 ? "ascending" : "descending") : "none");
       });
     }
@@ -169,10 +171,10 @@
     document.getElementById("controls").addEventListener("submit", function (ev) { ev.preventDefault(); });
     document.querySelectorAll("th button").forEach(function (b) {
       b.addEventListener("click", function () {
-        var c = Number(b.dataset.sort);
+        var c = C[b.dataset.sort];
         // numbers start descending (strongest first) except the index; text starts ascending
         if (c === sortCol) sortDir = -sortDir;
-        else { sortCol = c; sortDir = (c === 0 || c === 5) ? 1 : -1; }
+        else { sortCol = c; sortDir = (c === C.unit || c === C.description) ? 1 : -1; }
         apply();
       });
     });
