@@ -155,7 +155,7 @@ def _export(tmp: Path, path: Path, meta: dict[str, Any], sources: dict[str, bulk
                 continue
             try:
                 s.add(feature(rec, side, n_prompts=int(meta.get("contexts") or 0),
-                              n_tokens=int(meta.get("context_len") or meta.get("window") or 0),
+                              n_tokens=int(meta.get("context_len") or 0),
                               dataset=nc.dataset))
             except (ValueError, KeyError, TypeError) as e:
                 raise UserError(f"{path} (unit {rec['index']}): {e}; rerun tools.top_activations") from None
@@ -180,7 +180,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     stamp = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc).isoformat()
     desc = nc.description or f"{meta.get('unit', 'sae')} units {name} of {model_id} (monosemantic export)"
     sources = {side: bulk.Source(model_id, source_set, bulk.source_id(layer, source_set, suffix), layer,
-                                 meta.get("hook_name"), nc.creator_id, nc.creator_name, desc, nc.dataset,
+                                 nc.creator_id, nc.creator_name, desc, nc.dataset,
                                  int(meta.get("contexts") or 0), int(meta.get("context_len") or 0), stamp)
                for side, suffix in (("pos", None), ("neg", "neg"))}
     out = lay.run_dir / "neuronpedia" / name

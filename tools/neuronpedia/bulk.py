@@ -29,7 +29,6 @@ class Source:
     source_set: str
     source_id: str  # `<layer>-<source_set>[__<suffix>]`, Neuronpedia's `layer` column
     layer: int
-    hook_name: str | None
     creator_id: str
     creator_name: str
     description: str
@@ -112,7 +111,7 @@ def feature_rows(src: Source, feat: dict[str, Any]) -> tuple[dict[str, Any], lis
     neuron = {"modelId": src.model_id, "layer": src.source_id, "index": index, "creatorId": src.creator_id,
               "createdAt": src.created_at, "maxActApprox": max([a["maxValue"] for a in acts], default=0.0),
               "hasVector": False, "vector": [], "vectorLabel": None, "vectorDefaultSteerStrength": 10,
-              "hookName": src.hook_name, "topkCosSimIndices": [], "topkCosSimValues": [],
+              "hookName": None, "topkCosSimIndices": [], "topkCosSimValues": [],
               **{k: feat[k] for k in FEATURE_KEYS}, "sourceSetName": src.source_set}
     return neuron, acts
 
