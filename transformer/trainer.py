@@ -288,7 +288,7 @@ class Trainer:
         dist.barrier()  # no rank leaves while rank 0 writes
         if self.wb is not None:
             self.wb.finish()
-        raise preempt.Preempted("train", f"step {self.step_no}", preempt.saved_hint(self.ckpt))
+        raise preempt.Preempted("transformer", f"step {self.step_no}", preempt.saved_hint(self.ckpt))
 
     def finish(self) -> dict[str, Any]:
         """The summary; at max_steps also the final val loss and `model.safetensors` (rank 0)."""

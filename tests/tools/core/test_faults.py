@@ -140,7 +140,7 @@ def test_killed_stage_reruns_to_the_same_bytes(world, stage, one_thread):
 # (stage, signal, function whose k-th call is followed by the signal, k, where it stops, extra overrides)
 SIGNALLED = [
     ("transformer", "SIGTERM", "transformer.trainer:Trainer.step", 3,
-     "train: stopped by SIGTERM at step 3;", []),
+     "transformer: stopped by SIGTERM at step 3;", []),
     ("sae", "SIGTERM", "autoencoder.trainer:Trainer.step", 5,
      f"sae {NAME}: stopped by SIGTERM at step 6;", []),  # seen at the next step's all-reduce
     ("activations", "SIGTERM", "autoencoder.scatter:forward", 1,
