@@ -9,11 +9,16 @@ shard (sha256, header, size).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig
+
+from autoencoder.config import ActivationsConfig
 from autoencoder.shard_check import read_manifest, verify_shards
 from tools.core.config import stage_main
 from tools.core.layout import RunLayout
+from tools.core.stage import Stage
 
 
 def summary(m: dict[str, Any]) -> str:
@@ -30,20 +35,34 @@ def summary(m: dict[str, Any]) -> str:
     ])
 
 
-def run(cfg) -> dict[str, Any]:
+class ShardsStage(Stage):
+    """A check of `run_dir/activations/<activations.split>/`: writes nothing, so it is never done."""
+
+    name, what, key, schema = "autoencoder.shards", "activation directory", "activations", ActivationsConfig
+    writes = False
+
+    def output_dir(self) -> Path:
+        return RunLayout.of(self.cfg).activations_split(self.c.split)
+
+    def work(self) -> dict[str, Any]:
+        """Manifest summary, then every shard verified (sha256, header, size)."""
+        directory = self.output_dir()
+        m = read_manifest(directory)
+        print(summary(m), flush=True)
+        result = verify_shards(directory, progress=True)
+        print(f"verified {result['shards']} shards ({result['bytes'] / 1e6:.1f} MB) in {directory}: "
+              "sha256, header and size all match the manifest", flush=True)
+        return result
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
     """Inspect `run_dir/activations/<split>/`: manifest summary, then every shard verified."""
-    directory = RunLayout.of(cfg).activations_split(str(cfg.activations.split))
-    m = read_manifest(directory)
-    print(summary(m), flush=True)
-    result = verify_shards(directory, progress=True)
-    print(f"verified {result['shards']} shards ({result['bytes'] / 1e6:.1f} MB) in {directory}: "
-          "sha256, header and size all match the manifest", flush=True)
-    return result
+    return ShardsStage(cfg).run()
 
 
-def done(cfg) -> bool:
+def done(cfg: DictConfig) -> bool:
     """Inspection writes nothing, so it is never 'done' for the pipeline."""
-    return False
+    return ShardsStage(cfg).done()
 
 
 main = stage_main(run)

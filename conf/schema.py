@@ -12,13 +12,14 @@ from hydra.core.config_store import ConfigStore
 from autoencoder.config import ActivationsConfig, SAETrainConfig
 from tools.describe.config import DescribeConfig
 from tools.features.config import FeaturesConfig
+from tools.pipeline_config import PipelineConfig
 from transformer.config import DataConfig, TrainConfig
 from transformer.subject_config import SubjectConfig
 
 GROUPS: dict[str, type] = {
     "subject": SubjectConfig, "data": DataConfig, "transformer": TrainConfig,
     "activations": ActivationsConfig, "sae": SAETrainConfig, "features": FeaturesConfig,
-    "describe": DescribeConfig,
+    "describe": DescribeConfig, "pipeline": PipelineConfig,
 }
 
 

@@ -1,90 +1,86 @@
-"""Every stage in order: prepare -> transformer -> activations -> SAE -> features -> descriptions.
+"""Every stage in order: prepare -> transformer -> activations -> SAE -> features -> descriptions -> site.
 
-`python -m tools.pipeline preset=demo` runs the whole demo. A stage whose outputs are complete and
-match the config (its `done(cfg)`) is skipped, so a rerun after a kill continues where it stopped.
-Each stage's summary is kept in `run_dir/pipeline.json`; the final table is printed and written to
-`run_dir/summary.md`.
+`python -m tools.pipeline preset=demo` runs the whole demo. The plan is a list of steps, each a
+stage class (`tools.core.stage.Stage`) with the overrides it runs under; a step whose output is
+complete and matches the config (its stage's `done()`) is skipped, so a rerun after a kill continues
+where it stopped. Each unit set ends with the site stage (`site/<unit set>`), after its features and
+describe runs. Each step's summary is kept in `run_dir/pipeline.json`; the final table is printed and
+written to `run_dir/summary.md`.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from tools.core.config import stage_main, typed
+from autoencoder.generate import ActivationsStage
+from autoencoder.train import SAETrainStage
+from tools.core.config import section, stage_main
 from tools.core.files import atomic_path, read_json, write_json
 from tools.core.layout import RunLayout, neurons_name
+from tools.core.stage import Stage
+from tools.describe.stage import DescribeStage
 from tools.html.sweep import render_sweep_index
+from tools.pipeline_config import PipelineConfig
+from tools.site import SiteStage
+from tools.top_activations import FeaturesStage
+from transformer.prepare import TokensStage
+from transformer.train import TrainStage
 
 
 @dataclass
-class PipelineConfig:
-    # Extra L1 coefficients to train (each gets its own SAE, features and site); empty = one SAE.
-    sweep_l1_coeffs: list[float] = field(default_factory=list)
-    describe: bool = True  # run the describe-and-score stage
-    neurons: bool = True  # also analyse and describe the MLP's own neurons, for comparison
-    # layers whose neurons are analysed and described (each its own site); null = [features.layer]
-    neuron_layers: list[int] | None = None
-    # Describe a random sample of this many alive units per side (SAE features, neurons) with an
-    # in-process LLM explainer + all-at-once simulator, beside the baseline on the same units; 0 = off.
-    llm_sample: int = 0
-    llm_embedded: str | None = "smollm2-135m-instruct"  # the LLM: an embedded model ...
-    llm_model: str | None = None  # ... or a hub name / folder (set llm_embedded to null)
-    llm_threads: int | None = None  # torch CPU threads while the LLM describes (null = default)
-    # describe.* settings for both sample runs (LLM and baseline, so both score the same windows),
-    # e.g. {explain_top: 6, explain_max_tokens: 48}; the baseline ignores the LLM-only ones
-    llm_overrides: dict[str, Any] = field(default_factory=dict)
+class Step:
+    """One stage of the plan: its class, run over the config with `overrides`."""
 
-
-@dataclass
-class Stage:
     key: str  # unique name in pipeline.json
-    module: str
+    stage: type[Stage]
     overrides: dict[str, Any]
-    sae_slot: str | None = None  # which SAE this stage trains (autoencoder.train) or reads
+    sae_slot: str | None = None  # which SAE this step trains (SAETrainStage) or reads
 
 
-def plan(cfg: DictConfig, pcfg: PipelineConfig) -> list[Stage]:
+def plan(cfg: DictConfig, pcfg: PipelineConfig) -> list[Step]:
+    """The steps in order; each unit set's site after its features and describe runs."""
     gpt = str(OmegaConf.select(cfg, "subject.kind", default="gpt")) == "gpt"
-    stages = [Stage("prepare", "transformer.prepare", {})]
+    steps = [Step("prepare", TokensStage, {})]
     if gpt:  # a Hugging Face subject comes trained
-        stages.append(Stage("transformer", "transformer.train", {}))
-    stages += [
-        Stage("activations/train", "autoencoder.generate", {"activations.split": "train"}),
-        Stage("activations/val", "autoencoder.generate", {"activations.split": "val"}),
+        steps.append(Step("transformer", TrainStage, {}))
+    steps += [
+        Step("activations/train", ActivationsStage, {"activations.split": "train"}),
+        Step("activations/val", ActivationsStage, {"activations.split": "val"}),
     ]
     coeffs = pcfg.sweep_l1_coeffs or [None]
     for i, coeff in enumerate(coeffs):
         slot = "sae" if coeff is None else f"sae/{i}"
         sae = {} if coeff is None else {"sae.l1_coeff": coeff, "sae.name": None}
         unit = {**sae, "features.unit": "sae"}
-        stages.append(Stage(slot, "autoencoder.train", sae, slot))
-        stages.append(Stage(f"features/{slot}", "tools.top_activations", unit, slot))
+        steps.append(Step(slot, SAETrainStage, sae, slot))
+        steps.append(Step(f"features/{slot}", FeaturesStage, unit, slot))
         if pcfg.describe:
-            stages.append(Stage(f"describe/{slot}", "tools.describe.stage", unit, slot))
-            stages += _llm_stages(pcfg, slot, unit, slot)
+            steps.append(Step(f"describe/{slot}", DescribeStage, unit, slot))
+            steps += _llm_steps(pcfg, slot, unit, slot)
+        steps.append(Step(f"site/{slot}", SiteStage, unit, slot))
     if pcfg.neurons:
         layers = pcfg.neuron_layers or [int(OmegaConf.select(cfg, "features.layer", default=0))]
         for layer in layers:
             side = neurons_name(layer, gpt)  # the features stage's name
             unit = {"features.unit": "neuron", "features.layer": layer}
-            stages.append(Stage(f"features/{side}", "tools.top_activations", unit))
+            steps.append(Step(f"features/{side}", FeaturesStage, unit))
             if pcfg.describe:
-                stages.append(Stage(f"describe/{side}", "tools.describe.stage", unit))
+                steps.append(Step(f"describe/{side}", DescribeStage, unit))
                 # signed units: the negative side described and scored separately, from its bottom-k
-                stages.append(Stage(f"describe/{side}-neg", "tools.describe.stage",
-                                    {**unit, "describe.polarity": "neg"}))
-                stages += _llm_stages(pcfg, side, unit, None)
-    return stages
+                neg = {**unit, "describe.polarity": "neg"}
+                steps.append(Step(f"describe/{side}-neg", DescribeStage, neg))
+                steps += _llm_steps(pcfg, side, unit, None)
+            steps.append(Step(f"site/{side}", SiteStage, unit))
+    return steps
 
 
-def _llm_stages(pcfg: PipelineConfig, side: str, unit: dict[str, Any], slot: str | None) -> list[Stage]:
+def _llm_steps(pcfg: PipelineConfig, side: str, unit: dict[str, Any], slot: str | None) -> list[Step]:
     """The LLM on a sample of one side's units, and the baseline on the same units and windows."""
     if pcfg.llm_sample <= 0:
         return []
@@ -94,8 +90,8 @@ def _llm_stages(pcfg: PipelineConfig, side: str, unit: dict[str, Any], slot: str
            "describe.backend": "local", "describe.embedded": pcfg.llm_embedded,
            "describe.model": pcfg.llm_model, "describe.threads": pcfg.llm_threads}
     baseline = {**sample, "describe.tag": "sample"}
-    return [Stage(f"describe-sample/{side}", "tools.describe.stage", baseline, slot),
-            Stage(f"describe-llm/{side}", "tools.describe.stage", llm, slot)]
+    return [Step(f"describe-sample/{side}", DescribeStage, baseline, slot),
+            Step(f"describe-llm/{side}", DescribeStage, llm, slot)]
 
 
 def _with(cfg: DictConfig, overrides: dict[str, Any]) -> DictConfig:
@@ -106,7 +102,8 @@ def _with(cfg: DictConfig, overrides: dict[str, Any]) -> DictConfig:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    pcfg = typed(cfg.get("pipeline", {}), PipelineConfig, "pipeline")
+    """Run every step not yet complete; returns (and writes to pipeline.json) each step's figures."""
+    pcfg = section(cfg, "pipeline", PipelineConfig)
     run_dir = Path(cfg.run_dir)
     state_path = RunLayout(run_dir).pipeline_state
     state = {"format": "monosemantic.pipeline/1"}
@@ -114,24 +111,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         state = read_json(state_path, "pipeline state")
     results: dict[str, Any] = state.setdefault("stages", {})
     sae_names: dict[str, str] = {}
-    stages = plan(cfg, pcfg)
-    for n, stage in enumerate(stages, 1):
-        overrides = dict(stage.overrides)
-        if stage.sae_slot and stage.module != "autoencoder.train":
-            overrides["features.sae"] = sae_names[stage.sae_slot]
-        stage_cfg = _with(cfg, overrides)
-        module = importlib.import_module(stage.module)
-        head = f"[{n}/{len(stages)}] {stage.key}"
-        if module.done(stage_cfg) and stage.key in results:
+    steps = plan(cfg, pcfg)
+    for n, step in enumerate(steps, 1):
+        overrides = dict(step.overrides)
+        if step.sae_slot and step.stage is not SAETrainStage:
+            overrides["features.sae"] = sae_names[step.sae_slot]
+        stage = step.stage(_with(cfg, overrides))
+        head = f"[{n}/{len(steps)}] {step.key}"
+        if stage.done() and step.key in results:
             print(f"{head}: complete, skipped", flush=True)
         else:
-            print(f"{head}: running {stage.module}", flush=True)
+            print(f"{head}: running {stage.name}", flush=True)
             t0 = time.perf_counter()
-            result = module.run(stage_cfg) or {}
-            results[stage.key] = {**result, "seconds": round(time.perf_counter() - t0, 1)}
+            result = stage.run() or {}
+            results[step.key] = {**result, "seconds": round(time.perf_counter() - t0, 1)}
             write_json(state_path, state)
-        if stage.module == "autoencoder.train":
-            sae_names[stage.key] = results[stage.key]["name"]
+        if step.stage is SAETrainStage:
+            sae_names[step.key] = results[step.key]["name"]
     if pcfg.sweep_l1_coeffs:
         saes = []
         for i, coeff in enumerate(pcfg.sweep_l1_coeffs):
@@ -178,7 +174,8 @@ def summary_table(results: dict[str, Any]) -> str:
         if d.get("tokens"):
             rows.append(("  LLM tokens used", _fmt(d["tokens"])))
     for key, res in results.items():
-        rows.append((f"wall time: {key} (s)", _fmt(res.get("seconds"), 1)))
+        if not key.startswith("site/"):  # a site step mostly finds the site its stages rendered current
+            rows.append((f"wall time: {key} (s)", _fmt(res.get("seconds"), 1)))
     total = sum(res.get("seconds") or 0.0 for res in results.values())
     rows.append(("wall time: all stages run so far (s)", _fmt(total, 1)))
     sites = dict.fromkeys(res["site"] for res in results.values() if res.get("site"))

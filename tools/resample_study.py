@@ -17,14 +17,36 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tools.core.config import compose
+from tools.core.config import UserError, compose, section
 from tools.core.layout import RunLayout
 
 
-def study_rows(study: Any) -> list[tuple[str, list[str]]]:
+@dataclass
+class StudyGrid:
+    lr: list[float] = field(default_factory=list)  # sae.lr values
+    l1_coeff: list[float] = field(default_factory=list)  # sae.l1_coeff values
+    resample: list[bool] = field(default_factory=list)  # false: sae.resample_steps=[]
+
+
+@dataclass
+class StudyConfig:
+    """The `study` section of conf/preset/resample_study.yaml."""
+
+    grid: StudyGrid = field(default_factory=StudyGrid)  # every combination is one row
+    extra: dict[str, list[str]] = field(default_factory=dict)  # row name -> `sae.` overrides (no prefix)
+
+    def check(self) -> StudyConfig:
+        if not (self.grid.lr and self.grid.l1_coeff and self.grid.resample):
+            raise UserError("config `study.grid`: lr, l1_coeff and resample each need at least one value "
+                            "(preset=resample_study sets them)")
+        return self
+
+
+def study_rows(study: StudyConfig) -> list[tuple[str, list[str]]]:
     """(row name, sae overrides): the collapse setting (largest lr and λ) first, then the
     isolating extras, then the rest of the grid."""
     g = study.grid
@@ -94,7 +116,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = compose(["preset=resample_study", *args.overrides])
     run_dir = Path(str(cfg.run_dir))
-    rows = study_rows(cfg.study)
+    rows = study_rows(section(cfg, "study", StudyConfig))
     if not args.table_only:
         todo = [r for r in rows if args.only is None or r[0] in args.only]
         with ThreadPoolExecutor(args.jobs) as pool:

@@ -39,101 +39,127 @@ stage (`tools.site`), which renders `site/` beside them.
 
 from __future__ import annotations
 
+import functools
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
 from tools.core import guard
-from tools.core.config import UserError, resolve_device, stage_main
+from tools.core.config import UserError, output_fields, resolve_device, stage_main
 from tools.core.files import config_hash, read_json, sha256_file, write_json
 from tools.core.layout import RunLayout
-from tools.features.config import FeaturesConfig, section, unit_name
-from tools.features.source import load_inputs
+from tools.core.stage import Stage
+from tools.features.config import FeaturesConfig, unit_name
+from tools.features.source import Inputs, load_inputs
 from tools.features.write import scan_and_write
 
 
-def _hash_inputs(cfg: DictConfig, fc: FeaturesConfig, files: dict[str, str]) -> str:
-    relevant = {k: v for k, v in asdict(fc).items() if k not in ("pages", "unit_chunk")}
-    return config_hash({"features": relevant, "seed": int(cfg.seed),
-                        "files": {k: sha256_file(v) for k, v in sorted(files.items())}})
+class FeaturesStage(Stage):
+    """Subject (+ SAE) and tokens -> `run_dir/features/<unit set>/`, then the site stage renders `site/`."""
 
+    name, what, key, schema = "tools.top_activations", "feature set", "features", FeaturesConfig
+    marker = "meta.json"
+    sealed = ("features.jsonl",)
 
-def _out_dir(cfg: DictConfig) -> Path:
-    return RunLayout.of(cfg).features(unit_name(cfg))
+    def output_dir(self) -> Path:
+        return RunLayout.of(self.cfg).features(unit_name(self.cfg))
+
+    @functools.cached_property
+    def tokenizer(self) -> Any:
+        """The subject's tokenizer (GPT-2 for our GPT): token text on the pages, checked against tokens."""
+        from transformer.subject_load import subject_config
+        from transformer.tokenizer import load_tokenizer
+
+        return load_tokenizer(subject_config(self.cfg), str(self.cfg.data_dir))
+
+    @functools.cached_property
+    def inp(self) -> Inputs:
+        """Model, SAE and tokens, loaded (the stage's only model access)."""
+        device = resolve_device(self.cfg.get("device", "auto"))
+        return load_inputs(self.cfg, self.c, unit_name(self.cfg), device,
+                           fingerprint=self.tokenizer.fingerprint)
+
+    def output_hash(self, files: dict[str, str] | None = None) -> str:
+        """The output fields of `features`, the seed and the sha256 of the input files (`inp.files`
+        unless given: the ones a finished feature set recorded)."""
+        if files is None:
+            return self._loaded_hash
+        return config_hash({"features": output_fields(self.c), "seed": int(self.cfg.seed),
+                            "files": {k: sha256_file(v) for k, v in sorted(files.items())}})
+
+    @functools.cached_property
+    def _loaded_hash(self) -> str:
+        return self.output_hash(self.inp.files)  # the inputs hashed once per run
+
+    def done(self) -> bool:
+        """Complete when meta.json's hash matches this config and inputs, and the site exists."""
+        try:
+            fc, out = self.c, self.output_dir()
+            if not (out / "meta.json").is_file() or not (out / "features.jsonl").is_file():
+                return False
+            if not (RunLayout.of(self.cfg).site(out.name) / "index.html").is_file():
+                return False
+            meta = read_json(out / "meta.json", "features meta")
+            files = meta.get("inputs", {})
+            if set(files) != ({"model", "tokens"} | ({"sae"} if fc.unit == "sae" else set())):
+                return False
+            if not all(Path(p).is_file() for p in files.values()):
+                return False
+            if (meta.get("config") or {}).get("pages") != fc.pages:
+                return False
+            return meta.get("config_hash") == self.output_hash(files)
+        except UserError:
+            return False
+
+    def verify_inputs(self) -> None:
+        """The model, SAE and tokens intact (their sealed checksums)."""
+        for role, p in self.inp.files.items():
+            guard.verify_sealed(Path(p).parent, [Path(p).name], role)
+
+    def inputs(self) -> dict[str, Any] | None:
+        return read_json(self.output_dir() / "meta.json").get("inputs")
+
+    def work(self) -> dict[str, Any]:
+        return _run(self)
+
+    def after(self, result: dict[str, Any]) -> dict[str, Any]:
+        """The site stage, under its own lock."""
+        from tools.site import SiteStage
+
+        result["site"] = SiteStage(self.cfg).run()["site"]
+        return result
 
 
 def done(cfg: DictConfig) -> bool:
     """Complete when meta.json's hash matches this config and inputs, and the site exists."""
-    try:
-        fc = section(cfg)
-        out = _out_dir(cfg)
-        if not (out / "meta.json").is_file() or not (out / "features.jsonl").is_file():
-            return False
-        if not (RunLayout.of(cfg).site(out.name) / "index.html").is_file():
-            return False
-        meta = read_json(out / "meta.json", "features meta")
-        files = meta.get("inputs", {})
-        if set(files) != ({"model", "tokens"} | ({"sae"} if fc.unit == "sae" else set())):
-            return False
-        if not all(Path(p).is_file() for p in files.values()):
-            return False
-        if (meta.get("config") or {}).get("pages") != fc.pages:
-            return False
-        return meta.get("config_hash") == _hash_inputs(cfg, fc, files)
-    except UserError:
-        return False
-
-
-def _tokenizer(cfg: DictConfig):
-    """The subject's tokenizer (GPT-2 for our GPT): token text on the pages, checked against the tokens."""
-    from transformer.subject_load import subject_config
-    from transformer.tokenizer import load_tokenizer
-
-    return load_tokenizer(subject_config(cfg), str(cfg.data_dir))
+    return FeaturesStage(cfg).done()
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Scan (unless the feature set is current), seal features.jsonl, then render the site stage."""
-    from tools import site
-
-    out = _out_dir(cfg)
-    with guard.output_lock(out, "tools.top_activations"):  # lock (cleans leftovers), checksums
-        result = _run(cfg)
-        guard.seal(out, ["features.jsonl"], inputs=read_json(out / "meta.json").get("inputs"))
-    result["site"] = site.run(cfg)["site"]  # the site stage, under its own lock
-    return result
+    return FeaturesStage(cfg).run()
 
 
-def _run(cfg: DictConfig) -> dict[str, Any]:
+def _run(stage: FeaturesStage) -> dict[str, Any]:
     from tools.tokens import TokenText
 
     t0 = time.perf_counter()
-    fc = section(cfg)
-    name = unit_name(cfg)
-    device = resolve_device(cfg.get("device", "auto"))
-    out = RunLayout.of(cfg).features(name)
-    tok = _tokenizer(cfg)
-    inp = load_inputs(cfg, fc, name, device, fingerprint=tok.fingerprint)
-    for role, p in inp.files.items():  # inputs intact, and a finished feature set replaced only on request
-        guard.verify_sealed(Path(p).parent, [Path(p).name], role)
-    chash = _hash_inputs(cfg, fc, inp.files)
+    cfg, fc, out = stage.cfg, stage.c, stage.output_dir()
+    name = out.name
+    chash = stage.output_hash()
     meta_path = out / "meta.json"
-    guard.prepare_output(out, "feature set", marker="meta.json", sealed=["features.jsonl"],
-                         old=read_json(meta_path).get("config_hash") if meta_path.is_file() else None,
-                         new=chash, overwrite=bool(cfg.get("overwrite", False)))
-    if meta_path.is_file() and (out / "features.jsonl").is_file() and \
-            read_json(meta_path).get("config_hash") == chash:
+    if meta_path.is_file() and (out / "features.jsonl").is_file() and stage.recorded_hash() == chash:
         meta = read_json(meta_path)
         print(f"features for {name} are up to date; the site only follows")
         if (meta.get("config") or {}).get("pages") != fc.pages:  # pages are not part of the hash
             meta["config"] = {**meta.get("config", {}), "pages": fc.pages}
             write_json(meta_path, meta)
     else:
-        info = tok.describe()
-        meta = scan_and_write(cfg, fc, name, inp, out, chash, TokenText(tok), {"tokenizer_info": info})
+        tok = stage.tokenizer
+        meta = scan_and_write(cfg, fc, name, stage.inp, out, chash, TokenText(tok),
+                              {"tokenizer_info": tok.describe()})
     secs = time.perf_counter() - t0
     print(f"features: {meta['n_units']} {'neurons' if fc.unit == 'neuron' else 'SAE features'} "
           f"of layer {meta['layer']} ({meta['alive']} alive"

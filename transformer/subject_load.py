@@ -10,7 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from tools.core.config import UserError, typed
+from tools.core.config import UserError, section
 from tools.core.layout import RunLayout
 from transformer.subject import GPTSubject, Subject, SubjectSpec
 from transformer.subject_config import SubjectConfig
@@ -35,8 +35,8 @@ def gpt_spec(model_dir: Path) -> SubjectSpec:
 
 
 def subject_config(cfg: DictConfig) -> SubjectConfig:
-    node = cfg.get("subject") if isinstance(cfg, DictConfig) else None
-    return typed(node if node is not None else {}, SubjectConfig, "subject").check()
+    """The checked `subject` section."""
+    return section(cfg, "subject", SubjectConfig)
 
 
 def subject_spec(cfg: DictConfig) -> SubjectSpec:

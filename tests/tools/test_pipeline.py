@@ -67,3 +67,27 @@ def test_llm_sample_stages_and_comparison_table():
     assert len(lines) == 5 and "LLM smollm2-135m-instruct" in lines[2] and "0.123 [0.05, 0.20]" in lines[2]
     assert "baseline, same units" in lines[3] and lines[2].endswith("| 3 |")
     assert pipeline.describer_table({"describe/neurons": row}) == ""
+
+
+def test_plan_lists_stage_classes_and_ends_each_unit_set_with_its_site():
+    from tools.describe.stage import DescribeStage
+    from tools.site import SiteStage
+    from tools.top_activations import FeaturesStage
+
+    cfg = compose(["preset=demo"])
+    steps = pipeline.plan(cfg, pipeline.PipelineConfig(sweep_l1_coeffs=[0.05, 0.1], llm_sample=4))
+    keys = [s.key for s in steps]
+    assert len(set(keys)) == len(keys)
+    for side in ("sae/0", "sae/1", "neurons"):
+        site = keys.index(f"site/{side}")
+        runs = [i for i, k in enumerate(keys) if k.partition("/")[2] in (side, f"{side}-neg")
+                and k.partition("/")[0] in ("features", "describe", "describe-sample", "describe-llm")]
+        assert len(runs) >= 4 and max(runs) < site and keys[site + 1:site + 2] != [f"describe/{side}"]
+        assert steps[site].stage is SiteStage and steps[site].overrides == steps[runs[0]].overrides
+    assert steps[keys.index("site/sae/1")].sae_slot == "sae/1"
+    assert {s.stage for s in steps if s.key.startswith("describe")} == {DescribeStage}
+    assert steps[keys.index("features/neurons")].stage is FeaturesStage
+    # the site steps add no rows of their own to the summary table
+    row = {"seconds": 1.0, "site": "/run/features/neurons/site/index.html"}
+    table = pipeline.summary_table({"features/neurons": row, "site/neurons": row})
+    assert "site/neurons" not in table and table.count("feature browser") == 1

@@ -29,7 +29,7 @@ def _tiny_llama(folder: Path) -> Path:
     return folder
 
 
-def test_pipeline_on_a_tiny_hf_model(tmp_path, one_thread):
+def test_pipeline_on_a_tiny_hf_model(tmp_path, one_thread, capsys):
     model = _tiny_llama(tmp_path / "tiny-llama")
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -72,3 +72,13 @@ def test_pipeline_on_a_tiny_hf_model(tmp_path, one_thread):
     assert results["describe/neurons-L2-neg"]["described"] > 0  # act(gate)*up is signed
     first = json.loads((run / "features" / "neurons-L2" / "features.jsonl").open().readline())
     assert first["neg"]["min_act"] < 0
+    # the site stage closes each unit set's steps, and pipeline.json records it
+    state = json.loads((run / "pipeline.json").read_text())["stages"]
+    for name, side in ((sae["name"], "sae"), ("neurons-L0", "neurons-L0"), ("neurons-L2", "neurons-L2")):
+        assert state[f"site/{side}"]["site"] == str(run / "features" / name / "site" / "index.html")
+
+    # a rerun finds every step complete
+    again = pipeline.run(cfg)
+    n_steps = len(pipeline.plan(cfg, pipeline.PipelineConfig(neuron_layers=[0, 2])))
+    assert capsys.readouterr().out.count("complete, skipped") == n_steps
+    assert again["sae"] == results["sae"]

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 
-from tools.core.config import compose
-from tools.resample_study import study_rows, table
+from tools.core.config import compose, section
+from tools.resample_study import StudyConfig, study_rows, table
 
 
 def test_rows_cover_the_grid_and_extras_and_table_reads_results(tmp_path):
     cfg = compose(["preset=resample_study", f"run_dir={tmp_path}"])
-    rows = study_rows(cfg.study)
+    rows = study_rows(section(cfg, "study", StudyConfig))
     names = [n for n, _ in rows]
     assert len(set(names)) == len(names) == 8 + len(cfg.study.extra)
     assert names[:2] == ["lr0.001-l1c0.1-resample", "lr0.001-l1c0.1-none"]  # the collapse setting first
@@ -29,3 +29,12 @@ def test_rows_cover_the_grid_and_extras_and_table_reads_results(tmp_path):
     assert "| lr0.001-l1c0.1-resample | lr=0.001 l1_coeff=0.1 | 12.5% | 20.0 | 0.950 | n/a | 250: 3→3, " \
            "1021→1021 (new fire on 10%, add 0.50×‖x̄‖) |" in text
     assert "| lr0.001-l1c0.1-none | lr=0.001 l1_coeff=0.1 resample_steps=[] | not run |" in text
+
+
+def test_the_study_section_is_required():
+    import pytest
+
+    from tools.core.config import UserError
+
+    with pytest.raises(UserError, match="study.grid"):
+        section(compose([]), "study", StudyConfig)

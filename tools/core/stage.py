@@ -14,8 +14,11 @@ marker and sealed files, and implements `work()`:
 `run()` takes the folder's lock (`tools.core.guard.output_lock`), checks the inputs (`verify_inputs`),
 applies the overwrite rule (`guard.prepare_output`: a finished output made under another
 `output_hash()` is replaced only with overwrite=true), calls `work()`, and seals `sealed` files in
-`checksums.json` with the sha256 of `inputs()`. `done()` says whether the finished output is current.
-Each stage module keeps `run(cfg)`, `done(cfg)` and `main` as one-line wrappers over its class.
+`checksums.json` with the sha256 of `inputs()` (a stage that seals no files writes none), releases the
+lock and calls `after()` (the site stage follows the features and describe stages there). `done()`
+says whether the finished output is current. A stage that writes nothing (`writes = False`, a check)
+runs `work()` alone and is never done. Each stage module keeps `run(cfg)`, `done(cfg)` and `main` as
+one-line wrappers over its class.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class Stage:
     sealed: ClassVar[tuple[str, ...]] = ()  # files whose sha256 goes into checksums.json
     verified: ClassVar[tuple[str, ...] | None] = None  # sealed files checked before a rerun; None = all
     rename_key: ClassVar[str | None] = None  # the key that writes the output under another name
+    writes: ClassVar[bool] = True  # False: a check that writes nothing (no lock, no seal, never done)
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
@@ -77,6 +81,8 @@ class Stage:
 
     def done(self) -> bool:
         """Whether the finished output is current for this config and inputs."""
+        if not self.writes:
+            return False
         return self.recorded_hash() is not None and self.recorded_hash() == self.output_hash()
 
     def work(self) -> dict[str, Any]:
@@ -85,6 +91,10 @@ class Stage:
     def finished(self, result: dict[str, Any]) -> bool:
         """Whether `work()` finished the output (a halted run is not sealed)."""
         return True
+
+    def after(self, result: dict[str, Any]) -> dict[str, Any]:
+        """What follows once the lock is released (another stage over this output); returns the figures."""
+        return result
 
     # ---- the skeleton --------------------------------------------------------------------------
     def guard(self) -> None:
@@ -101,10 +111,12 @@ class Stage:
         guard.seal(folder, [n for n in self.sealed if (folder / n).is_file()], inputs=self.inputs())
 
     def run(self) -> dict[str, Any]:
-        """lock -> guard -> work -> seal; returns `work()`'s summary figures."""
+        """lock -> guard -> work -> seal, then `after()`; returns the summary figures."""
+        if not self.writes:
+            return self.work()
         with guard.output_lock(self.output_dir(), self.name):
             self.guard()
             result = self.work()
-            if self.finished(result) and int(os.environ.get("RANK", "0")) == 0:
+            if self.sealed and self.finished(result) and int(os.environ.get("RANK", "0")) == 0:
                 self.seal()
-            return result
+        return self.after(result)

@@ -1,4 +1,8 @@
-"""The describe stage's settings (`describe.*`, conf/describe/*.yaml), validated once at start-up."""
+"""The describe stage's settings (`describe.*`, conf/describe/*.yaml), validated once at start-up.
+
+Fields marked `neutral` change how descriptions are fetched or where they go (server, retries,
+caching, threads, folder tag), not what they say, so a run's `config_hash` leaves them out.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +10,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
-from tools.core.config import UserError, resolve_device, typed
+from tools.core.config import UserError, neutral
 
 
 @dataclass
 class DescribeConfig:
     explainer: str = "baseline"  # baseline | llm
     simulator: str = "baseline"  # baseline | llm
-    max_units: int | None = None  # describe only the first N units of features.jsonl (None = all)
+    # describe only the first N units of features.jsonl (None = all); summary.json records it
+    max_units: int | None = neutral(None)
     # exemplar split (see tools/describe/exemplars.py)
     explain_top: int = 10
     score_top: int = 5
@@ -36,18 +39,20 @@ class DescribeConfig:
     detection_threshold: float = 1.0  # a context is predicted active if a simulated value (0-10) >= this
     controls: bool = True
     seed: int | None = None  # None = the top-level seed
-    overwrite: bool = False  # discard existing descriptions for this unit set
-    retry_failed: bool = False  # redo units recorded as failed
-    site: bool = True  # re-render the feature browser (tools.html.site) with the descriptions
-    chunk_units: int = 256  # units read from features.jsonl and described at a time (bounds memory)
+    overwrite: bool = neutral(False)  # discard existing descriptions for this unit set
+    retry_failed: bool = neutral(False)  # redo units recorded as failed
+    site: bool = neutral(True)  # re-render the feature browser (tools.html.site) with the descriptions
+    # units read from features.jsonl and described at a time (bounds memory); hashed: the
+    # random-description control draws within a chunk
+    chunk_units: int = 256
     # LLM (explainer=llm or simulator=llm)
-    base_url: str | None = None
+    base_url: str | None = neutral(None)
     model: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this environment variable only
-    timeout: float = 60.0
-    max_retries: int = 5
-    backoff: float = 1.0  # seconds; doubled each retry (with jitter), Retry-After wins when larger
-    concurrency: int = 4
+    api_key_env: str = neutral("OPENAI_API_KEY")  # the key is read from this environment variable only
+    timeout: float = neutral(60.0)
+    max_retries: int = neutral(5)
+    backoff: float = neutral(1.0)  # seconds; doubled each retry (with jitter), Retry-After wins when larger
+    concurrency: int = neutral(4)
     temperature: float = 0.0
     explain_max_tokens: int = 120
     # candidates > 1: Transluce-style selection. Each candidate is written from its own random subset of
@@ -66,17 +71,18 @@ class DescribeConfig:
     # tokens); all at once via /v1/completions echo + logprobs: auto = probe the server once, false = never
     simulate_max_tokens_per_token: int = 8
     prompt_logprobs: Any = "auto"  # auto | false
-    cache: bool = True
+    cache: bool = neutral(True)
     # LLM backend: openai (any OpenAI-compatible server at base_url) | local (in-process transformers,
     # named like a subject: `embedded` or `model` = hub name or folder; all-at-once simulator)
     backend: str = "openai"
     embedded: str | None = None  # local: an embedded model (smollm2-135m-instruct)
     dtype: str = "auto"  # local: auto = bfloat16 on CUDA, float32 on CPU
-    device: str | None = None  # local: null = the top-level device
+    device: str | None = neutral(None)  # local: null = the top-level device
     # simulator labels; null = local: 0-10, or 0-9 if "10" is not one token; openai: 0-9
     labels: list[str] | None = None
-    batch_tokens: int = 8192  # local simulator: padded tokens per forward
-    threads: int | None = None  # local: torch CPU threads while describing (1 is far faster on a busy CPU)
+    batch_tokens: int = neutral(8192)  # local simulator: padded tokens per forward
+    # local: torch CPU threads while describing (1 is far faster on a busy CPU)
+    threads: int | None = neutral(None)
     score_uniform: int = 10  # windows drawn uniformly from held-out text (features `uniform`), scored
     # which units: `sample` picks N at random among alive units (a function of seed and the unit set);
     # `units` a list of indices or a file of them (one per line or a JSON list); null = all
@@ -85,81 +91,71 @@ class DescribeConfig:
     # pos: the unit's positive side; neg: its negative side (signed units: features.jsonl `neg`,
     # bottom-k exemplars), described and scored separately, as the reference does
     polarity: str = "pos"
-    tag: str | None = None  # output folder descriptions/<name>-<tag> (several describe runs side by side)
+    # output folder descriptions/<name>-<tag> (several describe runs side by side)
+    tag: str | None = neutral(None)
+
+
+    def check(self) -> DescribeConfig:
+        """Values in range, names known; returns the section (tools.core.config.section)."""
+        for key in ("explainer", "simulator"):
+            if getattr(self, key) not in ("baseline", "llm"):
+                raise UserError(f"config `describe.{key}`: expected baseline or llm, "
+                                f"got {getattr(self, key)!r}")
+        for key in ("explain_top", "score_top", "explain_per_bin", "score_per_bin", "explain_random",
+                    "score_random", "min_explain", "min_score_firing", "min_score_random", "min_count",
+                    "max_retries", "top_logprobs"):
+            if getattr(self, key) < 0:
+                raise UserError(f"config `describe.{key}`: must be >= 0, got {getattr(self, key)}")
+        for key in ("max_items", "concurrency", "explain_max_tokens", "chunk_units", "candidates",
+                    "simulate_max_tokens_per_token"):
+            if getattr(self, key) < 1:
+                raise UserError(f"config `describe.{key}`: must be >= 1, got {getattr(self, key)}")
+        if self.candidate_exemplars is not None and self.candidate_exemplars < 1:
+            raise UserError(f"config `describe.candidate_exemplars`: must be >= 1 or null, got "
+                            f"{self.candidate_exemplars}")
+        if not all(0 < q < 1 for q in self.detection_quantiles) or not 0 <= self.detection_negatives <= 1:
+            raise UserError(f"config `describe.detection_quantiles`: probabilities in (0, 1), got "
+                            f"{self.detection_quantiles}; `describe.detection_negatives` in [0, 1]")
+        self.detection_quantiles = sorted(self.detection_quantiles)
+        if self.max_units is not None and self.max_units < 1:
+            raise UserError(f"config `describe.max_units`: must be >= 1 or null, got {self.max_units}")
+        if not 0 < self.fire_frac <= 1:
+            raise UserError(f"config `describe.fire_frac`: must be in (0, 1], got {self.fire_frac}")
+        if self.timeout <= 0 or self.backoff < 0:
+            raise UserError("config `describe.timeout` must be > 0 and `describe.backoff` >= 0")
+        if self.top_logprobs > 20:
+            raise UserError(f"config `describe.top_logprobs`: at most 20 (OpenAI's limit), "
+                            f"got {self.top_logprobs}")
+        if self.prompt_logprobs not in ("auto", False, "false"):
+            raise UserError(f"config `describe.prompt_logprobs`: expected auto or false, "
+                            f"got {self.prompt_logprobs!r}")
+        self.prompt_logprobs = "auto" if self.prompt_logprobs == "auto" else False
+        if self.polarity not in ("pos", "neg"):
+            raise UserError(f"config `describe.polarity`: expected pos or neg, got {self.polarity!r}")
+        if self.backend not in ("openai", "local"):
+            raise UserError(f"config `describe.backend`: expected openai or local, got {self.backend!r}")
+        if self.sample is not None and self.sample < 1:
+            raise UserError(f"config `describe.sample`: must be >= 1 or null, got {self.sample}")
+        if self.batch_tokens < 1 or self.score_uniform < 0 or (self.threads is not None and self.threads < 1):
+            raise UserError("config `describe.batch_tokens` and `describe.threads` must be >= 1, "
+                            "`describe.score_uniform` >= 0")
+        if self.tag is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.tag):
+            raise UserError(f"config `describe.tag`: letters, digits, `_.-` only, got {self.tag!r}")
+        if uses_llm(self) and self.backend == "local":
+            if not (self.model or self.embedded):
+                raise UserError("config `describe.model` or `describe.embedded`: required with "
+                                "describe.backend=local (e.g. describe.embedded=smollm2-135m-instruct or "
+                                "describe.model=PATH)")
+        elif uses_llm(self):
+            if not self.model:
+                raise UserError("config `describe.model`: required when describe.explainer or "
+                                "describe.simulator is llm (e.g. describe.model=Qwen/Qwen2.5-7B-Instruct)")
+            if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
+                raise UserError(f"config `describe.base_url`: expected an http(s) URL, "
+                                f"got {self.base_url!r}")
+        return self
 
 
 def uses_llm(dc: DescribeConfig) -> bool:
     """Whether the explainer or the simulator is an LLM."""
     return "llm" in (dc.explainer, dc.simulator)
-
-
-# Keys that change what is computed (the rest only change how it is fetched).
-RESULT_KEYS = ("explainer", "simulator", "explain_top", "score_top", "explain_per_bin", "score_per_bin",
-                "explain_random", "score_random", "min_explain", "min_score_firing", "min_score_random",
-                "fire_frac", "min_count", "max_items", "detection_threshold", "controls", "seed", "model",
-                "temperature", "explain_max_tokens", "top_logprobs", "candidates", "candidate_temperature",
-                "candidate_exemplars", "detection_quantiles", "detection_negatives",
-                "backend", "embedded", "dtype", "labels", "score_uniform", "sample", "units", "polarity",
-                "simulate_max_tokens_per_token", "prompt_logprobs",
-                "chunk_units")  # chunk_units: the random-description control draws within a chunk
-
-
-def load_config(cfg: DictConfig) -> DescribeConfig:
-    dc = typed(cfg.describe, DescribeConfig, "describe")
-    for key in ("explainer", "simulator"):
-        if getattr(dc, key) not in ("baseline", "llm"):
-            raise UserError(f"config `describe.{key}`: expected baseline or llm, got {getattr(dc, key)!r}")
-    for key in ("explain_top", "score_top", "explain_per_bin", "score_per_bin", "explain_random",
-                "score_random", "min_explain", "min_score_firing", "min_score_random", "min_count",
-                "max_retries", "top_logprobs"):
-        if getattr(dc, key) < 0:
-            raise UserError(f"config `describe.{key}`: must be >= 0, got {getattr(dc, key)}")
-    for key in ("max_items", "concurrency", "explain_max_tokens", "chunk_units", "candidates",
-                "simulate_max_tokens_per_token"):
-        if getattr(dc, key) < 1:
-            raise UserError(f"config `describe.{key}`: must be >= 1, got {getattr(dc, key)}")
-    if dc.candidate_exemplars is not None and dc.candidate_exemplars < 1:
-        raise UserError(f"config `describe.candidate_exemplars`: must be >= 1 or null, got "
-                        f"{dc.candidate_exemplars}")
-    if not all(0 < q < 1 for q in dc.detection_quantiles) or not 0 <= dc.detection_negatives <= 1:
-        raise UserError(f"config `describe.detection_quantiles`: probabilities in (0, 1), got "
-                        f"{dc.detection_quantiles}; `describe.detection_negatives` in [0, 1]")
-    dc.detection_quantiles = sorted(dc.detection_quantiles)
-    if dc.max_units is not None and dc.max_units < 1:
-        raise UserError(f"config `describe.max_units`: must be >= 1 or null, got {dc.max_units}")
-    if not 0 < dc.fire_frac <= 1:
-        raise UserError(f"config `describe.fire_frac`: must be in (0, 1], got {dc.fire_frac}")
-    if dc.timeout <= 0 or dc.backoff < 0:
-        raise UserError("config `describe.timeout` must be > 0 and `describe.backoff` >= 0")
-    if dc.top_logprobs > 20:
-        raise UserError(f"config `describe.top_logprobs`: at most 20 (OpenAI's limit), got {dc.top_logprobs}")
-    if dc.prompt_logprobs not in ("auto", False, "false"):
-        raise UserError(f"config `describe.prompt_logprobs`: expected auto or false, "
-                        f"got {dc.prompt_logprobs!r}")
-    dc.prompt_logprobs = "auto" if dc.prompt_logprobs == "auto" else False
-    if dc.polarity not in ("pos", "neg"):
-        raise UserError(f"config `describe.polarity`: expected pos or neg, got {dc.polarity!r}")
-    if dc.backend not in ("openai", "local"):
-        raise UserError(f"config `describe.backend`: expected openai or local, got {dc.backend!r}")
-    if dc.sample is not None and dc.sample < 1:
-        raise UserError(f"config `describe.sample`: must be >= 1 or null, got {dc.sample}")
-    if dc.batch_tokens < 1 or dc.score_uniform < 0 or (dc.threads is not None and dc.threads < 1):
-        raise UserError("config `describe.batch_tokens` and `describe.threads` must be >= 1, "
-                        "`describe.score_uniform` >= 0")
-    if dc.tag is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", dc.tag):
-        raise UserError(f"config `describe.tag`: letters, digits, `_.-` only, got {dc.tag!r}")
-    if uses_llm(dc) and dc.backend == "local":
-        if not (dc.model or dc.embedded):
-            raise UserError("config `describe.model` or `describe.embedded`: required with describe.backend="
-                            "local (e.g. describe.embedded=smollm2-135m-instruct or describe.model=PATH)")
-    elif uses_llm(dc):
-        if not dc.model:
-            raise UserError("config `describe.model`: required when describe.explainer or describe.simulator "
-                            "is llm (e.g. describe.model=Qwen/Qwen2.5-7B-Instruct)")
-        if dc.base_url is not None and not dc.base_url.startswith(("http://", "https://")):
-            raise UserError(f"config `describe.base_url`: expected an http(s) URL, got {dc.base_url!r}")
-    if dc.seed is None:
-        dc.seed = int(cfg.seed)
-    if dc.device is None:
-        dc.device = resolve_device(str(OmegaConf.select(cfg, "device", default="cpu")))
-    return dc

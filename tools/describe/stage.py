@@ -14,9 +14,9 @@ so a killed run loses at most the unit in flight and a rerun skips every unit al
 
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +24,12 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from tools.core import guard
-from tools.core.config import UserError, stage_main
+from tools.core.config import UserError, output_fields, resolve_device, section, stage_main
 from tools.core.files import config_hash, read_json, sha256_file, write_json
 from tools.core.layout import RunLayout
+from tools.core.stage import Stage
 from tools.describe.client import ChatClient, ServerUnreachable, Usage
-from tools.describe.config import RESULT_KEYS, DescribeConfig, load_config, uses_llm
+from tools.describe.config import DescribeConfig, uses_llm
 from tools.describe.describer import (
     DEFAULT_NEGATIVE_FRAC,
     Describer,
@@ -42,19 +43,10 @@ from tools.describe.records import FILE, RecordWriter, load_records, rewrite_rec
 from tools.describe.summary import flat_figures, print_table, summarize
 from tools.describe.units import iter_units, select_units
 from tools.features.config import unit_name
+from tools.features.records import FILE as FEATURES
 from tools.features.records import features_path, scan_indices
 
 FORMAT = "monosemantic.descriptions/1"
-
-
-# ---------------------------------------------------------------------------------------------
-# stage
-
-
-def _paths(cfg: DictConfig, dc: DescribeConfig) -> tuple[str, Path, Path]:
-    name = unit_name(cfg)
-    lay = RunLayout.of(cfg)
-    return name, lay.features(name), lay.descriptions(name, dc.polarity, dc.tag)
 
 
 def negative_frac(meta: dict[str, Any]) -> float:
@@ -77,61 +69,101 @@ def _features_meta(feats_dir: Path) -> dict[str, Any]:
     return read_json(feats_dir / "meta.json", "features meta") if (feats_dir / "meta.json").is_file() else {}
 
 
-def _config_hash(dc: DescribeConfig, features: Path, neg_frac: float = DEFAULT_NEGATIVE_FRAC) -> str:
-    fields = asdict(dc)
-    return config_hash({"describe": {k: fields[k] for k in RESULT_KEYS}, "negative_frac": neg_frac,
-                        "features": sha256_file(features) if features.is_file() else None})
+class DescribeStage(Stage):
+    """`features/<unit set>/features.jsonl` -> `descriptions/<unit set>[-neg][-<tag>]/`, one line per unit
+    (resumed unit by unit), then the site stage renders the unit set with every run."""
+
+    name, what, key, schema = "tools.describe", "descriptions", "describe", DescribeConfig
+    marker = "summary.json"
+
+    @functools.cached_property
+    def c(self) -> DescribeConfig:
+        """The checked `describe` section; a null seed or device is the top-level one."""
+        dc = section(self.cfg, self.key, DescribeConfig)
+        if dc.seed is None:
+            dc.seed = int(self.cfg.seed)
+        if dc.device is None:
+            dc.device = resolve_device(str(OmegaConf.select(self.cfg, "device", default="cpu")))
+        return dc
+
+    @functools.cached_property
+    def unit_set(self) -> str:
+        return unit_name(self.cfg)
+
+    @property
+    def features_dir(self) -> Path:
+        return RunLayout.of(self.cfg).features(self.unit_set)
+
+    def output_dir(self) -> Path:
+        return RunLayout.of(self.cfg).descriptions(self.unit_set, self.c.polarity, self.c.tag)
+
+    def output_hash(self, neg_frac: float | None = None) -> str:
+        """The output fields of `describe`, the features' negative threshold and features.jsonl's sha256."""
+        feats = self.features_dir / FEATURES
+        if neg_frac is None:
+            neg_frac = negative_frac(_features_meta(self.features_dir))
+        return config_hash({"describe": output_fields(self.c), "negative_frac": neg_frac,
+                            "features": sha256_file(feats) if feats.is_file() else None})
+
+    def done(self) -> bool:
+        """A complete run under this config, these features and this `max_units`."""
+        out = self.output_dir()
+        if not (out / "summary.json").is_file() or not (out / FILE).is_file():
+            return False
+        try:
+            summary = read_json(out / "summary.json", "descriptions summary")
+            chash = self.output_hash()
+        except UserError:
+            return False
+        return (summary.get("complete") is True and summary.get("config_hash") == chash
+                and summary.get("max_units") == self.c.max_units)
+
+    def verify_inputs(self) -> None:
+        """Intact and current features."""
+        fix = "rebuild the features: python -m tools.top_activations overwrite=true"
+        guard.verify_sealed(self.features_dir, [FEATURES], "features", fix)
+        guard.check_sealed_inputs(self.features_dir, fix)
+
+    def guard(self) -> None:
+        """Inputs only: records made under another config are set aside by `work()`, not refused."""
+        self.verify_inputs()
+
+    def work(self) -> dict[str, Any]:
+        dc = self.c
+        if dc.threads is None or not uses_llm(dc) or dc.backend != "local":
+            return _run(self)
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(dc.threads)  # restored after: later stages of a pipeline share the process
+        try:
+            return _run(self)
+        finally:
+            torch.set_num_threads(before)
+
+    def after(self, result: dict[str, Any]) -> dict[str, Any]:
+        """The site stage (describe.site), after the lock: every run shows there."""
+        result["site"] = _render_site(self.cfg) if self.c.site else None
+        return result
 
 
 def done(cfg: DictConfig) -> bool:
-    dc = load_config(cfg)
-    name, feats, out = _paths(cfg, dc)
-    summary_path = out / "summary.json"
-    if not summary_path.is_file() or not (out / FILE).is_file():
-        return False
-    try:
-        summary = read_json(summary_path, "descriptions summary")
-    except UserError:
-        return False
-    try:
-        neg_frac = negative_frac(_features_meta(feats))
-    except UserError:
-        return False
-    return (summary.get("complete") is True and summary.get("config_hash") == _config_hash(
-        dc, feats / "features.jsonl", neg_frac) and summary.get("max_units") == dc.max_units)
+    return DescribeStage(cfg).done()
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Describe and score the units, then (describe.site) render the site stage with every run."""
-    dc = load_config(cfg)
-    _, feats_dir, out = _paths(cfg, dc)
-    fix = "rebuild the features: python -m tools.top_activations overwrite=true"
-    with guard.output_lock(out, "tools.describe"):  # one writer, intact and current features
-        guard.verify_sealed(feats_dir, ["features.jsonl"], "features", fix)
-        guard.check_sealed_inputs(feats_dir, fix)
-        if dc.threads is None or not uses_llm(dc) or dc.backend != "local":
-            figures = _run(cfg, dc)
-        else:
-            import torch
-
-            before = torch.get_num_threads()
-            torch.set_num_threads(dc.threads)  # restored after: later stages of a pipeline share the process
-            try:
-                figures = _run(cfg, dc)
-            finally:
-                torch.set_num_threads(before)
-    figures["site"] = _render_site(cfg) if dc.site else None  # every run shows there, after the lock
-    return figures
+    return DescribeStage(cfg).run()
 
 
-def _run(cfg: DictConfig, dc: DescribeConfig) -> dict[str, Any]:
-    name, feats_dir, out = _paths(cfg, dc)
-    feats = features_path(feats_dir)
-    meta = _features_meta(feats_dir)
+def _run(stage: DescribeStage) -> dict[str, Any]:
+    cfg, dc, name, out = stage.cfg, stage.c, stage.unit_set, stage.output_dir()
+    feats = features_path(stage.features_dir)
+    meta = _features_meta(stage.features_dir)
     layer = meta.get("layer") if isinstance(meta.get("layer"), int) else None
     indices = select_units(feats, scan_indices(feats, dc.max_units), dc, layer)
     neg_frac = negative_frac(meta)
-    chash = _config_hash(dc, feats, neg_frac)
+    chash = stage.output_hash(neg_frac)
     path = out / FILE
     out.mkdir(parents=True, exist_ok=True)
     if dc.overwrite and path.exists():

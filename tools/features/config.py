@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig
 
-from tools.core.config import UserError, typed
+from tools.core.config import UserError, neutral, section
 from tools.core.layout import RunLayout
 
 FORMAT_META = "monosemantic.features/1"
@@ -38,8 +38,10 @@ class FeaturesConfig:
     negative_candidates: int = 512  # contexts sampled up front whose per-unit max is kept (top-up negatives)
     window: int = 32  # tokens on each side of the hit
     logit_k: int = 10  # top positive and negative logit effects
-    unit_chunk: int = 1024  # units whose examples are built together (bounds memory)
-    pages: list[int] | None = None  # feature pages to render; null = all (the index lists all)
+    unit_chunk: int = neutral(1024)  # units whose examples are built together (bounds memory)
+    # feature pages to render; null = all (the index lists all). Not hashed: meta.json records it
+    # and the site follows it
+    pages: list[int] | None = neutral(None)
     dtype: str = "float32"  # float32 | bfloat16 (CUDA) for the model + SAE forward
     # also the negative side (bottom-k by min, bins below 0, its own negatives): signed units such as
     # GELU / SiLU-gated (Llama) neurons; null = for neurons, not for SAE features (never below 0)
@@ -72,13 +74,9 @@ class FeaturesConfig:
         return self.unit == "neuron" if self.negative_side is None else self.negative_side
 
 
-def section(cfg: DictConfig) -> FeaturesConfig:
-    return typed(cfg.get("features", {}), FeaturesConfig, "features").check()
-
-
 def unit_name(cfg: DictConfig) -> str:
     """Folder name under run_dir/features and run_dir/descriptions (`RunLayout.unit_set`): "neurons"
     (our GPT's layer 0), "neurons-L<layer>" (any other layer or subject), or the SAE's name."""
-    fc = section(cfg)
+    fc = section(cfg, "features", FeaturesConfig)
     gpt = str((cfg.get("subject") or {}).get("kind", "gpt")) == "gpt"
     return RunLayout.of(cfg).unit_set(fc.unit, layer=fc.layer, gpt=gpt, sae=fc.sae)

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from tests.helpers import ROOT
-from tools.core.config import UserError, compose
+from tools.core.config import UserError, compose, section
 from tools.describe import stage
 from tools.describe.allatonce import AllAtOnceSimulator
+from tools.describe.config import DescribeConfig
 from tools.describe.local import LocalLM, LocalModelConfig, label_ids
 from tools.describe.synthetic import WORDS, fires_after, fires_on, write_features
 
@@ -124,7 +125,8 @@ def test_local_bad_input(tmp_path, tiny):
     with pytest.raises(UserError, match="single token"):
         stage.run(local_cfg(tmp_path, tiny, "describe.labels=[0,10]"))
     with pytest.raises(UserError, match="describe.model. or .describe.embedded"):
-        stage.load_config(compose([f"run_dir={tmp_path}", "describe=local", "describe.embedded=null"]))
+        section(compose([f"run_dir={tmp_path}", "describe=local", "describe.embedded=null"]), "describe",
+                DescribeConfig)
 
 
 @pytest.mark.slow

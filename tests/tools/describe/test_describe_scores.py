@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tools.core.config import UserError, compose
+from tools.core.config import UserError, compose, section
 from tools.describe import stage
+from tools.describe.config import DescribeConfig
 from tools.describe.exemplars import split_exemplars
 from tools.describe.scorers import auc, score, with_failures_as_zero
 from tools.describe.summary import bootstrap_ci, density_deciles, summarize
@@ -101,7 +102,7 @@ def test_sample_and_unit_list(tmp_path):
     assert figures["units"] == 3 and len(set(first)) == 3
     # the same seed picks the same units however the run went; another seed may differ
     assert stage.select_units(run_dir / "features/l1/features.jsonl", list(range(5)),
-                              stage.load_config(cfg_for(run_dir, "describe.sample=3"))) == sorted(first)
+                              stage.DescribeStage(cfg_for(run_dir, "describe.sample=3")).c) == sorted(first)
     (tmp_path / "units.txt").write_text("4\n# a comment\n1\n")
     figures = stage.run(cfg_for(run_dir, f"describe.units={tmp_path / 'units.txt'}", "describe.tag=u"))
     assert [r["index"] for r in indices_or_records(run_dir / "descriptions/l1-u")] == [1, 4]
@@ -110,7 +111,7 @@ def test_sample_and_unit_list(tmp_path):
     with pytest.raises(UserError, match="not in"):
         stage.run(cfg_for(run_dir, "describe.units=[99]", "describe.tag=w"))
     with pytest.raises(UserError, match="describe.tag"):
-        stage.load_config(cfg_for(run_dir, "describe.tag=a/b"))
+        section(cfg_for(run_dir, "describe.tag=a/b"), "describe", DescribeConfig)
 
 
 def test_negative_side_described_separately(tmp_path):

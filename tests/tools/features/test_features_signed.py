@@ -16,7 +16,7 @@ from tests.helpers.features import (
     records,
 )
 from tools import top_activations as ta
-from tools.core.config import UserError, compose
+from tools.core.config import UserError, compose, section
 from tools.features import config as fconf
 from tools.features import scan as fscan
 
@@ -67,7 +67,7 @@ def test_negative_side_matches_brute_force(neuron_run):
 def test_activation_quantiles_are_within_a_bin(neuron_run):
     cfg, run_dir, data_dir = neuron_run
     f, _ = all_acts(run_dir, data_dir, "neuron")
-    probs = list(fconf.section(cfg).act_quantiles)
+    probs = list(section(cfg, "features", fconf.FeaturesConfig).act_quantiles)
     flat = f.reshape(-1, f.shape[-1]).double()
     for r in records(run_dir, "neurons")[:32]:
         u = r["index"]
