@@ -194,7 +194,8 @@ def test_ddp_two_gloo_processes_match_one_process(data_dir, tmp_path):
                        text=True, timeout=240)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("LINE")]
     assert r.returncode == 0 and len(lines) == 2, r.stdout[-2000:] + r.stderr[-3000:]
-    assert all("transformer: stopped by SIGTERM at step 1; resume state saved in" in ln for ln in lines), lines
+    want = "transformer: stopped by SIGTERM at step 1; resume state saved in"
+    assert all(want in ln for ln in lines), lines
     state = json.loads((tmp_path / "ddp2" / "transformer" / "checkpoint" / "state.json").read_text())
     assert state["step"] == 1
     r = subprocess.run([*torchrun, "-m", "transformer.train", *args], env=env, capture_output=True, text=True,
