@@ -26,7 +26,7 @@ def unpaired(ma: dict[str, Any], mb: dict[str, Any]) -> str | None:
         va, vb = ma.get(key), mb.get(key)
         if va != vb:
             if isinstance(va, dict) or isinstance(vb, dict):
-                return f"their {key} differ"
+                return f"{key} differs"
             return f"{key} {va!r} vs {vb!r}"
     sa = [(s.get("file"), s.get("rows")) for s in ma["shards"]]
     sb = [(s.get("file"), s.get("rows")) for s in mb["shards"]]
