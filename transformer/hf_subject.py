@@ -282,8 +282,9 @@ def _hf_spec(sc: SubjectConfig, data_dir: str, path: str) -> SubjectSpec:
     ident = model_identity(sc, data_dir, SimpleNamespace(config=conf))
     ident["architecture"] = conf.model_type
     arch = resolve_arch(conf.model_type, sc.neuron_module)  # unknown architectures fail before any work
-    max_ctx = int(getattr(conf, "max_position_embeddings", None) or HF_CONTEXT_CAP)
-    return SubjectSpec(ident, int(conf.num_hidden_layers), max_ctx, int(conf.vocab_size),
+    text = conf.get_text_config() if hasattr(conf, "get_text_config") else conf  # a multimodal model's LM
+    max_ctx = int(getattr(text, "max_position_embeddings", None) or HF_CONTEXT_CAP)
+    return SubjectSpec(ident, int(text.num_hidden_layers), max_ctx, int(text.vocab_size),
                        _tokenizer_fingerprint(sc, data_dir),
                        {"default_context": min(max_ctx, HF_CONTEXT_CAP),
                         "hook_unavailable": unavailable_kinds(arch, conf)})

@@ -1,5 +1,6 @@
 """Tiny randomly initialised Hugging Face models (Llama, Mistral, Qwen2, GPT-2, GPT-NeoX with and
-without parallel residual, Gemma, Gemma-2, Gemma-3) behind the Subject interface."""
+without parallel residual, Gemma, Gemma-2, Gemma-3 text-only and multimodal) behind the Subject
+interface."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from transformer.subject import SubjectSpec
 from transformer.subject_config import SubjectConfig
 
 V, D, M, N = 64, 16, 24, 3  # vocab, d_model, d_mlp, layers
-HF_ARCHS = ["llama", "mistral", "qwen2", "gpt2", "gpt_neox", "gpt_neox_seq", "gemma", "gemma2", "gemma3_text"]
+HF_ARCHS = ["llama", "mistral", "qwen2", "gpt2", "gpt_neox", "gpt_neox_seq", "gemma", "gemma2", "gemma3_text",
+            "gemma3"]
 
 
 def tiny_hf(arch: str):
@@ -31,9 +33,14 @@ def tiny_hf(arch: str):
     if arch == "gemma2":
         cfg = tf.Gemma2Config(**llama_like, head_dim=8, query_pre_attn_scalar=8, sliding_window=4)
         return _gemma_norms(tf.Gemma2ForCausalLM(cfg).eval())
-    if arch == "gemma3_text":
+    if arch.startswith("gemma3"):
         cfg = tf.Gemma3TextConfig(**llama_like, head_dim=8, query_pre_attn_scalar=8, sliding_window=4)
-        return _gemma_norms(tf.Gemma3ForCausalLM(cfg).eval())
+        if arch == "gemma3_text":
+            return _gemma_norms(tf.Gemma3ForCausalLM(cfg).eval())
+        vision = tf.SiglipVisionConfig(hidden_size=D, intermediate_size=M, num_hidden_layers=1,
+                                       num_attention_heads=2, image_size=28, patch_size=14)
+        both = tf.Gemma3Config(text_config=cfg, vision_config=vision, mm_tokens_per_image=4)
+        return _gemma_norms(tf.Gemma3ForConditionalGeneration(both).eval())  # gemma-3-4b and up
     if arch == "gpt2":
         cfg = tf.GPT2Config(vocab_size=V, n_embd=D, n_inner=M, n_layer=N, n_head=2, n_positions=32)
         return tf.GPT2LMHeadModel(cfg).eval()

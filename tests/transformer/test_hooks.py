@@ -13,7 +13,7 @@ from transformer.model import GPT, GPTConfig
 from transformer.subject import HOOK_KINDS, GPTSubject, Splice, hook_point, transcoder_splice
 
 IDX = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(1))
-GEMMA2 = ("gemma2", "gemma3_text")
+GEMMA2 = ("gemma2", "gemma3_text", "gemma3")
 
 
 def parts(model, arch: str, layer: int) -> dict:
@@ -24,7 +24,7 @@ def parts(model, arch: str, layer: int) -> dict:
     if arch.startswith("gpt_neox"):
         b = model.gpt_neox.layers[layer]
         return {"block": b, "attn": b.attention, "ln2": b.post_attention_layernorm, "mlp": b.mlp}
-    b = model.model.layers[layer]
+    b = (model.model.language_model if arch == "gemma3" else model.model).layers[layer]
     p = {"block": b, "attn": b.self_attn, "mlp": b.mlp}
     if arch in GEMMA2:
         return {**p, "ln2": b.pre_feedforward_layernorm, "post_attn": b.post_attention_layernorm,
