@@ -14,7 +14,8 @@ from tools.core.config import UserError, neutral
 
 ARCHITECTURES = ("l1", "topk")  # autoencoder.sae.ARCHITECTURES
 SPLITS = ("train", "val")
-HOOKS = ("neurons", "mlp_out", "resid_post")  # transformer.subject.HOOK_KINDS
+# transformer.subject.HOOK_KINDS, in forward order
+HOOKS = ("resid_pre", "resid_mid", "mlp_in", "neurons", "mlp_out", "resid_post")
 
 
 @dataclass
@@ -35,9 +36,12 @@ class ActivationsConfig:
     # context length, capped at the model's; null -> the GPT's block_size, an HF model's max positions
     # capped at 1024
     block_size: int | None = None
-    # neurons (blocks.L.mlp.hook_post) | mlp_out (blocks.L.hook_mlp_out)
-    # | resid_post (blocks.L.hook_resid_post); hashed as each hook point written
-    hook: str = neutral("neurons")
+    # resid_pre (blocks.L.hook_resid_pre) | resid_mid (blocks.L.hook_resid_mid) | mlp_in (the MLP's input
+    # after its norm, blocks.L.ln2.hook_normalized) | neurons (blocks.L.mlp.hook_post) | mlp_out
+    # (blocks.L.hook_mlp_out) | resid_post (blocks.L.hook_resid_post), or a list of them, e.g.
+    # [mlp_in, mlp_out] for a transcoder: all written in one forward, row i of every folder the same
+    # token; hashed as each hook point written
+    hook: Any = neutral("neurons")
     layers: Any = neutral(factory=lambda: [0])  # which blocks, all read in one forward: [0,5,10] or all
     rows_per_shard: int = 1_048_576  # rows per .npy shard (1 GiB at d_in 512); pass-1 RAM is about one shard
     resample_rows: int = 819_200  # rows of resample.npy for neuron resampling (Anthropic 2023); 0 = none
@@ -54,8 +58,11 @@ class ActivationsConfig:
                             "expected an integer >= 0")
         if self.block_size is not None and self.block_size < 1:
             raise UserError(f"config `activations.block_size`={self.block_size}: expected null or >= 1")
-        if self.hook not in HOOKS:
-            raise UserError(f"config `activations.hook`={self.hook!r}: expected {' | '.join(HOOKS)}")
+        kinds = [self.hook] if isinstance(self.hook, str) else self.hook
+        if not isinstance(kinds, list | tuple) or not kinds or any(k not in HOOKS for k in kinds):
+            raise UserError(f"config `activations.hook`={self.hook!r}: expected {' | '.join(HOOKS)} "
+                            "or a list of them")
+        self.hook = kinds[0] if len(set(kinds)) == 1 else list(dict.fromkeys(kinds))
         layers = [self.layers] if isinstance(self.layers, int) else self.layers
         ok = layers == "all" or (isinstance(layers, list | tuple) and len(layers) > 0 and all(
             isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers))
@@ -64,6 +71,10 @@ class ActivationsConfig:
                             "(e.g. [0,5,10]) or all")
         self.layers = layers if layers == "all" else list(dict.fromkeys(layers))
         return self
+
+    def kinds(self) -> list[str]:
+        """The hook kinds written (`hook` as a list)."""
+        return [self.hook] if isinstance(self.hook, str) else list(self.hook)
 
     def n_contexts(self) -> int:
         """Contexts sampled for this split."""

@@ -2,10 +2,12 @@
 
 Samples random contexts from `data_dir/<data.name>/<split>.bin`, runs the subject (transformer.subject:
 our GPT or a Hugging Face LM) only up to the last hooked layer, reading every hook point of
-`activations.hook` x `activations.layers` in one forward, keeps `tokens_per_context` random
-positions of each context (200 in Anthropic's "Towards Monosemanticity"), and writes
-`run_dir/activations/<split>/` (one hook point) or `run_dir/activations/<split>/<hook>/` (several;
-row i of every hook's shards is the same token). Layout in docs/formats.md.
+`activations.hook` (one kind or a list, e.g. [mlp_in, mlp_out] for a transcoder) x
+`activations.layers` in one forward, keeps `tokens_per_context` random positions of each context
+(200 in Anthropic's "Towards Monosemanticity"), and writes `run_dir/activations/<split>/` (one hook
+point) or `run_dir/activations/<split>/<hook>/` (several; row i of every hook's shards is the same
+token, and their manifests share `rows_key`: autoencoder.pairs.check_paired). Layout in
+docs/formats.md.
 
 Rows must come out shuffled across contexts (a batch of one context's tokens is a correlated,
 poor gradient), yet the full run is terabytes, so shuffling happens in two passes with RAM bounded
@@ -44,7 +46,7 @@ from tools.core.files import config_hash, read_json, write_json
 from tools.core.layout import RunLayout
 from tools.core.stage import Stage
 from transformer.data import open_tokens, token_dir
-from transformer.subject import SubjectSpec, hook_point
+from transformer.subject import SubjectSpec, hook_kind, hook_point
 from transformer.subject_load import load_subject, subject_spec
 
 
@@ -69,6 +71,7 @@ def _inputs(cfg: DictConfig, a: ActivationsConfig) -> Inputs:
     spec = subject_spec(cfg)
     layers = list(range(spec.n_layers)) if a.layers == "all" else a.layers
     spec.check_layers(layers, "activations.layers")
+    spec.check_kinds(a.kinds(), "activations.hook")
     model_block = spec.max_context
     default = int(spec.extra.get("default_context") or model_block)
     ctx = default if a.block_size is None else min(a.block_size, model_block)
@@ -84,7 +87,7 @@ def _inputs(cfg: DictConfig, a: ActivationsConfig) -> Inputs:
     dtype, n = tokens.dtype, len(tokens)
     if n < ctx:
         raise UserError(f"{tokens_path}: {n} tokens, fewer than one context of {ctx}")
-    hooks = [hook_point(a.hook, layer) for layer in layers]
+    hooks = [hook_point(kind, layer) for layer in layers for kind in a.kinds()]
     return Inputs(spec, hooks, tokens_path, dtype, n, ctx)
 
 
@@ -99,6 +102,14 @@ def output_hash(cfg: DictConfig, a: ActivationsConfig, inp: Inputs, hook: str) -
     return config_hash({"activations": output_fields(a), "hook": hook, "contexts": n_contexts(a),
                         "seed": int(cfg.seed),
                         "model": inp.spec.identity, "data": _data_id(inp), "context_len": inp.context_len})
+
+
+def rows_key(cfg: DictConfig, a: ActivationsConfig, inp: Inputs, world: int) -> str:
+    """What decides which token each row of a shard folder is: `output_hash` without the hook point,
+    with the world size (each rank scatters its own rows). Folders with equal keys are row-paired."""
+    return config_hash({"activations": output_fields(a), "contexts": n_contexts(a), "seed": int(cfg.seed),
+                        "model": inp.spec.identity, "data": _data_id(inp), "context_len": inp.context_len,
+                        "world_size": world})
 
 
 def out_dir(cfg: DictConfig, split: str) -> Path:
@@ -207,11 +218,13 @@ def _run(cfg: DictConfig, a: ActivationsConfig, inp: Inputs, dist: Dist) -> dict
     device = dist.device(resolve_device(str(cfg.device)))
     subject = load_subject(cfg, device, inp.spec)
     widths = {h: subject.width(h) for h in dirs}
-    headers = {h: {"d_in": widths[h], "dtype": shard_check.DTYPE, "hook_name": h, "hook": a.hook,
+    key = rows_key(cfg, a, inp, world)
+    headers = {h: {"d_in": widths[h], "dtype": shard_check.DTYPE, "hook_name": h, "hook": hook_kind(h),
                    "layer": int(h.split(".")[1]), "model": inp.spec.identity, "split": a.split,
                    "contexts": C, "tokens_per_context": T, "block_size": inp.context_len,
                    "rows_per_shard": a.rows_per_shard, "total_rows": total_rows, "seed": seed,
-                   "config_hash": output_hash(cfg, a, inp, h), "data": _data_id(inp), "world_size": world}
+                   "config_hash": output_hash(cfg, a, inp, h), "rows_key": key, "data": _data_id(inp),
+                   "world_size": world}
                for h in dirs}
     dist.barrier()
     if rank == 0:  # nothing may read a half-rewritten directory as complete

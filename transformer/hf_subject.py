@@ -1,11 +1,21 @@
 """A Hugging Face causal LM as a Subject, through forward (pre-)hooks on its own modules.
 
-Neurons are the input of the MLP's output projection: Llama/Mistral/Qwen `mlp.down_proj` (the gated
-product act(gate)·up, signed), GPT-2 `mlp.c_proj`, GPT-NeoX `mlp.dense_4h_to_h` (post-activation).
-`blocks.L.hook_mlp_out` is the MLP module's output, `blocks.L.hook_resid_post` the decoder layer's.
+Per decoder layer (`Arch` names the modules of each architecture):
+  * `hook_resid_pre`: the layer's input; `hook_resid_post`: its output;
+  * `hook_resid_mid`: the input of the norm before the MLP (`Arch.ln2`: Llama/Mistral/Qwen/NeoX
+    `post_attention_layernorm`, GPT-2 `ln_2`, Gemma `pre_feedforward_layernorm`), i.e. the residual
+    after attention. An edit there is applied to the norm's input and its difference added to the
+    MLP's output, so the layer's residual carries the edited value. GPT-NeoX with
+    `use_parallel_residual` (Pythia) has no such point: attention and MLP both read resid_pre;
+  * `ln2.hook_normalized`: that norm's output, the MLP's input (what a transcoder reads);
+  * neurons: the input of the MLP's output projection: Llama/Mistral/Qwen/Gemma `mlp.down_proj`
+    (the gated product act(gate)·up, signed), GPT-2 `mlp.c_proj`, GPT-NeoX `mlp.dense_4h_to_h`;
+  * `hook_mlp_out`: the MLP module's output, for Gemma after `post_feedforward_layernorm` (what is
+    added to the residual, as in TransformerLens).
 A capture raises out of the forward right after its last hook point, so later layers never run.
 Other architectures: `subject.neuron_module=model.layers.{layer}.mlp.down_proj` (any module path
-with `{layer}`; its parent is taken as the MLP).
+with `{layer}`; its parent is taken as the MLP; resid_mid and ln2.hook_normalized then need a known
+architecture).
 """
 
 from __future__ import annotations
@@ -21,7 +31,16 @@ from typing import Any
 import torch
 
 from tools.core.config import UserError
-from transformer.subject import Edit, Subject, SubjectSpec, hook_kind, last_hook, parse_hook
+from transformer.subject import (
+    AnyEdit,
+    EditRun,
+    StopForward,
+    Subject,
+    SubjectSpec,
+    hook_kind,
+    last_hook,
+    parse_hook,
+)
 from transformer.subject_config import SubjectConfig
 
 HF_CONTEXT_CAP = 1024  # default context length of an HF subject when `activations.block_size` is null
@@ -29,16 +48,29 @@ HF_CONTEXT_CAP = 1024  # default context length of an HF subject when `activatio
 
 @dataclass(frozen=True)
 class Arch:
+    """Module paths of one architecture (paths inside a layer are relative to the decoder layer)."""
+
     layers: str  # path of the ModuleList of decoder layers
     neuron: str  # path, inside a layer, of the module whose input is the neuron vector
     final_norm: str | None  # path of the norm before the unembedding (its scale is folded in)
+    ln2: str | None = None  # path, inside a layer, of the norm the MLP reads; None: no resid_mid / mlp_in
+    mlp_out: str | None = None  # path, inside a layer, of the module whose output is hook_mlp_out
+    # (None: the neuron module's parent, the MLP)
+    norm_offset: float = 0.0  # the final norm scales by offset + weight (Gemma's RMSNorm: 1)
 
 
-_LLAMA = Arch("model.layers", "mlp.down_proj", "model.norm")
+_LLAMA = Arch("model.layers", "mlp.down_proj", "model.norm", "post_attention_layernorm")
+_GEMMA2 = Arch("model.layers", "mlp.down_proj", "model.norm", "pre_feedforward_layernorm",
+               "post_feedforward_layernorm", 1.0)
 ARCHS = {
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA,
-    "gpt2": Arch("transformer.h", "mlp.c_proj", "transformer.ln_f"),
-    "gpt_neox": Arch("gpt_neox.layers", "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm"),
+    "gpt2": Arch("transformer.h", "mlp.c_proj", "transformer.ln_f", "ln_2"),
+    "gpt_neox": Arch("gpt_neox.layers", "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm",
+                     "post_attention_layernorm"),
+    "gemma": Arch("model.layers", "mlp.down_proj", "model.norm", "post_attention_layernorm", None, 1.0),
+    "gemma2": _GEMMA2, "gemma3_text": _GEMMA2,
+    "gemma3": Arch("model.language_model.layers", "mlp.down_proj", "model.language_model.norm",
+                   "pre_feedforward_layernorm", "post_feedforward_layernorm", 1.0),
 }
 _NORMS = ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.final_layernorm")
 
@@ -51,13 +83,28 @@ def resolve_arch(model_type: str, neuron_module: str | None) -> Arch:
                             "with `.{layer}.`, e.g. model.layers.{layer}.mlp.down_proj")
         layers, neuron = neuron_module.split(".{layer}.", 1)
         known = ARCHS.get(model_type)
-        return Arch(layers, neuron, known.final_norm if known else None)
+        if known is None:
+            return Arch(layers, neuron, None)
+        return Arch(layers, neuron, known.final_norm, known.ln2, known.mlp_out, known.norm_offset)
     if model_type not in ARCHS:
         raise UserError(f"architecture {model_type!r} has no known MLP-neuron hook (known: "
                         f"{', '.join(sorted(ARCHS))}); pass subject.neuron_module=<module path with "
                         "{layer}> naming the module whose input is the neuron vector, e.g. "
                         "subject.neuron_module=model.layers.{layer}.mlp.down_proj")
     return ARCHS[model_type]
+
+
+def unavailable_kinds(arch: Arch, config: Any) -> dict[str, str]:
+    """Hook kinds the architecture lacks -> why, from its module paths and config alone."""
+    out = {}
+    if arch.ln2 is None:
+        why = "the norm before the MLP is known only for " + ", ".join(sorted(ARCHS))
+        out = {"resid_mid": why, "mlp_in": why}
+    text = getattr(config, "text_config", None) or config
+    if getattr(text, "use_parallel_residual", False) and getattr(config, "model_type", "") == "gpt_neox":
+        out["resid_mid"] = ("use_parallel_residual: attention and MLP both read the layer's input, "
+                            "blocks.L.hook_resid_pre")
+    return out
 
 
 def _get(root: torch.nn.Module, path: str, what: str) -> torch.nn.Module:
@@ -72,8 +119,9 @@ def _get(root: torch.nn.Module, path: str, what: str) -> torch.nn.Module:
     return mod
 
 
-class _Stop(Exception):
-    """Raised by the last hook of a capture to end the forward there."""
+def _map_out(out: Any, fn) -> Any:
+    """A module's output with its main tensor (a tuple's first item) replaced by `fn(tensor)`."""
+    return (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out)
 
 
 class HFSubject(Subject):
@@ -86,53 +134,68 @@ class HFSubject(Subject):
             raise UserError(f"{what}: {self.arch.layers} is not a list of layers")
         self.blocks = blocks
         self.n_layers = len(blocks)
-        self.mlp_path, _, _ = self.arch.neuron.rpartition(".")
+        self.mlp_out_path = self.arch.mlp_out if self.arch.mlp_out is not None else \
+            self.arch.neuron.rpartition(".")[0]
         down = _get(blocks[0], self.arch.neuron, f"{what} layer 0")
+        for path in (self.arch.ln2, self.mlp_out_path):
+            if path:
+                _get(blocks[0], path, f"{what} layer 0")
+        self.unavailable = unavailable_kinds(self.arch, model.config)
         self.d_mlp = _in_width(down)
         emb = model.get_input_embeddings().weight
         self.d_model, self.device = emb.shape[1], emb.device
         self.vocab_size, self.max_context = spec.vocab_size, spec.max_context
 
-    def _site(self, hook: str) -> tuple[torch.nn.Module, bool]:
-        """The module of a hook point and whether it reads the module's input (a pre-hook)."""
+    def _site(self, hook: str) -> tuple[torch.nn.Module, str]:
+        """The module of a hook point and what it reads: `pre` (the module's input) or `post` (output)."""
         layer, _ = parse_hook(hook)
         block, kind = self.blocks[layer], hook_kind(hook)
+        where = f"layer {layer}"
         if kind == "neurons":
-            return _get(block, self.arch.neuron, f"layer {layer}"), True
+            return _get(block, self.arch.neuron, where), "pre"
         if kind == "mlp_out":
-            return (_get(block, self.mlp_path, f"layer {layer}") if self.mlp_path else block), False
-        return block, False
+            return (_get(block, self.mlp_out_path, where) if self.mlp_out_path else block), "post"
+        if kind in ("resid_mid", "mlp_in"):
+            return _get(block, str(self.arch.ln2), where), "pre" if kind == "resid_mid" else "post"
+        return block, "pre" if kind == "resid_pre" else "post"
 
     @contextlib.contextmanager
-    def _hooks(self, edits: Mapping[str, Edit], keep: Iterable[str], stop: str | None) -> Iterator[dict]:
-        got: dict[str, torch.Tensor] = {}
+    def _hooks(self, run: EditRun) -> Iterator[None]:
         handles = []
+        deltas: dict[int, torch.Tensor] = {}  # layer -> edited minus original resid_mid
 
-        def handler(name: str, pre: bool):
-            def replace(value: torch.Tensor) -> torch.Tensor:
-                if name in edits:
-                    value = edits[name](value)
-                if name in keep:
-                    got[name] = value
-                if name == stop:
-                    raise _Stop
-                return value
+        def handler(name: str, mode: str):
+            if mode == "post":
+                return lambda mod, args, out: _map_out(out, lambda v: run(name, v))
+            if hook_kind(name) == "resid_mid":  # the norm's input: the edit's difference goes on below
+                layer = parse_hook(name)[0]
 
-            if pre:
-                return lambda mod, args: (replace(args[0]), *args[1:])
+                def mid(mod, args, kwargs):
+                    new = run(name, args[0])
+                    if name in run.edits:
+                        deltas[layer] = new - args[0]
+                    return (new, *args[1:]), kwargs
+                return mid
 
-            def post(mod, args, out):
-                if isinstance(out, tuple):
-                    return (replace(out[0]), *out[1:])
-                return replace(out)
-            return post
+            def pre(mod, args, kwargs):
+                if args:
+                    return (run(name, args[0]), *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": run(name, kwargs["hidden_states"])}
+            return pre
 
         try:
-            for name in dict.fromkeys([*edits, *keep]):
-                mod, pre = self._site(name)
-                h = handler(name, pre)
-                handles.append(mod.register_forward_pre_hook(h) if pre else mod.register_forward_hook(h))
-            yield got
+            for name in run.names():
+                mod, mode = self._site(name)
+                h = handler(name, mode)
+                handles.append(mod.register_forward_hook(h) if mode == "post"
+                               else mod.register_forward_pre_hook(h, with_kwargs=True))
+            for name in run.edits:  # after the mlp_out edits, so the difference is added to their result
+                if hook_kind(name) == "resid_mid":
+                    layer = parse_hook(name)[0]
+                    mod, _ = self._site(name.replace("hook_resid_mid", "hook_mlp_out"))
+                    handles.append(mod.register_forward_hook(
+                        lambda m, a, out, layer=layer: _map_out(out, lambda v: v + deltas.pop(layer))))
+            yield
         finally:
             for h in handles:
                 h.remove()
@@ -140,19 +203,19 @@ class HFSubject(Subject):
     @torch.no_grad()
     def capture(self, idx: torch.Tensor, hooks: Iterable[str]) -> dict[str, torch.Tensor]:
         hooks = self.check_hooks(hooks)
-        with self._hooks({}, hooks, last_hook(hooks)) as got:
+        run = EditRun({}, hooks, last_hook(hooks))
+        with self._hooks(run):
             try:
                 self.model(input_ids=idx, use_cache=False)
-            except _Stop:
+            except StopForward:
                 pass
-        return got
+        return run.got
 
     @torch.no_grad()
-    def logits(self, idx: torch.Tensor, edits: Mapping[str, Edit] | None = None) -> torch.Tensor:
+    def logits(self, idx: torch.Tensor, edits: Mapping[str, AnyEdit] | None = None) -> torch.Tensor:
         edits = dict(edits or {})
-        if edits:
-            self.check_hooks(edits)
-        with self._hooks(edits, [], None):
+        self.check_edits(edits)
+        with self._hooks(EditRun(edits, (), None)):
             return self.model(input_ids=idx, use_cache=False).logits
 
     def neuron_out_weight(self, layer: int) -> torch.Tensor:
@@ -168,7 +231,7 @@ class HFSubject(Subject):
                 norm = _get(self.model, path, "final norm")
             except UserError:
                 continue
-            return w * norm.weight
+            return w * (norm.weight + self.arch.norm_offset)
         raise UserError(f"{type(self.model).__name__}: no final norm found at {', '.join(paths)}")
 
 
@@ -218,8 +281,10 @@ def _hf_spec(sc: SubjectConfig, data_dir: str, path: str) -> SubjectSpec:
     conf = _from_pretrained(AutoConfig, path, "model config", revision=sc.revision)
     ident = model_identity(sc, data_dir, SimpleNamespace(config=conf))
     ident["architecture"] = conf.model_type
-    resolve_arch(conf.model_type, sc.neuron_module)  # unknown architectures fail before any work
-    max_ctx = int(getattr(conf, "max_position_embeddings", None) or HF_CONTEXT_CAP)
-    return SubjectSpec(ident, int(conf.num_hidden_layers), max_ctx, int(conf.vocab_size),
+    arch = resolve_arch(conf.model_type, sc.neuron_module)  # unknown architectures fail before any work
+    text = conf.get_text_config() if hasattr(conf, "get_text_config") else conf  # a multimodal model's LM
+    max_ctx = int(getattr(text, "max_position_embeddings", None) or HF_CONTEXT_CAP)
+    return SubjectSpec(ident, int(text.num_hidden_layers), max_ctx, int(text.vocab_size),
                        _tokenizer_fingerprint(sc, data_dir),
-                       {"default_context": min(max_ctx, HF_CONTEXT_CAP)})
+                       {"default_context": min(max_ctx, HF_CONTEXT_CAP),
+                        "hook_unavailable": unavailable_kinds(arch, conf)})

@@ -298,3 +298,24 @@ def test_fp16_overflow_is_an_error(world):
     save_model(model, Path(cfg.run_dir) / "transformer")
     with pytest.raises(UserError, match="non-finite activations"):
         generate.run(cfg)
+
+
+def test_transcoder_pair_on_our_gpt(world, generated):
+    """[mlp_in, mlp_out] in one run: row i of the input folder maps through the MLP to row i of the
+    output folder; a folder of another run (another model folder) does not pair with them."""
+    from autoencoder.pairs import check_paired
+    from transformer.model import load_model
+
+    cfg = make_cfg(world, "pair", "activations.hook=[mlp_in,mlp_out]")
+    generate.run(cfg)
+    base = Path(cfg.run_dir) / "activations" / "train"
+    a_dir, b_dir = base / "blocks.0.ln2.hook_normalized", base / "blocks.0.hook_mlp_out"
+    assert check_paired(a_dir, b_dir) == C * T
+    mlp = load_model(world / "model").transformer.h[0].mlp
+    a, b = shard_rows(a_dir), shard_rows(b_dir)
+    with torch.no_grad():
+        mapped = mlp.out(mlp.hidden(torch.from_numpy(a[:50]).float())).numpy()
+    np.testing.assert_allclose(mapped, b[:50].astype(np.float32), rtol=2e-2, atol=2e-3)
+    neurons = Path(generated[0].run_dir) / "activations" / "train"  # hook=neurons, another run's model copy
+    with pytest.raises(UserError, match=r"train and .*normalized do not hold the same rows \(model differs"):
+        check_paired(neurons, a_dir)

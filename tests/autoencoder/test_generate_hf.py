@@ -101,13 +101,72 @@ def test_layers_all(world):
 
 @pytest.mark.parametrize("override, match", [
     ("activations.layers=[1,7]", r"layer\(s\) \[7\] do not exist; .*tiny-llama has 3 layers \(0..2\)"),
-    ("activations.hook=attn", "activations.hook`='attn': expected neurons | mlp_out | resid_post"),
+    ("activations.hook=attn", "activations.hook`='attn': expected resid_pre | resid_mid | mlp_in | neurons "
+                              r"| mlp_out | resid_post or a list of them"),
+    ("activations.hook=[mlp_in,attn]", r"activations.hook`=\['mlp_in', 'attn'\]: expected"),
     ("activations.layers=[]", "activations.layers`=\\[\\]: expected a list"),
     ("activations.layers=some", "expected a list of layers"),
 ])
 def test_bad_hooks_are_named(world, override, match):
     with pytest.raises(UserError, match=match):
         generate.run(make_cfg(world, "bad", override))
+
+
+def test_transcoder_hooks_are_written_paired(world):
+    from autoencoder.pairs import check_paired
+
+    hooks = ["blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"]
+    cfg = make_cfg(world, "pair", "activations.hook=[mlp_in,mlp_out]", "activations.layers=[1]")
+    out = generate.run(cfg)
+    assert list(out["hooks"]) == hooks
+    base = Path(cfg.run_dir) / "activations" / "train"
+    ms = [shard_check.read_manifest(base / h, d_in=16) for h in hooks]
+    assert [m["hook"] for m in ms] == ["mlp_in", "mlp_out"] and ms[0]["rows_key"] == ms[1]["rows_key"]
+    assert check_paired(base / hooks[0], base / hooks[1]) == C * T
+    # row i of both folders is the same token: the MLP maps the input row to the output row
+    subject = load_subject(cfg, "cpu")
+    mlp = subject.model.model.layers[1].mlp
+    a, b = rows_of(base / hooks[0]), rows_of(base / hooks[1])
+    with torch.no_grad():
+        mapped = mlp(torch.from_numpy(a[:20]).float()).numpy()
+    np.testing.assert_allclose(mapped, b[:20].astype(np.float32), rtol=2e-2, atol=2e-3)
+    # and each row is the direct capture of its token
+    tokens = np.fromfile(world / "data" / "tiny--tiny-llama" / "train.bin", dtype=np.uint16)
+    starts, pos = scatter.ContextPlan(int(cfg.seed), "train", len(tokens), L, T).get(0, C)
+    got = subject.capture(torch.from_numpy(tokens[starts[:, None] + np.arange(L)].astype(np.int64)), hooks)
+    want = [torch.gather(got[h], 1, torch.from_numpy(pos)[:, :, None].expand(-1, -1, 16)).reshape(-1, 16)
+            .half().numpy() for h in hooks]
+    index = {r.tobytes(): i for i, r in enumerate(want[0])}
+    for i in range(0, C * T, 37):
+        j = index[a[i].tobytes()]
+        assert want[1][j].tobytes() == b[i].tobytes()
+    # a folder from another seed shares no rows
+    other = make_cfg(world, "pair-seed", "activations.hook=[mlp_in,mlp_out]", "activations.layers=[1]",
+                     "seed=7")
+    generate.run(other)
+    theirs = Path(other.run_dir) / "activations" / "train" / hooks[1]
+    with pytest.raises(UserError, match=rf"{base / hooks[0]} and {theirs} do not hold the same rows "
+                                        r"\(seed \d+ vs 7\)"):
+        check_paired(base / hooks[0], theirs)
+    # nor one written with another batch size (another scatter order)
+    other = make_cfg(world, "pair-batch", "activations.hook=mlp_out", "activations.layers=[1]",
+                     "activations.batch_contexts=4")
+    generate.run(other)
+    theirs = Path(other.run_dir) / "activations" / "train"
+    with pytest.raises(UserError, match=r"do not hold the same rows \(rows_key differs"):
+        check_paired(base / hooks[0], theirs)
+
+
+def test_parallel_neox_has_no_resid_mid(world, tmp_path):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    cfg = GPTNeoXConfig(vocab_size=V, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                        num_attention_heads=2, max_position_embeddings=L, use_parallel_residual=True)
+    GPTNeoXForCausalLM(cfg).save_pretrained(tmp_path / "neox")
+    run = make_cfg(world, "neox", "activations.hook=[resid_mid]", f"subject.model={tmp_path / 'neox'}")
+    with pytest.raises(UserError, match=r"activations.hook`: .*neox has no resid_mid hook point "
+                                        r"\(use_parallel_residual.*\); it has: resid_pre \| mlp_in"):
+        generate.run(run)
 
 
 def test_out_of_memory_names_the_setting(world, monkeypatch):
