@@ -29,8 +29,7 @@
 
   // ---- index ----------------------------------------------------------------------------------
   function index() {
-    // [index, density, max act, [top tokens], [top logits], description, score, status, has page,
-    //  min act, [labels of the tagged runs that describe it]]
+    // one array per unit, its slots named by data.columns (tools.html.site.IndexRow)
     var rows = data.rows;
     var C = {};  // column name -> slot of an index row (data.columns)
     data.columns.forEach(function (n, i) { C[n] = i; });
@@ -44,7 +43,7 @@
       (data.negative_side ? ", both signs" : "") + ", over " +
       (data.tokens_scanned || 0).toLocaleString("en") + " tokens of the " + (data.split || "?") + " split; " +
       data.described + " described. Ultra-low density: below " + data.ultra_low + ".";
-    if (data.negative_side) document.querySelector('th button[data-sort="2"]').textContent = "max / min act";
+    if (data.negative_side) document.querySelector('th button[data-sort="max_act"]').textContent = "max / min act";
     document.getElementById("dead-note").textContent = data.dead + " dead units are not in the histogram.";
     var mt = document.querySelector("#metrics tbody");
     var keys = Object.keys(data.sae_metrics || {});
