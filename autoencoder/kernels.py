@@ -151,17 +151,15 @@ class _L1SAE(torch.autograd.Function):
         need_x = ctx.needs_input_grad[0]
         if ctx.mode == "fused":
             xbar, f, W_enc, W_dec = ctx.saved_tensors
-            grads = _fused_backward(g, G, xbar, f, W_enc, W_dec, need_x)
+            grads = _fused_backward(g, G, xbar, f, W_enc, W_dec, need_x, ctx.center)
         else:
             xbar, rows, cols, crow, vals, W_enc, W_dec = ctx.saved_tensors
-            grads = _sparse_backward(g, G, xbar, rows, cols, crow, vals, W_enc, W_dec, ctx.shape, need_x)
-        g_x, g_W_enc, g_b_enc, g_W_dec, g_b_dec = grads
-        if not ctx.center:  # b_dec does not enter the encoder: its gradient is the output's alone
-            g_b_dec = g_b_dec + W_enc @ g_b_enc
-        return g_x, g_W_enc, g_b_enc, g_W_dec, g_b_dec, None, None, None
+            grads = _sparse_backward(g, G, xbar, rows, cols, crow, vals, W_enc, W_dec, ctx.shape, need_x,
+                                     ctx.center)
+        return (*grads, None, None, None)
 
 
-def _fused_backward(g, G, xbar, f, W_enc, W_dec, need_x):
+def _fused_backward(g, G, xbar, f, W_enc, W_dec, need_x, center=True):
     B, d_sae = f.shape
     if g is None:
         g = xbar.new_zeros(B, W_dec.shape[1])
@@ -173,16 +171,16 @@ def _fused_backward(g, G, xbar, f, W_enc, W_dec, need_x):
     g_W_enc = xbar.t() @ gpre
     g_b_enc = gpre.sum(0)
     g_W_dec = f.t() @ g
-    g_b_dec = g.sum(0) - W_enc @ g_b_enc
+    # through x̄ = x − b_dec as −W_enc·(∂b_enc) (a transcoder encodes x: b_dec is the output's alone)
+    g_b_dec = g.sum(0) - W_enc @ g_b_enc if center else g.sum(0)
     g_x = gpre @ W_enc.t() if need_x else None
     return g_x, g_W_enc, g_b_enc, g_W_dec, g_b_dec
 
 
-def _sparse_backward(g, G, xbar, rows, cols, crow, vals, W_enc, W_dec, shape, need_x):
+def _sparse_backward(g, G, xbar, rows, cols, crow, vals, W_enc, W_dec, shape, need_x, center=True):
     B, d_sae = shape
-    d_in = xbar.shape[1]
     if g is None:
-        g = xbar.new_zeros(B, d_in)
+        g = xbar.new_zeros(B, W_dec.shape[1])
     # ∂L/∂pre at the active pairs: the incoming ∂L/∂f there + g[r] · W_dec[c] (an SDDMM)
     gpre = G[rows, cols] if G is not None else vals.new_zeros(vals.shape)
     if vals.numel():
@@ -201,7 +199,8 @@ def _sparse_backward(g, G, xbar, rows, cols, crow, vals, W_enc, W_dec, shape, ne
     g_W_dec = F.embedding_bag(rows_by_f, g, fptr, mode="sum", per_sample_weights=vals[order],
                               include_last_offset=True)
     g_b_enc = torch.zeros(d_sae, dtype=gpre.dtype, device=gpre.device).index_add_(0, cols, gpre)
-    g_b_dec = g.sum(0) - W_enc @ g_b_enc
+    # through x̄ = x − b_dec as −W_enc·(∂b_enc) (a transcoder encodes x: b_dec is the output's alone)
+    g_b_dec = g.sum(0) - W_enc @ g_b_enc if center else g.sum(0)
     g_x = None
     if need_x:
         g_x = F.embedding_bag(cols, W_enc.t().contiguous(), crow, mode="sum", per_sample_weights=gpre,
