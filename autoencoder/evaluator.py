@@ -95,7 +95,8 @@ class Evaluator:
         except UserError:
             out_dir = None
         if self.rows is None or out_dir is None or self.source != str(self.in_dir):
-            self.log(f"note: no paired val shards of {self.hook} and {self.hook_out}: held-out metrics skipped")
+            self.log(f"note: no paired val shards of {self.hook} and {self.hook_out}: "
+                     "held-out metrics skipped")
             return None
         check_paired(read_manifest(self.in_dir), read_manifest(out_dir), self.in_dir, out_dir)
         return take_rows(out_dir, self.c.eval_rows, seed=0, d_in=d_out)

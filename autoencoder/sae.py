@@ -20,12 +20,12 @@ from typing import Any
 import torch
 
 from autoencoder.saes import (
+    L1SAE,
     PARAM_NAMES,
     REGISTRY,
     SAE,
     BatchTopKSAE,
     JumpReLUSAE,
-    L1SAE,
     LossTerms,
     MatryoshkaSAE,
     SAEModelConfig,
@@ -153,7 +153,8 @@ def load_sae(directory: str | Path, device: str | torch.device = "cpu", kernel: 
             hook = meta.get("hook_name") or (meta.get("metadata") or {}).get("hook_name")
             cfg = SAEModelConfig(architecture=meta["architecture"], d_in=int(meta["d_in"]),
                                  d_sae=int(meta["d_sae"]), k=meta.get("k"),
-                                 hook_name=hook or "blocks.0.mlp.hook_post", dtype=meta.get("dtype", "float32"))
+                                 hook_name=hook or "blocks.0.mlp.hook_post",
+                                 dtype=meta.get("dtype", "float32"))
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{directory / CFG_FILE}: missing or bad SAE field ({e})") from e
     sae = build_sae(cfg, kernel=kernel)

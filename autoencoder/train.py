@@ -21,9 +21,9 @@ from typing import Any
 from omegaconf import DictConfig
 
 from autoencoder.config import SAETrainConfig
+from autoencoder.evaluator import summary
 from autoencoder.saes import arch_class
 from autoencoder.saes.base import short_float
-from autoencoder.evaluator import summary
 from autoencoder.trainer import RunSpec, Trainer
 from tools.core import guard
 from tools.core.config import UserError, output_fields, resolve_device, section, stage_main

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from autoencoder.saes.base import SAE, LossTerms, SAEModelConfig, short_float, row_sq_error
+from autoencoder.saes.base import SAE, LossTerms, SAEModelConfig, row_sq_error, short_float
 from tools.core.config import UserError
 
 

@@ -73,8 +73,9 @@ def test_jumprelu_straight_through_gradients_match_the_smoothed_step():
     torch.testing.assert_close(theta.grad, fd_step)
     theta.grad = None
     # f = pre · H(pre − θ): ∂f/∂θ ≈ pre · ∂H_ε/∂θ = −(θ/ε) K at pre ≈ θ (the paper's estimator)
-    fd_jump = torch.stack([((pre * smooth_step(theta.detach() + h * e)) - pre * smooth_step(theta.detach() - h * e))
-                           .sum(0) / (2 * h) for e in torch.eye(3, dtype=torch.float64)]).diagonal()
+    t0 = theta.detach()
+    fd_jump = torch.stack([(pre * smooth_step(t0 + h * e) - pre * smooth_step(t0 - h * e)).sum(0) / (2 * h)
+                           for e in torch.eye(3, dtype=torch.float64)]).diagonal()
     JumpReLUFn.apply(pre, theta, eps).sum().backward()
     torch.testing.assert_close(theta.grad, fd_jump, rtol=0.35, atol=0)
     assert torch.allclose(theta.grad, -(theta.detach() / eps) * (((pre - theta.detach()).abs() < eps / 2)
@@ -149,7 +150,8 @@ def test_sparse_kernel_matches_dense_for_k_sparse_kinds(arch, transcoder):
 
 @pytest.mark.parametrize("override,key", [
     ({"architecture": "batchtopk", "k": 65}, "sae.k`=65"),
-    ({"architecture": "matryoshka", "matryoshka_widths": [32, 16, 64]}, "sae.matryoshka_widths`=[32, 16, 64]"),
+    ({"architecture": "matryoshka", "matryoshka_widths": [32, 16, 64]},
+     "sae.matryoshka_widths`=[32, 16, 64]"),
     ({"architecture": "matryoshka", "matryoshka_widths": [16, 32]}, "sae.matryoshka_widths`=[16, 32]"),
     ({"architecture": "jumprelu", "bandwidth": 0.0}, "sae.bandwidth`=0.0"),
     ({"architecture": "jumprelu", "threshold_init": -1.0}, "sae.threshold_init`=-1.0"),

@@ -18,13 +18,12 @@ ARCHS = {"batchtopk": ["sae.k=2"], "jumprelu": ["sae.l0_coeff=0.05"],
          "matryoshka": ["sae.k=2", "sae.matryoshka_widths=[8,32,64]"]}
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(autouse=True)
-def one_thread_no_wandb(monkeypatch):
+def no_wandb(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

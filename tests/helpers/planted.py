@@ -22,11 +22,11 @@ def planted_run(root: Path, d: int = 16, n_true: int = 32, rows: int = 24000, ho
     outs = {h: x if i == 0 else x @ torch.randn(d, d, generator=g) / d ** 0.5 for i, h in enumerate(hooks)}
     for name, data in (outs or {None: x}).items():
         a = data.numpy().astype(np.float16)
-        base = root / "activations"
-        tr, va = (base / "train", base / "val") if name is None else (base / "train" / name, base / "val" / name)
+        tr, va = (root / "activations" / split / (name or "") for split in ("train", "val"))
+        hook = name or "blocks.0.mlp.hook_post"
         cut = rows * 5 // 6
-        write_shards(tr, a[:cut], 5000, resample_rows=2048, hook_name=name or "blocks.0.mlp.hook_post")
-        write_shards(va, a[cut:], 4000, split="val", resample_rows=0, hook_name=name or "blocks.0.mlp.hook_post")
+        write_shards(tr, a[:cut], 5000, resample_rows=2048, hook_name=hook)
+        write_shards(va, a[cut:], 4000, split="val", resample_rows=0, hook_name=hook)
     return feats
 
 

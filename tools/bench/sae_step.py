@@ -14,8 +14,9 @@ picks its sparse or fused-dense path per batch; the path it took is printed as `
 For l1 and jumprelu, two sparsity levels: `dense` (fresh init, L0 about half the features) and
 `trained` (b_enc calibrated per feature so each fires on --l0/n_features of the rows, L0 about 32,
 as a trained SAE). The k-sparse kinds (topk, batchtopk, matryoshka) fire `--k` latents per row at
-any point of training, so they run at that sparsity only (printed as `trained`). The ceiling is the dense step's 6 GEMMs (12·B·d·F FLOP) timed as plain matmuls with
-preallocated outputs; `ceiling_ratio` = rows/s ÷ the ceiling's rows/s. The machine may be shared:
+any point of training, so they run at that sparsity only (printed as `trained`). The ceiling is
+the dense step's 6 GEMMs (12·B·d·F FLOP) timed as plain matmuls with preallocated outputs;
+`ceiling_ratio` = rows/s ÷ the ceiling's rows/s. The machine may be shared:
 every figure of one configuration is measured interleaved (ceiling, reference, ours, ceiling, ...)
 and reported as a median, so ratios printed on one line are comparable even when absolute figures
 are noisy. One line per configuration, `key=value` pairs, for scripts.
@@ -267,8 +268,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("--device cuda given but CUDA is not available")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None) if device.type == "cuda" else None
-    print(fmt(bench="sae_step", arch=args.arch, device=f"'{name}'", threads=torch.get_num_threads(), d_in=args.d_in,
-              batch=args.batch, steps=args.steps, dtype="float32",
+    print(fmt(bench="sae_step", arch=args.arch, device=f"'{name}'", threads=torch.get_num_threads(),
+              d_in=args.d_in, batch=args.batch, steps=args.steps, dtype="float32",
               compute="bf16-autocast" if device.type == "cuda" else "float32",
               thp=os.environ.get("THP_MEM_ALLOC_ENABLE", "0"), torch=torch.__version__), flush=True)
     if args.crossover:
