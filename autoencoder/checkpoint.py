@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from autoencoder.sae import PARAM_NAMES, SAE
+from autoencoder.sae import SAE
 from tools.core import guard
 from tools.core.config import UserError
 from tools.core.files import atomic_path, read_json, sha256_file, write_json
@@ -25,7 +25,7 @@ def save_checkpoint(ckpt: Path, *, sae: SAE, optimizer: torch.optim.Optimizer, s
     from safetensors.torch import save_file
 
     out = dict(tensors)
-    for n in PARAM_NAMES:
+    for n in sae.state_names():
         p = getattr(sae, n)
         out[f"sae.{n}"] = p.detach()
         st = optimizer.state.get(p, {})
@@ -69,7 +69,7 @@ def load_checkpoint(ckpt: Path, *, sae: SAE, optimizer: torch.optim.Optimizer,
     t = load_file(str(path))
     dev = sae.W_dec.device
     with torch.no_grad():
-        for n in PARAM_NAMES:
+        for n in sae.state_names():
             p = getattr(sae, n)
             p.copy_(t.pop(f"sae.{n}"))
             if f"adam.{n}.step" in t:

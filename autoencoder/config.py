@@ -12,7 +12,7 @@ from typing import Any
 
 from tools.core.config import UserError, neutral
 
-ARCHITECTURES = ("l1", "topk")  # autoencoder.sae.ARCHITECTURES
+ARCHITECTURES = ("l1", "topk", "batchtopk", "jumprelu", "matryoshka")  # autoencoder.saes.BY_NAME
 SPLITS = ("train", "val")
 # transformer.subject.HOOK_KINDS, in forward order
 HOOKS = ("resid_pre", "resid_mid", "mlp_in", "neurons", "mlp_out", "resid_post")
@@ -93,25 +93,51 @@ class SAETrainConfig:
     over the rows of the batch (and over DDP ranks), so l1_coeff means the same at any batch size,
     world size, activation scale and d_in. Decoder rows are unit norm after every step, with the
     gradient component parallel to each row removed before the step. sae=topk (conf/sae/topk.yaml)
-    is the TopK SAE of Gao et al. 2024. Neutral fields may differ when a run resumes.
+    is the TopK SAE of Gao et al. 2024; sae=batchtopk, sae=jumprelu and sae=matryoshka the newer
+    kinds (autoencoder/saes/). Any of them trains as a transcoder with sae.kind=transcoder.
+    Neutral fields may differ when a run resumes.
     """
 
-    architecture: str = "l1"  # l1 (Anthropic 2023) | topk (Gao et al. 2024; see sae=topk)
+    # l1 (Anthropic 2023) | topk (Gao et al. 2024) | batchtopk (Bussmann et al. 2024)
+    # | jumprelu (Rajamanoharan et al. 2024) | matryoshka (Bussmann et al. 2025); see conf/sae/*.yaml
+    architecture: str = "l1"
+    # sae: reconstruct the rows it reads | transcoder: read sae.hook_in rows, reconstruct the sae.hook_out
+    # rows of the same tokens (Dunefsky et al. 2024); the two shard folders must hold the same rows
+    kind: str = "sae"
+    hook_in: str | None = None  # transcoder: input hook point (e.g. blocks.0.hook_mlp_in)
+    hook_out: str | None = None  # transcoder: output hook point (e.g. blocks.0.hook_mlp_out)
+    skip: bool = False  # transcoder: add a linear skip path x W_skipᵀ (Paulo et al. 2025; zero at init)
     name: str | None = neutral(None)  # folder under run_dir/sae/; null -> derived, e.g. l1-4096-l1c6e-2
     hook: str | None = neutral(None)  # hook point when the shards hold several (e.g. blocks.10.mlp.hook_post)
     n_features: int = 4096  # dictionary size (d_sae); Anthropic: 512 .. 131072 for d_in 512
     d_in: int | None = None  # null -> from the shards' manifest; set to assert the width
-    l1_coeff: float = 0.06  # λ on ‖f‖₁ / s (see normalize_loss; per row, batch-averaged); topk: ignored
-    l1_warmup_steps: int = 0  # linear ramp of λ from 0 over these steps (0 = off)
+    l1_coeff: float = 0.06  # l1: λ on ‖f‖₁ / s (see normalize_loss; per row, batch-averaged)
+    l1_warmup_steps: int = 0  # linear ramp of the sparsity coefficient (l1_coeff, l0_coeff) from 0 (0 = off)
     mse_reduction: str = "sum"  # sum | mean over d_in (cancels out under normalize_loss)
     # Scale-free loss: s = RMS ‖x − b_dec‖ of the init sample; loss = MSE / s² + λ ‖f‖₁ / s, so λ trades
     # the fraction of unexplained variance against ‖f‖₁ / ‖x‖ at any activation scale or d_in.
     # false: the paper's raw loss MSE + λ ‖f‖₁ (λ then depends on the activations' norm).
     normalize_loss: bool = True
     init_rescale: bool = True  # scale W_enc so the first reconstruction has the input's norm (false: W_decᵀ)
-    k: int = 32  # topk only
-    aux_k: int | None = None  # topk only: dead latents in the AuxK loss; null -> d_in // 2
-    aux_coeff: float = 0.03125  # topk only: AuxK weight α = 1/32 (Gao et al. 2024)
+    # topk, batchtopk, matryoshka: latents per row (topk) or per row on average over the batch
+    # (batchtopk, matryoshka); Gao et al. 2024 and Bussmann et al. 2024 train k 16-128 (32 here)
+    k: int = 32
+    # batchtopk, matryoshka: rate r of the inference threshold θ ← (1 − r) θ + r · (smallest kept
+    # activation of the batch); SAELens 0.01, dictionary_learning 0.001 (from step 1,000)
+    threshold_rate: float = 0.01
+    # jumprelu: λ on the L0 (the paper's "step" sparsity loss; MSE is divided by s², so λ is the
+    # fraction of variance one active feature must explain); the paper sweeps λ per target L0
+    l0_coeff: float = 0.001
+    # jumprelu: width ε of the straight-through estimators' rectangle kernel, in units of s (the
+    # input's RMS norm); the paper and Gemma Scope: 0.001 on inputs scaled to unit mean squared norm
+    bandwidth: float = 0.001
+    threshold_init: float = 0.001  # jumprelu: initial threshold θ₀ in units of s (Gemma Scope: 0.001)
+    # matryoshka: nested dictionary prefixes whose reconstruction losses are summed, increasing and
+    # ending at n_features; null -> [n/16, n/4, n] (Bussmann et al. 2025 nest a few prefixes, smallest
+    # a few % of the dictionary)
+    matryoshka_widths: list[int] | None = None
+    aux_k: int | None = None  # topk, batchtopk, matryoshka: dead latents in the AuxK loss; null -> d_in // 2
+    aux_coeff: float = 0.03125  # topk, batchtopk, matryoshka: AuxK weight α = 1/32 (Gao et al. 2024)
     # rows (tokens) without firing before a feature counts as dead, for AuxK (topk) and resampling:
     # 12,500 steps x 4,096 rows (Gao et al. 2024 use 10M tokens: sae=topk)
     dead_tokens: int = 51_200_000
@@ -153,18 +179,33 @@ class SAETrainConfig:
     compile: bool = neutral(False)  # torch.compile the loss
     stop_at: int | None = neutral(None)  # stop with a checkpoint after this step; a rerun resumes
 
+    def widths(self) -> list[int]:
+        """Matryoshka prefix widths: `matryoshka_widths`, or the derived default."""
+        if self.matryoshka_widths is not None:
+            return list(self.matryoshka_widths)
+        n = self.n_features
+        return sorted({max(1, n // 16), max(1, n // 4), n})
+
     def check(self) -> SAETrainConfig:
         def bad(key: str, want: str) -> UserError:
             return UserError(f"config `sae.{key}`={getattr(self, key)!r}: expected {want}")
 
+        from autoencoder.saes import arch_class
+
         if self.architecture not in ARCHITECTURES:
-            raise bad("architecture", " or ".join(ARCHITECTURES))
+            raise bad("architecture", " | ".join(ARCHITECTURES))
+        if self.kind not in ("sae", "transcoder"):
+            raise bad("kind", "sae or transcoder")
+        if self.kind == "transcoder" and not (self.hook_in and self.hook_out):
+            raise UserError(f"config `sae.kind`=transcoder needs `sae.hook_in` and `sae.hook_out` "
+                            f"(got {self.hook_in!r}, {self.hook_out!r})")
+        if self.skip and self.kind != "transcoder":
+            raise UserError("config `sae.skip`=true: a skip path needs `sae.kind`=transcoder")
         for key in ("n_features", "batch_size", "steps", "log_every", "eval_every", "checkpoint_every",
                     "b_dec_init_rows", "eval_rows", "dead_tokens", "resample_watch_steps"):
             if getattr(self, key) < 1:
                 raise bad(key, "an integer >= 1")
-        if self.architecture == "topk" and not 1 <= self.k <= self.n_features:
-            raise UserError(f"config `sae.k`={self.k}: expected 1 <= k <= sae.n_features={self.n_features}")
+        arch_class(self.architecture).check_train(self)
         if self.mse_reduction not in ("sum", "mean"):
             raise bad("mse_reduction", "sum or mean")
         if self.kernel not in ("dense", "sparse", "auto"):

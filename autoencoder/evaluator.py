@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from omegaconf import DictConfig
 
-from autoencoder.metrics import RowStats, evaluate_rows, log10_density, loss_recovered, val_contexts
+from autoencoder.metrics import RowStats, log10_density, loss_recovered, val_contexts
 from autoencoder.sae import SAE
 from tools.core.config import UserError
 from tools.core.layout import RunLayout
@@ -18,15 +18,28 @@ if TYPE_CHECKING:
 
 
 class Evaluator:
-    """Held-out figures: reconstruction and density on val rows, NLL scores on val contexts."""
+    """Held-out figures: reconstruction and density on val rows, NLL scores on val contexts.
+
+    A transcoder (`hook_out` set) is scored on the paired val rows of its input and output hook
+    points; its loss recovered (splicing its output in place of the MLP's) is not computed here.
+    """
 
     def __init__(self, cfg: DictConfig, c: SAETrainConfig, run_dir: Path, d_in: int, hook_name: str,
-                 device: str, log):
+                 device: str, log, hook_out: str | None = None, d_out: int | None = None):
         self.c, self.device, self.log, self.hook = c, device, log, hook_name
+        self.hook_out = hook_out
         self.model, self.contexts = self.load_model(cfg, run_dir, d_in)
         self.rows, self.source = self.load_rows(run_dir, d_in)
-        if self.rows is not None and not torch.isfinite(self.rows).all():
-            raise UserError(f"validation activations from {self.source} contain NaN/Inf")
+        self.targets = None
+        if hook_out is not None:
+            self.targets = self.load_targets(run_dir, d_out)
+            if self.targets is None:
+                self.rows = None
+            self.model = None
+            self.log("note: loss recovered of a transcoder is not computed (held-out rows only)")
+        for rows in (self.rows, self.targets):
+            if rows is not None and not torch.isfinite(rows).all():
+                raise UserError(f"validation activations from {self.source} contain NaN/Inf")
 
     def load_model(self, cfg: DictConfig, run_dir: Path, d_in: int):
         """(subject, val contexts) for loss recovered, or (None, None) when either is missing."""
@@ -58,6 +71,7 @@ class Evaluator:
             val_dir = lay.activations("val", self.hook)
         except UserError:  # no val shards of this hook: the val contexts' activations below
             val_dir = lay.activations_split("val") / "none"
+        self.in_dir = val_dir
         if (val_dir / "manifest.json").is_file():
             return take_rows(val_dir, self.c.eval_rows, seed=0, d_in=d_in), str(val_dir)
         if self.model is not None:
@@ -69,6 +83,24 @@ class Evaluator:
         self.log(f"note: no val shards at {val_dir} and no model: held-out row metrics are skipped")
         return None, None
 
+    def load_targets(self, run_dir: Path, d_out: int | None) -> torch.Tensor | None:
+        """A transcoder's output rows paired with `rows` (same seed, same shard layout), or None."""
+        from autoencoder.paired import check_paired
+        from autoencoder.shard_check import read_manifest
+        from autoencoder.shard_rows import take_rows
+
+        lay = RunLayout(run_dir)
+        try:
+            out_dir = lay.activations("val", self.hook_out)
+        except UserError:
+            out_dir = None
+        if self.rows is None or out_dir is None or self.source != str(self.in_dir):
+            self.log(f"note: no paired val shards of {self.hook} and {self.hook_out}: "
+                     "held-out metrics skipped")
+            return None
+        check_paired(read_manifest(self.in_dir), read_manifest(out_dir), self.in_dir, out_dir)
+        return take_rows(out_dir, self.c.eval_rows, seed=0, d_in=d_out)
+
     @torch.no_grad()
     def __call__(self, sae: SAE) -> tuple[dict[str, float], torch.Tensor | None]:
         out: dict[str, float] = {}
@@ -77,9 +109,12 @@ class Evaluator:
         sae.eval()
         if self.rows is not None:
             bs = 8192
-            stats: RowStats = evaluate_rows(
-                sae, (self.rows[i:i + bs].to(self.device) for i in range(0, self.rows.shape[0], bs)),
-                self.c.mse_reduction)
+            stats = RowStats(sae.cfg.d_sae, self.c.mse_reduction)
+            targets = self.rows if self.targets is None else self.targets
+            for i in range(0, self.rows.shape[0], bs):
+                x = self.rows[i:i + bs].to(self.device)
+                f = sae.encode(x)
+                stats.update(targets[i:i + bs].to(self.device), sae.reconstruct(x, f), f)
             out.update(stats.summary())
             density = stats.density()
         if self.model is not None:

@@ -36,16 +36,20 @@ def training_sample(train_dir: Path, rows: int) -> torch.Tensor:
 
 @torch.no_grad()
 def init_from_sample(sae: SAE, sample: torch.Tensor, c: SAETrainConfig,
-                     log: Callable[..., Any] = print) -> dict[str, float]:
+                     log: Callable[..., Any] = print, target: torch.Tensor | None = None) -> dict[str, float]:
     """Steps 1-3 of the module docstring on `sae` (in place); returns what was chosen, for cfg.json:
-    `b_dec_norm`, `encoder_factor` (1 when not rescaled), `input_scale` (s; 1 when not normalised)."""
+    `b_dec_norm`, `encoder_factor` (1 when not rescaled), `input_scale` (s; 1 when not normalised).
+    A transcoder passes the paired output rows as `target`: b_dec and s come from those."""
+    out_rows = sample if target is None else target
     if c.b_dec_init != "zeros":
-        center = geometric_median(sample) if c.b_dec_init == "geometric_median" else sample.mean(0)
+        center = geometric_median(out_rows) if c.b_dec_init == "geometric_median" else out_rows.mean(0)
         sae.b_dec.copy_(center.to(device=sae.b_dec.device, dtype=sae.b_dec.dtype))
     x = sample.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)
-    factor = sae.match_input_scale(x) if c.init_rescale else 1.0
-    rms = math.sqrt(float((x - sae.b_dec).pow(2).sum(-1).mean()))
+    y = None if target is None else target.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)
+    rms = math.sqrt(float(((x if y is None else y) - sae.b_dec).pow(2).sum(-1).mean()))
     scale = rms if c.normalize_loss and rms > 0 else 1.0
+    sae.init_scale(scale)
+    factor = sae.match_input_scale(x, y) if c.init_rescale else 1.0
     log(f"init on {sample.shape[0]} rows: b_dec at the {c.b_dec_init.replace('_', ' ')} "
         f"(norm {float(sae.b_dec.norm()):.3g}), encoder x{factor:.3g}, loss scale {scale:.4g}")
     return {"b_dec_norm": float(sae.b_dec.norm()), "encoder_factor": factor, "input_scale": scale,

@@ -1,6 +1,11 @@
-"""A training forward/backward for the L1 (ReLU) SAE that exploits the ReLU's zeros.
+"""A training forward/backward for SAEs whose codes are mostly zero (ReLU, TopK, BatchTopK).
 
-    f = ReLU((x − b_dec) W_enc + b_enc);   x̂ = f W_dec + b_dec
+    f = act((x − b_dec) W_enc + b_enc);   x̂ = f W_dec + b_dec
+
+with `act` the ReLU (`l1_sae_forward`) or any activation that keeps some pre-activations as they
+are and zeroes the rest (`sparse_sae_forward`: TopK, BatchTopK); ∂f/∂pre is then 1 where f > 0
+and 0 elsewhere, which is all the backward below uses. A transcoder (`center=False`) encodes x
+itself, not x − b_dec.
 
 At trained sparsity (L0 ~ 32 of thousands of features) almost every entry of f is zero, yet the
 plain autograd step spends 5 of its 6 GEMMs (decoder forward, both decoder gradients, the
@@ -33,11 +38,13 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 MODES = ("auto", "sparse", "fused", "reference")
+Activation = Callable[[torch.Tensor], torch.Tensor]
 
 # Largest density L0 / d_sae at which `auto` takes the sparse path. `python -m tools.bench.sae_step
 # --crossover` times both paths (forward + backward) over densities. On the shared, overloaded
@@ -70,6 +77,16 @@ def l1_sae_forward(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_
     """(x̂, f) of the L1 SAE for a batch `x [B, d_in]`, differentiable w.r.t. all four parameters
     (and x). `mode`: "auto" (sparse or fused per batch on CPU, reference on CUDA), "sparse",
     "fused" (dense GEMMs, 5 instead of 6), or "reference" (plain autograd)."""
+    return sparse_sae_forward(x, W_enc, b_enc, W_dec, b_dec, mode=mode)
+
+
+def sparse_sae_forward(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor,
+                       b_dec: torch.Tensor, mode: str = "auto", activation: Activation | None = None,
+                       center: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x̂, f) for f = activation(pre) (default ReLU), as `l1_sae_forward`. `activation(pre)` must
+    return pre where it keeps a value (> 0) and 0 elsewhere, and be differentiable for the
+    reference mode; `center=False` encodes x instead of x − b_dec (transcoders)."""
+    act = activation or _relu
     if mode not in MODES:
         raise ValueError(f"l1_sae_forward mode must be one of {MODES}, not {mode!r}")
     if x.dim() != 2:
@@ -78,14 +95,18 @@ def l1_sae_forward(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_
         mode = "reference"
     if mode == "reference":
         path_counts["reference"] += 1
-        f = F.relu((x - b_dec) @ W_enc + b_enc)
+        f = act(((x - b_dec) if center else x) @ W_enc + b_enc)
         return f @ W_dec + b_dec, f
-    return _apply(x, W_enc, b_enc, W_dec, b_dec, mode)
+    return _apply(x, W_enc, b_enc, W_dec, b_dec, mode, act, center)
+
+
+def _relu(pre: torch.Tensor) -> torch.Tensor:
+    return F.relu(pre) if torch.is_grad_enabled() else pre.relu_()
 
 
 @torch.compiler.disable  # data-dependent shapes (nonzero) and a host-side choice: run eagerly
-def _apply(x, W_enc, b_enc, W_dec, b_dec, mode):
-    return _L1SAE.apply(x, W_enc, b_enc, W_dec, b_dec, mode)
+def _apply(x, W_enc, b_enc, W_dec, b_dec, mode, act=_relu, center=True):
+    return _L1SAE.apply(x, W_enc, b_enc, W_dec, b_dec, mode, act, center)
 
 
 def _active_pairs(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -101,14 +122,14 @@ class _L1SAE(torch.autograd.Function):
     # under CUDA autocast, run in fp32: the backward's hand-written ops would otherwise mix dtypes
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
-    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, mode):  # type: ignore[override]
-        xbar = x - b_dec
-        f = torch.addmm(b_enc, xbar, W_enc).relu_()
+    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, mode, act=_relu, center=True):  # type: ignore[override]
+        xbar = x - b_dec if center else x
+        f = act(torch.addmm(b_enc, xbar, W_enc))
         if mode == "auto":
             sample = f[:_DENSITY_SAMPLE_ROWS]
             density = sample.count_nonzero().item() / max(1, sample.numel())
             mode = "sparse" if density < SPARSE_MAX_DENSITY else "fused"
-        ctx.mode = mode
+        ctx.mode, ctx.center = mode, center
         path_counts[mode] += 1
         ctx.set_materialize_grads(False)  # an unused f must not cost a dense zero gradient
         if mode == "fused":
@@ -130,13 +151,15 @@ class _L1SAE(torch.autograd.Function):
         need_x = ctx.needs_input_grad[0]
         if ctx.mode == "fused":
             xbar, f, W_enc, W_dec = ctx.saved_tensors
-            return (*_fused_backward(g, G, xbar, f, W_enc, W_dec, need_x), None)
-        xbar, rows, cols, crow, vals, W_enc, W_dec = ctx.saved_tensors
-        return (*_sparse_backward(g, G, xbar, rows, cols, crow, vals, W_enc, W_dec, ctx.shape, need_x),
-                None)
+            grads = _fused_backward(g, G, xbar, f, W_enc, W_dec, need_x, ctx.center)
+        else:
+            xbar, rows, cols, crow, vals, W_enc, W_dec = ctx.saved_tensors
+            grads = _sparse_backward(g, G, xbar, rows, cols, crow, vals, W_enc, W_dec, ctx.shape, need_x,
+                                     ctx.center)
+        return (*grads, None, None, None)
 
 
-def _fused_backward(g, G, xbar, f, W_enc, W_dec, need_x):
+def _fused_backward(g, G, xbar, f, W_enc, W_dec, need_x, center=True):
     B, d_sae = f.shape
     if g is None:
         g = xbar.new_zeros(B, W_dec.shape[1])
@@ -148,16 +171,16 @@ def _fused_backward(g, G, xbar, f, W_enc, W_dec, need_x):
     g_W_enc = xbar.t() @ gpre
     g_b_enc = gpre.sum(0)
     g_W_dec = f.t() @ g
-    g_b_dec = g.sum(0) - W_enc @ g_b_enc
+    # through x̄ = x − b_dec as −W_enc·(∂b_enc) (a transcoder encodes x: b_dec is the output's alone)
+    g_b_dec = g.sum(0) - W_enc @ g_b_enc if center else g.sum(0)
     g_x = gpre @ W_enc.t() if need_x else None
     return g_x, g_W_enc, g_b_enc, g_W_dec, g_b_dec
 
 
-def _sparse_backward(g, G, xbar, rows, cols, crow, vals, W_enc, W_dec, shape, need_x):
+def _sparse_backward(g, G, xbar, rows, cols, crow, vals, W_enc, W_dec, shape, need_x, center=True):
     B, d_sae = shape
-    d_in = xbar.shape[1]
     if g is None:
-        g = xbar.new_zeros(B, d_in)
+        g = xbar.new_zeros(B, W_dec.shape[1])
     # ∂L/∂pre at the active pairs: the incoming ∂L/∂f there + g[r] · W_dec[c] (an SDDMM)
     gpre = G[rows, cols] if G is not None else vals.new_zeros(vals.shape)
     if vals.numel():
@@ -176,7 +199,8 @@ def _sparse_backward(g, G, xbar, rows, cols, crow, vals, W_enc, W_dec, shape, ne
     g_W_dec = F.embedding_bag(rows_by_f, g, fptr, mode="sum", per_sample_weights=vals[order],
                               include_last_offset=True)
     g_b_enc = torch.zeros(d_sae, dtype=gpre.dtype, device=gpre.device).index_add_(0, cols, gpre)
-    g_b_dec = g.sum(0) - W_enc @ g_b_enc
+    # through x̄ = x − b_dec as −W_enc·(∂b_enc) (a transcoder encodes x: b_dec is the output's alone)
+    g_b_dec = g.sum(0) - W_enc @ g_b_enc if center else g.sum(0)
     g_x = None
     if need_x:
         g_x = F.embedding_bag(cols, W_enc.t().contiguous(), crow, mode="sum", per_sample_weights=gpre,

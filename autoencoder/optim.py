@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 # the axis of each SAE parameter that indexes features (None: shared by all features)
-FEATURE_AXIS = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "b_dec": None}
+FEATURE_AXIS = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "b_dec": None, "W_skip": None, "threshold": 0}
 
 
 class FeatureAdam(torch.optim.Optimizer):

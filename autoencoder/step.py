@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from autoencoder.optim import FeatureAdam
 from autoencoder.resample import ResampleRecipe
-from autoencoder.sae import PARAM_NAMES, SAE, row_sq_error
+from autoencoder.sae import SAE
 
 if TYPE_CHECKING:
     from autoencoder.config import SAETrainConfig
@@ -22,18 +22,22 @@ if TYPE_CHECKING:
 class TrainStep:
     """Forward, loss, backward, (DDP all-reduce), parallel-gradient removal, Adam, decoder renorm.
 
-    `step(x, l1_coeff=None, dead_mask=None) -> dict` of detached tensors: `loss`, `mse`,
-    `sparsity` (λ-free L1 or AuxK), `l0`, `fired` (bool [d_sae]: fired on this batch). No host
-    sync happens inside, so a benchmark can time it back to back. `input_scale` s (set by the
-    trainer when `sae.normalize_loss`) divides the MSE term by s² and the L1 term by s.
+    `step(x, l1_coeff=None, dead_mask=None, target=None) -> dict` of detached tensors: `loss`,
+    `mse`, `sparsity` (the architecture's λ-free sparsity term or AuxK), `l0`, `fired` (bool
+    [d_sae]: fired on this batch), plus the architecture's extra terms. `l1_coeff` is the sparsity
+    coefficient of whatever kind (`SAE.coeff_field`: l1_coeff, l0_coeff); `target` the rows a
+    transcoder reconstructs. No host sync happens inside (for the architectures with a fixed L0),
+    so a benchmark can time it back to back. `input_scale` s (set by the trainer when
+    `sae.normalize_loss`) divides the MSE term by s² and the L1 term by s.
     """
 
     def __init__(self, sae: SAE, optimizer: torch.optim.Optimizer, cfg: SAETrainConfig,
                  world_size: int = 1, input_scale: float = 1.0):
         self.sae, self.optimizer, self.cfg, self.world_size = sae, optimizer, cfg, world_size
-        self.l1_coeff = cfg.l1_coeff
+        self.coeff_name = sae.coeff_field or "l1_coeff"
+        self.l1_coeff = getattr(cfg, self.coeff_name)
         self.aux_k = cfg.aux_k or max(1, sae.cfg.d_in // 2)
-        self.params = [getattr(sae, n) for n in PARAM_NAMES]
+        self.params = [getattr(sae, n) for n in sae.param_names()]
         self.loss_fn = torch.compile(sae.loss) if cfg.compile else sae.loss
         self.set_scale(input_scale)
         dev = sae.W_dec.device.type
@@ -43,13 +47,16 @@ class TrainStep:
     def set_scale(self, s: float) -> None:
         """MSE and L1 divisors for an input RMS norm `s` (summed over d_in; /d_in under `mean`)."""
         self.input_scale = s
-        self.mse_scale = s * s / (self.sae.cfg.d_in if self.cfg.mse_reduction == "mean" else 1)
+        self.mse_scale = s * s / (self.sae.cfg.out_dim if self.cfg.mse_reduction == "mean" else 1)
         self.l1_scale = s
+        self.sae.set_scale(s)
 
     def __call__(self, x: torch.Tensor, l1_coeff: float | None = None,
-                 dead_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                 dead_mask: torch.Tensor | None = None,
+                 target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        coeff = {self.coeff_name: self.l1_coeff if l1_coeff is None else l1_coeff}
         with self.autocast:
-            t = self.loss_fn(x, l1_coeff=self.l1_coeff if l1_coeff is None else l1_coeff,
+            t = self.loss_fn(x, **coeff, target=target,
                              mse_reduction=self.cfg.mse_reduction, dead_mask=dead_mask,
                              aux_k=self.aux_k, aux_coeff=self.cfg.aux_coeff,
                              mse_scale=self.mse_scale, l1_scale=self.l1_scale,
@@ -61,17 +68,15 @@ class TrainStep:
         self.sae.remove_parallel_grad()
         self.optimizer.step()
         self.sae.normalize_decoder()
+        self.sae.after_step()
         fired = t.f > 0
         return {"loss": t.overall.detach(), "mse": t.mse.detach(), "sparsity": t.sparsity.detach(),
-                "l0": fired.sum(-1).float().mean(), "fired": fired.any(0)}
+                "l0": fired.sum(-1).float().mean(), "fired": fired.any(0), **t.extra}
 
     def row_loss(self, x: torch.Tensor, l1_coeff: float) -> torch.Tensor:
-        """The training loss of each row (no AuxK): what resampling weights inputs by."""
-        f = self.sae.encode(x)
-        mse = row_sq_error(x, self.sae.decode(f), self.cfg.mse_reduction) / self.mse_scale
-        if self.cfg.architecture == "topk":
-            return mse
-        return mse + l1_coeff * f.float().sum(-1) / self.l1_scale
+        """The training loss of each row (no auxiliary terms): what resampling weights inputs by."""
+        return self.sae.row_loss(x, x, coeff=l1_coeff, mse_reduction=self.cfg.mse_reduction,
+                                 mse_scale=self.mse_scale, l1_scale=self.l1_scale)
 
     @staticmethod
     def _batch_sum(t: torch.Tensor) -> torch.Tensor:
@@ -96,7 +101,8 @@ class TrainStep:
 
 def make_optimizer(sae: SAE, cfg: SAETrainConfig) -> FeatureAdam:
     """Adam with per-feature step counts (`autoencoder.optim`), so resampled features restart."""
-    return FeatureAdam([(n, getattr(sae, n)) for n in PARAM_NAMES], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    return FeatureAdam([(n, getattr(sae, n)) for n in sae.param_names()], lr=cfg.lr,
+                       betas=(cfg.beta1, cfg.beta2))
 
 
 def make_step(sae: SAE, optimizer: torch.optim.Optimizer, cfg: SAETrainConfig,
@@ -119,11 +125,13 @@ def lr_at(step: int, c: SAETrainConfig, last_resample: int | None) -> float:
     return c.lr * scale
 
 
-def l1_at(step: int, c: SAETrainConfig) -> float:
-    """L1 coefficient warmup (linear from 0), as in Conerly et al. 2024."""
+def l1_at(step: int, c: SAETrainConfig, field: str = "l1_coeff") -> float:
+    """Sparsity coefficient `field` (l1_coeff, l0_coeff) with its linear warmup from 0 over
+    `sae.l1_warmup_steps`, as in Conerly et al. 2024."""
+    value = getattr(c, field)
     if c.l1_warmup_steps > 0:
-        return c.l1_coeff * min(1.0, (step + 1) / c.l1_warmup_steps)
-    return c.l1_coeff
+        return value * min(1.0, (step + 1) / c.l1_warmup_steps)
+    return value
 
 
 def dead_steps(c: SAETrainConfig) -> int:

@@ -13,7 +13,6 @@ it runs under `torchrun` and resumes exactly from `checkpoint/`.
 from __future__ import annotations
 
 import functools
-import math
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -23,6 +22,8 @@ from omegaconf import DictConfig
 
 from autoencoder.config import SAETrainConfig
 from autoencoder.evaluator import summary
+from autoencoder.saes import arch_class
+from autoencoder.saes.base import short_float
 from autoencoder.trainer import RunSpec, Trainer
 from tools.core import guard
 from tools.core.config import UserError, output_fields, resolve_device, section, stage_main
@@ -38,31 +39,21 @@ def math_config(c: SAETrainConfig, d_in: int, world_size: int) -> dict[str, Any]
     return {**d, "d_in": d_in, "world_size": world_size}
 
 
-def _short(v: float) -> str:
-    """1e-3 -> '1e-3', 3e-4 -> '3e-4', 0.0015 -> '1.5e-3' (names that sort and read well)."""
-    if v == 0:
-        return "0"
-    e = math.floor(math.log10(abs(v)))
-    m = round(v / 10**e, 3)
-    if abs(m) >= 10:
-        m, e = m / 10, e + 1
-    return f"{m:g}e{e}"
-
-
 def sae_name(c: SAETrainConfig, sweep_overrides: list[str] | None = None) -> str:
-    """`l1-4096-l1c1e-3` / `topk-4096-k32`, plus any other `sae.` key swept in a Hydra multirun
-    (e.g. `-lr3e-4`), so the runs of a sweep never share a folder."""
+    """`l1-4096-l1c1e-3` / `topk-4096-k32` / `jumprelu-4096-l0c1e-3` (`tc-` in front for a
+    transcoder), plus any other `sae.` key swept in a Hydra multirun (e.g. `-lr3e-4`), so the runs
+    of a sweep never share a folder."""
     if c.name:
         return c.name
-    base = f"{c.architecture}-{c.n_features}-" + (f"l1c{_short(c.l1_coeff)}" if c.architecture == "l1"
-                                                    else f"k{c.k}")
-    implied = {"architecture", "n_features", "l1_coeff" if c.architecture == "l1" else "k", "name"}
+    tag, keys = arch_class(c.architecture).name_tag(c)
+    base = ("tc-" if c.kind == "transcoder" else "") + f"{c.architecture}-{c.n_features}-{tag}"
+    implied = {"architecture", "n_features", "name", "kind", *keys}
     for ov in sweep_overrides or []:
         key, _, _ = ov.lstrip("+~").partition("=")
         if key.startswith("sae.") and key[4:] not in implied:
             val = getattr(c, key[4:], None)
             if isinstance(val, float):
-                tag = _short(val)
+                tag = short_float(val)
             elif isinstance(val, (list, tuple)):  # e.g. resample_steps: how many, not which
                 tag = str(len(val))
             else:
@@ -115,7 +106,21 @@ class SAETrainStage(Stage):
 
     @functools.cached_property
     def train_dir(self) -> Path:
-        return RunLayout.of(self.cfg).activations("train", self.cfg.sae.get("hook"))
+        """The input rows: `sae.hook_in` for a transcoder, else `sae.hook` (null: the only one)."""
+        hook = self.c.hook_in if self.c.kind == "transcoder" else self.cfg.sae.get("hook")
+        return RunLayout.of(self.cfg).activations("train", hook)
+
+    @functools.cached_property
+    def target_dir(self) -> Path | None:
+        """A transcoder's output rows (`sae.hook_out`), else None."""
+        if self.c.kind != "transcoder":
+            return None
+        return RunLayout.of(self.cfg).activations("train", self.c.hook_out)
+
+    def target_manifest(self) -> dict[str, Any] | None:
+        from autoencoder import shard_check
+
+        return None if self.target_dir is None else shard_check.read_manifest(self.target_dir)
 
     def output_dir(self) -> Path:
         return RunLayout.of(self.cfg).sae(self.sae_name)
@@ -129,9 +134,12 @@ class SAETrainStage(Stage):
         """The trained weights' hash: the output fields of `sae`, d_in, world size, shards, model."""
         m = manifest if manifest is not None else self.manifest()
         world = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+        out = self.target_manifest() if self.target_dir is not None else None
         return config_hash({"sae": math_config(self.c, int(m["d_in"]), world),
                             "shards": [s.get("sha256") for s in m.get("shards", [])],
-                            "model": m.get("model")})
+                            "model": m.get("model"),
+                            **({"target_shards": [s.get("sha256") for s in out.get("shards", [])]}
+                               if out is not None else {})})
 
     def recorded_hash(self) -> str | None:
         path = self.output_dir() / "cfg.json"
@@ -196,8 +204,14 @@ def _run(stage: SAETrainStage) -> dict[str, Any]:
     d_in = int(manifest["d_in"])
     if c.d_in is not None and c.d_in != d_in:
         raise UserError(f"config `sae.d_in`={c.d_in} but the shards in {train_dir} have d_in={d_in}")
-    if c.architecture == "topk" and c.k > c.n_features:
-        raise UserError(f"config `sae.k`={c.k} exceeds `sae.n_features`={c.n_features}")
+    target_manifest = stage.target_manifest()
+    if target_manifest is not None:
+        from autoencoder.paired import check_paired
+
+        check_paired(manifest, target_manifest, train_dir, stage.target_dir)
+        if c.resample_steps:
+            raise UserError(f"config `sae.resample_steps`={list(c.resample_steps)}: neuron resampling "
+                            "needs kind=sae (a transcoder's decoder writes another space); use []")
 
     if stage.done() and not (ckpt_dir / "state.json").is_file():
         meta = read_json(sae_dir / "cfg.json", "SAE config")
@@ -214,7 +228,8 @@ def _run(stage: SAETrainStage) -> dict[str, Any]:
                   "shards": config_hash([e.get("sha256") for e in manifest.get("shards", [])])}
         spec = RunSpec(cfg=cfg, c=c, name=name, run_dir=run_dir, train_dir=train_dir, sae_dir=sae_dir,
                        manifest=manifest, device=device, expect=expect,
-                       stage_hash=stage.output_hash(world, manifest), rank=rank, world=world)
+                       stage_hash=stage.output_hash(world, manifest), rank=rank, world=world,
+                       target_dir=stage.target_dir, target_manifest=target_manifest)
         return Trainer(spec, lambda history: _wandb(init_wandb, wcfg, run_dir, name, c, history)).fit()
     finally:
         dist.close()

@@ -28,7 +28,7 @@ from autoencoder.evaluator import Evaluator, log_eval, summary, summary_line
 from autoencoder.metrics import explained_variance, log10_density, save_density_histogram
 from autoencoder.resample import load_resample_set, resample_dead
 from autoencoder.resample_watch import ResampleWatch
-from autoencoder.sae import ARCHITECTURES, PARAM_NAMES, SAEModelConfig, build_sae, save_sae
+from autoencoder.sae import SAEModelConfig, arch_class, build_sae, save_sae
 from autoencoder.step import TrainStep, dead_steps, l1_at, lr_at, make_optimizer, recipe
 from tools.core import preempt
 from tools.core.config import UserError
@@ -55,6 +55,8 @@ class RunSpec:
     stage_hash: str
     rank: int = 0
     world: int = 1
+    target_dir: Path | None = None  # transcoder: the shards of the rows it reconstructs
+    target_manifest: dict[str, Any] | None = None
 
     @property
     def d_in(self) -> int:
@@ -63,6 +65,23 @@ class RunSpec:
     @property
     def hook_name(self) -> str:
         return str(self.manifest.get("hook_name", "blocks.0.mlp.hook_post"))
+
+    @property
+    def d_out(self) -> int:
+        return int((self.target_manifest or self.manifest)["d_in"])
+
+    @property
+    def hook_name_out(self) -> str | None:
+        return None if self.target_manifest is None else str(self.target_manifest.get("hook_name"))
+
+    def model_config(self) -> SAEModelConfig:
+        """The SAE this run trains: the architecture's fields of `sae`, widths from the shards."""
+        c = self.c
+        tc = c.kind == "transcoder"
+        return SAEModelConfig(architecture=arch_class(c.architecture).registry_key(), d_in=self.d_in,
+                              d_sae=c.n_features, hook_name=self.hook_name, dtype=c.dtype, kind=c.kind,
+                              d_out=self.d_out if tc else None, hook_name_out=self.hook_name_out,
+                              skip=c.skip, **arch_class(c.architecture).model_fields(c))
 
     @property
     def ckpt_dir(self) -> Path:
@@ -80,10 +99,7 @@ class Trainer:
         self.log = print if self.is_main else (lambda *a, **k: None)
         torch.manual_seed(int(spec.cfg.seed))
         gen = torch.Generator().manual_seed(int(spec.cfg.seed))
-        mcfg = SAEModelConfig(architecture=ARCHITECTURES[c.architecture], d_in=spec.d_in,
-                              d_sae=c.n_features, k=c.k if c.architecture == "topk" else None,
-                              hook_name=spec.hook_name, dtype=c.dtype)
-        sae = build_sae(mcfg, kernel=c.kernel)
+        sae = build_sae(spec.model_config(), kernel=c.kernel)
         sae.reset_parameters(generator=gen)
         self.sae = sae.to(device=dev, dtype=getattr(torch, c.dtype))
         self.optimizer = make_optimizer(self.sae, c)
@@ -93,9 +109,14 @@ class Trainer:
         if self.schedule:
             x = load_resample_set(spec.train_dir / "resample.npy", spec.d_in)
             self.resample_x = x[: c.resample_rows or None].to(device=dev, dtype=self.sae.W_dec.dtype)
-        self.reader = shard_reader.ShardReader(spec.train_dir, c.batch_size // spec.world,
-                                               seed=int(spec.cfg.seed), rank=spec.rank, world_size=spec.world,
-                                               dtype=getattr(torch, c.dtype), device=dev)
+        kw = {"seed": int(spec.cfg.seed), "rank": spec.rank, "world_size": spec.world,
+              "dtype": getattr(torch, c.dtype), "device": dev}
+        if spec.target_dir is None:
+            self.reader = shard_reader.ShardReader(spec.train_dir, c.batch_size // spec.world, **kw)
+        else:
+            from autoencoder.paired import PairedReader
+
+            self.reader = PairedReader(spec.train_dir, spec.target_dir, c.batch_size // spec.world, **kw)
         self.dead_after = dead_steps(c)
         self.watch = ResampleWatch(self.schedule, c.n_features, dev, after=c.resample_watch_steps)
         self.step_no, self.last_fired = 0, torch.zeros(c.n_features, dtype=torch.long, device=dev)
@@ -108,7 +129,8 @@ class Trainer:
         if self.is_main:
             self.wb = open_wandb(self.history)
             self.history["wandb_id"] = getattr(self.wb, "id", None)
-        self.evaluator = (Evaluator(spec.cfg, c, spec.run_dir, spec.d_in, spec.hook_name, dev, self.log)
+        self.evaluator = (Evaluator(spec.cfg, c, spec.run_dir, spec.d_in, spec.hook_name, dev, self.log,
+                                    hook_out=spec.hook_name_out, d_out=spec.d_out)
                           if self.is_main else None)
         self.it = iter(self.reader)
         self.acc: dict[str, torch.Tensor] = {}
@@ -122,10 +144,12 @@ class Trainer:
         from autoencoder.init import init_from_sample, training_sample
 
         sample = training_sample(self.spec.train_dir, self.c.b_dec_init_rows)
-        self.history["init"] = init_from_sample(self.sae, sample, self.c, self.log)
+        paired = ({} if self.spec.target_dir is None
+                  else {"target": training_sample(self.spec.target_dir, self.c.b_dec_init_rows)})
+        self.history["init"] = init_from_sample(self.sae, sample, self.c, self.log, **paired)
         self.step_fn.set_scale(self.history["init"]["input_scale"])
         if self.spec.world > 1:
-            for n in PARAM_NAMES:
+            for n in self.sae.state_names():
                 dist.broadcast(getattr(self.sae, n).data, 0)
 
     def _resume(self) -> None:
@@ -178,12 +202,14 @@ class Trainer:
         last_rs = max((r["step"] for r in self.history["resampled"]), default=None)
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, c, last_rs)
-        x = next(self.it)
+        batch = next(self.it)
+        x, y = batch if isinstance(batch, tuple) else (batch, None)
         if x.shape[1] != self.spec.d_in:
             raise UserError(f"shard rows in {self.spec.train_dir} have width {x.shape[1]}, "
                             f"manifest says {self.spec.d_in}")
-        dead_mask = (step - self.last_fired) >= self.dead_after if c.architecture == "topk" else None
-        out = self.step_fn(x, l1_coeff=l1_at(step, c), dead_mask=dead_mask)
+        dead_mask = (step - self.last_fired) >= self.dead_after if self.sae.uses_dead_mask else None
+        out = self.step_fn(x, l1_coeff=l1_at(step, c, self.step_fn.coeff_name), dead_mask=dead_mask,
+                           target=y)
         loss, fired = out["loss"].reshape(1), out["fired"].float()
         self.stop_requested = preempt.requested()
         if self.spec.world > 1:  # one collective: the loss (NaN check), SIGTERM on any rank, firing mask
@@ -198,8 +224,9 @@ class Trainer:
                             f"{ckpt.last_good(self.spec.ckpt_dir)}")
         self.step_no = step = step + 1
         self.last_fired[fired > 0] = step
-        for key in ("loss", "mse", "sparsity", "l0"):
-            self.acc[key] = self.acc.get(key, 0) + out[key].float()
+        for key, v in out.items():
+            if key != "fired":
+                self.acc[key] = self.acc.get(key, 0) + v.float()
         self.n_acc += 1
         self.rows += c.batch_size
         row = self.watch.record(step, float(out["mse"]), float(out["l0"]), fired > 0)
@@ -209,19 +236,21 @@ class Trainer:
         if closed is not None:
             self._log_closed(closed)
         if step % c.log_every == 0 or step == c.steps:
-            self._log_train(x)
+            self._log_train(x, y)
         self.bar.update(1)
 
-    def _log_train(self, x: torch.Tensor) -> None:
+    def _log_train(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
         c, step = self.c, self.step_no
         m = {k: float(v) / self.n_acc for k, v in self.acc.items()}
         with torch.no_grad():
-            ev = explained_variance(x, self.sae(x))
-        sparsity_key = "losses/l1_loss" if c.architecture == "l1" else "losses/auxiliary_reconstruction_loss"
-        rec = {"losses/overall_loss": m["loss"], "losses/mse_loss": m["mse"], sparsity_key: m["sparsity"],
+            ev = explained_variance(x if y is None else y, self.sae(x))
+        known = ("loss", "mse", "sparsity", "l0")
+        rec = {"losses/overall_loss": m["loss"], "losses/mse_loss": m["mse"],
+               self.sae.sparsity_log_key: m["sparsity"],
                "metrics/l0": m["l0"], "metrics/explained_variance": ev,
+               **{f"losses/{k}": v for k, v in m.items() if k not in known},
                "details/current_learning_rate": self.optimizer.param_groups[0]["lr"],
-               "details/l1_coefficient": l1_at(step - 1, c),
+               "details/l1_coefficient": l1_at(step - 1, c, self.step_fn.coeff_name),
                "sparsity/dead_in_window": int(((step - self.last_fired) >= self.dead_after).sum()),
                "details/rows_per_s": self.rows / max(time.time() - self.t0, 1e-9)}
         if self.wb is not None:
@@ -243,7 +272,7 @@ class Trainer:
         dead = (step - self.last_fired) >= self.dead_after
         # same seed on every rank and an all-reduced firing history: identical choices everywhere
         gen = torch.Generator().manual_seed(int(self.spec.cfg.seed) * 1_000_003 + step)
-        lam = l1_at(step - 1, self.c)
+        lam = l1_at(step - 1, self.c, self.step_fn.coeff_name)
         row_loss = (None if self.c.resample_weight == "mse"
                     else (lambda x: self.step_fn.row_loss(x, lam)))
         idx = resample_dead(self.sae, self.optimizer, dead, self.resample_x, generator=gen,
@@ -284,7 +313,7 @@ class Trainer:
             dist.all_gather_object(gathered, readers[0])
             readers = gathered
         if self.is_main:
-            for n in PARAM_NAMES:
+            for n in self.sae.state_names():
                 if not torch.isfinite(getattr(self.sae, n)).all():
                     raise UserError(f"non-finite {n} at step {step}: not checkpointing")
             ckpt.save_checkpoint(

@@ -29,8 +29,11 @@ def load(folder: Path, hook: str | None, source: str) -> Dictionary:
     """Load our export through the SAELens reader, with the hook our `model` block records."""
     d = saelens.load(folder, hook, source)
     cfg = read_json(folder / CFG_FILE, "SAE config")
-    recorded = (cfg.get("model") or {}).get("hook_name") or d.hook_in
+    model = cfg.get("model") or {}
+    recorded = model.get("hook_name") or d.hook_in
     d.hook_in = d.hook_out = check_hook(hook or recorded, str(folder / CFG_FILE))
+    if model.get("hook_name_out"):  # a transcoder: it writes another hook point
+        d.hook_out = check_hook(model["hook_name_out"], str(folder / CFG_FILE))
     d.source_format, d.model_name = "ours", None
     d.meta["training"] = cfg.get("training")
     return d

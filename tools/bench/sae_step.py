@@ -3,16 +3,20 @@
     python -m tools.bench.sae_step            # d_in 512, 4096 and 16384 features, batch 4096, 2 threads
     python -m tools.bench.sae_step --quick    # smoke run (seconds)
     python -m tools.bench.sae_step --crossover  # where the sparse path starts to beat dense GEMMs
+    python -m tools.bench.sae_step --arch batchtopk --features 4096 --k 32   # any architecture
 
 The step is the trainer's own (`autoencoder.step.make_step`: forward, loss = MSE + λ L1, backward,
 parallel-gradient removal, Adam, decoder renormalisation), run with `sae.kernel=dense` (the plain
 autograd path, printed as `kernel=reference`) and `sae.kernel=auto` (`autoencoder.kernels`, which
 picks its sparse or fused-dense path per batch; the path it took is printed as `path=`).
 
-Two sparsity levels: `dense` (fresh init, L0 about half the features) and `trained` (b_enc
-calibrated per feature so each fires on --l0/n_features of the rows, L0 about 32, as a trained
-SAE). The ceiling is the dense step's 6 GEMMs (12·B·d·F FLOP) timed as plain matmuls with
-preallocated outputs; `ceiling_ratio` = rows/s ÷ the ceiling's rows/s. The machine may be shared:
+`--arch` picks the architecture (autoencoder/saes/: l1, topk, batchtopk, jumprelu, matryoshka).
+For l1 and jumprelu, two sparsity levels: `dense` (fresh init, L0 about half the features) and
+`trained` (b_enc calibrated per feature so each fires on --l0/n_features of the rows, L0 about 32,
+as a trained SAE). The k-sparse kinds (topk, batchtopk, matryoshka) fire `--k` latents per row at
+any point of training, so they run at that sparsity only (printed as `trained`). The ceiling is
+the dense step's 6 GEMMs (12·B·d·F FLOP) timed as plain matmuls with preallocated outputs;
+`ceiling_ratio` = rows/s ÷ the ceiling's rows/s. The machine may be shared:
 every figure of one configuration is measured interleaved (ceiling, reference, ours, ceiling, ...)
 and reported as a median, so ratios printed on one line are comparable even when absolute figures
 are noisy. One line per configuration, `key=value` pairs, for scripts.
@@ -51,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant (median reported)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--l0", type=float, default=32.0, help="target L0 of the trained sparsity level")
+    p.add_argument("--arch", default="l1", help="l1 | topk | batchtopk | jumprelu | matryoshka")
+    p.add_argument("--k", type=int, default=32, help="k of the k-sparse architectures")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--sparsity", default="dense,trained")
@@ -67,6 +73,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.sparsity = a.sparsity.split(",")
     if any(s not in ("dense", "trained") for s in a.sparsity):
         p.error(f"--sparsity takes dense and/or trained, not {a.sparsity}")
+    from autoencoder.saes import BY_NAME, arch_class
+
+    if a.arch not in BY_NAME:
+        p.error(f"--arch takes one of {sorted(BY_NAME)}, not {a.arch!r}")
+    if arch_class(a.arch).k_sparse:
+        a.sparsity = ["trained"]
     return a
 
 
@@ -106,13 +118,15 @@ def gemm_ceiling(B: int, d: int, n: int, device: torch.device, dtype: torch.dtyp
 def make_trainer(n: int, args: argparse.Namespace, kernel: str, device: torch.device):
     """The trainer's own step for a fresh SAE (seeded, so every variant starts identical)."""
     from autoencoder.config import SAETrainConfig
-    from autoencoder.sae import SAEModelConfig, build_sae
+    from autoencoder.sae import SAEModelConfig, arch_class, build_sae
     from autoencoder.step import make_optimizer, make_step
 
-    cfg = SAETrainConfig(architecture="l1", n_features=n, batch_size=args.batch, kernel=kernel,
-                         l1_coeff=1e-3, compile=False)
+    cls = arch_class(args.arch)
+    cfg = SAETrainConfig(architecture=args.arch, n_features=n, batch_size=args.batch, kernel=kernel,
+                         l1_coeff=1e-3, k=args.k, compile=False)
     torch.manual_seed(0)
-    sae = build_sae(SAEModelConfig(architecture="standard", d_in=args.d_in, d_sae=n), kernel=kernel)
+    sae = build_sae(SAEModelConfig(architecture=cls.registry_key(), d_in=args.d_in, d_sae=n,
+                                   **cls.model_fields(cfg)), kernel=kernel)
     sae.to(device)
     opt = make_optimizer(sae, cfg)
     return sae, make_step(sae, opt, cfg)
@@ -162,7 +176,7 @@ def bench_features(n: int, args: argparse.Namespace, device: torch.device, peak:
         variants, stats = {}, {}
         for label, kernel in (("reference", "dense"), ("ours", "auto")):
             sae, step = make_trainer(n, args, kernel, device)
-            if level == "trained":
+            if level == "trained" and not sae.k_sparse:
                 calibrate_sparsity(sae, next(src), args.l0)
             stats[label] = {"l0": []}
 
@@ -173,13 +187,13 @@ def bench_features(n: int, args: argparse.Namespace, device: torch.device, peak:
         kernels.path_counts.clear()
         t = interleaved({"ceiling": ceiling, **variants}, args.steps, args.warmup, device)
         ceil_rps = B / t["ceiling"]
-        print(fmt(features=n, kind="ceiling", rows_per_s=ceil_rps, gflop_per_step=flop / 1e9,
+        print(fmt(arch=args.arch, features=n, kind="ceiling", rows_per_s=ceil_rps, gflop_per_step=flop / 1e9,
                   tflops=flop / t["ceiling"] / 1e12, ms=t["ceiling"] * 1e3), flush=True)
         paths = "+".join(sorted(kernels.path_counts)) or "none"
         for label in ("reference", "ours"):
             rps = B / t[label]
             l0 = torch.stack(stats[label]["l0"]).mean().item()
-            line = dict(features=n, l0=round(l0, 1), sparsity=level, source="memory",
+            line = dict(arch=args.arch, features=n, l0=round(l0, 1), sparsity=level, source="memory",
                         kernel="reference" if label == "reference" else "auto")
             if label == "ours":
                 line["path"] = paths
@@ -206,7 +220,8 @@ def bench_shards(n: int, args: argparse.Namespace, device: torch.device) -> None
     rows = np.random.default_rng(2).standard_normal((8 * B, d), dtype=np.float32).astype(np.float16)
     sae, step = make_trainer(n, args, "auto", device)
     mem = batches_in_memory(B, d, device)
-    calibrate_sparsity(sae, next(mem), args.l0)
+    if not sae.k_sparse:
+        calibrate_sparsity(sae, next(mem), args.l0)
     with tempfile.TemporaryDirectory(prefix="sae_step_bench_") as tmp:
         write_shards(tmp, rows, rows_per_shard=2 * B, resample_rows=0)
         reader = ShardReader(tmp, B, seed=0, device=device)
@@ -253,8 +268,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("--device cuda given but CUDA is not available")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None) if device.type == "cuda" else None
-    print(fmt(bench="sae_step", device=f"'{name}'", threads=torch.get_num_threads(), d_in=args.d_in,
-              batch=args.batch, steps=args.steps, dtype="float32",
+    print(fmt(bench="sae_step", arch=args.arch, device=f"'{name}'", threads=torch.get_num_threads(),
+              d_in=args.d_in, batch=args.batch, steps=args.steps, dtype="float32",
               compute="bf16-autocast" if device.type == "cuda" else "float32",
               thp=os.environ.get("THP_MEM_ALLOC_ENABLE", "0"), torch=torch.__version__), flush=True)
     if args.crossover:
