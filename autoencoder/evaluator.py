@@ -21,7 +21,7 @@ class Evaluator:
     """Held-out figures: reconstruction and density on val rows, NLL scores on val contexts.
 
     A transcoder (`hook_out` set) is scored on the paired val rows of its input and output hook
-    points; its loss recovered (splicing its output in place of the MLP's) is not computed here.
+    points, and its loss recovered splices its output in place of `hook_out` (the MLP's output).
     """
 
     def __init__(self, cfg: DictConfig, c: SAETrainConfig, run_dir: Path, d_in: int, hook_name: str,
@@ -35,8 +35,6 @@ class Evaluator:
             self.targets = self.load_targets(run_dir, d_out)
             if self.targets is None:
                 self.rows = None
-            self.model = None
-            self.log("note: loss recovered of a transcoder is not computed (held-out rows only)")
         for rows in (self.rows, self.targets):
             if rows is not None and not torch.isfinite(rows).all():
                 raise UserError(f"validation activations from {self.source} contain NaN/Inf")
@@ -85,7 +83,7 @@ class Evaluator:
 
     def load_targets(self, run_dir: Path, d_out: int | None) -> torch.Tensor | None:
         """A transcoder's output rows paired with `rows` (same seed, same shard layout), or None."""
-        from autoencoder.paired import check_paired
+        from autoencoder.paired import require_paired
         from autoencoder.shard_check import read_manifest
         from autoencoder.shard_rows import take_rows
 
@@ -98,7 +96,7 @@ class Evaluator:
             self.log(f"note: no paired val shards of {self.hook} and {self.hook_out}: "
                      "held-out metrics skipped")
             return None
-        check_paired(read_manifest(self.in_dir), read_manifest(out_dir), self.in_dir, out_dir)
+        require_paired(read_manifest(self.in_dir), read_manifest(out_dir), self.in_dir, out_dir)
         return take_rows(out_dir, self.c.eval_rows, seed=0, d_in=d_out)
 
     @torch.no_grad()
@@ -118,7 +116,7 @@ class Evaluator:
             out.update(stats.summary())
             density = stats.density()
         if self.model is not None:
-            out.update(loss_recovered(self.model, sae, self.contexts, self.hook))
+            out.update(loss_recovered(self.model, sae, self.contexts, self.hook, hook_out=self.hook_out))
         sae.train(was_training)
         return out, density
 

@@ -6,7 +6,7 @@ our GPT or a Hugging Face LM) only up to the last hooked layer, reading every ho
 `activations.layers` in one forward, keeps `tokens_per_context` random positions of each context
 (200 in Anthropic's "Towards Monosemanticity"), and writes `run_dir/activations/<split>/` (one hook
 point) or `run_dir/activations/<split>/<hook>/` (several; row i of every hook's shards is the same
-token, and their manifests share `rows_key`: autoencoder.pairs.check_paired). Layout in
+token, and their manifests share `rows_key`: autoencoder.paired.check_paired). Layout in
 docs/formats.md.
 
 Rows must come out shuffled across contexts (a batch of one context's tokens is a correlated,

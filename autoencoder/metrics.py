@@ -16,7 +16,7 @@ import torch
 
 from autoencoder.sae import SAE, row_sq_error
 from tools.core.config import UserError
-from transformer.subject import Subject
+from transformer.subject import Subject, splice_edits
 
 DENSE_THRESHOLD = 0.1  # a feature firing on > 10% of tokens is "dense" (Anthropic 2023 uses 1e-1 too)
 LOG_EPS = 1e-10  # SAELens' log10(density + 1e-10) convention for sparsity.safetensors
@@ -122,14 +122,18 @@ def val_contexts(val_bin: Path, n: int, ctx_len: int) -> torch.Tensor:
 
 @torch.no_grad()
 def loss_recovered(subject: Subject, sae: SAE, contexts: torch.Tensor, hook: str, batch_size: int = 4,
-                   ablation: str = "zero") -> dict[str, float]:
+                   ablation: str = "zero", hook_out: str | None = None) -> dict[str, float]:
     """Next-token loss of the subject as is, with the SAE's reconstruction spliced into `hook`, and
     with that hook point ablated (`zero`, or `mean`: its mean over these contexts' positions); loss
     recovered = (L_abl − L_recon) / (L_abl − L_orig): 1 is a perfect reconstruction, 0 no better
-    than ablating the hook point. SAELens' eval names."""
+    than ablating the hook point. SAELens' eval names.
+
+    A transcoder reads `hook` and writes `hook_out` (the MLP's input and output): its output
+    replaces `hook_out` (`transformer.subject.splice_edits`), and the ablation is of `hook_out`."""
     if ablation not in ("zero", "mean"):
         raise UserError(f"ablation must be zero or mean, not {ablation!r}")
-    subject.check_hooks([hook])
+    hook_in, hook = hook, hook_out or hook
+    subject.check_hooks(sorted({hook_in, hook}))
     batches = [contexts[i:i + batch_size].to(subject.device) for i in range(0, contexts.shape[0], batch_size)]
     mean = None
     if ablation == "mean":
@@ -146,7 +150,7 @@ def loss_recovered(subject: Subject, sae: SAE, contexts: torch.Tensor, hook: str
         return sae(h.float()).to(h.dtype)
 
     totals = {"orig": 0.0, "recon": 0.0, "abl": 0.0}
-    edits = {"orig": None, "recon": {hook: splice}, "abl": {hook: ablate}}
+    edits = {"orig": None, "recon": splice_edits(hook_in, hook, splice), "abl": {hook: ablate}}
     n_tok = 0
     for ctx in batches:
         idx, tgt = ctx[:, :-1].contiguous(), ctx[:, 1:].contiguous()

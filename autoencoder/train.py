@@ -206,9 +206,9 @@ def _run(stage: SAETrainStage) -> dict[str, Any]:
         raise UserError(f"config `sae.d_in`={c.d_in} but the shards in {train_dir} have d_in={d_in}")
     target_manifest = stage.target_manifest()
     if target_manifest is not None:
-        from autoencoder.paired import check_paired
+        from autoencoder.paired import require_paired
 
-        check_paired(manifest, target_manifest, train_dir, stage.target_dir)
+        require_paired(manifest, target_manifest, train_dir, stage.target_dir)
         if c.resample_steps:
             raise UserError(f"config `sae.resample_steps`={list(c.resample_steps)}: neuron resampling "
                             "needs kind=sae (a transcoder's decoder writes another space); use []")

@@ -303,7 +303,7 @@ def test_fp16_overflow_is_an_error(world):
 def test_transcoder_pair_on_our_gpt(world, generated):
     """[mlp_in, mlp_out] in one run: row i of the input folder maps through the MLP to row i of the
     output folder; a folder of another run (another model folder) does not pair with them."""
-    from autoencoder.pairs import check_paired
+    from autoencoder.paired import check_paired
     from transformer.model import load_model
 
     cfg = make_cfg(world, "pair", "activations.hook=[mlp_in,mlp_out]")

@@ -113,7 +113,7 @@ def test_bad_hooks_are_named(world, override, match):
 
 
 def test_transcoder_hooks_are_written_paired(world):
-    from autoencoder.pairs import check_paired
+    from autoencoder.paired import check_paired
 
     hooks = ["blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"]
     cfg = make_cfg(world, "pair", "activations.hook=[mlp_in,mlp_out]", "activations.layers=[1]")

@@ -25,8 +25,9 @@ def planted_run(root: Path, d: int = 16, n_true: int = 32, rows: int = 24000, ho
         tr, va = (root / "activations" / split / (name or "") for split in ("train", "val"))
         hook = name or "blocks.0.mlp.hook_post"
         cut = rows * 5 // 6
-        write_shards(tr, a[:cut], 5000, resample_rows=2048, hook_name=hook)
-        write_shards(va, a[cut:], 4000, split="val", resample_rows=0, hook_name=hook)
+        write_shards(tr, a[:cut], 5000, resample_rows=2048, hook_name=hook, rows_key="planted-train")
+        write_shards(va, a[cut:], 4000, split="val", resample_rows=0, hook_name=hook,
+                     rows_key="planted-val")
     return feats
 
 
