@@ -104,8 +104,8 @@ class SAETrainConfig:
     # sae: reconstruct the rows it reads | transcoder: read sae.hook_in rows, reconstruct the sae.hook_out
     # rows of the same tokens (Dunefsky et al. 2024); the two shard folders must hold the same rows
     kind: str = "sae"
-    hook_in: str | None = None  # transcoder: input hook point (e.g. blocks.0.hook_mlp_in)
-    hook_out: str | None = None  # transcoder: output hook point (e.g. blocks.0.hook_mlp_out)
+    hook_in: str | None = None  # transcoder: input hook (e.g. blocks.0.ln2.hook_normalized, the MLP input)
+    hook_out: str | None = None  # transcoder: output hook (e.g. blocks.0.hook_mlp_out, the MLP output)
     skip: bool = False  # transcoder: add a linear skip path x W_skipᵀ (Paulo et al. 2025; zero at init)
     name: str | None = neutral(None)  # folder under run_dir/sae/; null -> derived, e.g. l1-4096-l1c6e-2
     hook: str | None = neutral(None)  # hook point when the shards hold several (e.g. blocks.10.mlp.hook_post)
