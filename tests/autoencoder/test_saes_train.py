@@ -91,6 +91,6 @@ def test_transcoder_refuses_folders_that_do_not_share_rows(tmp_path):
     planted_run(tmp_path / "p", hooks=("blocks.0.in",))
     planted_run(tmp_path / "q", rows=18000, hooks=("x", "blocks.0.out"))
     (tmp_path / "p/activations/train/blocks.0.out").symlink_to(tmp_path / "q/activations/train/blocks.0.out")
-    with pytest.raises(UserError, match="do not share rows"):
+    with pytest.raises(UserError, match="do not hold the same rows"):
         train.run(sae_cfg(tmp_path / "p", "sae=topk", "sae.k=3", "sae.kind=transcoder",
                           "sae.hook_in=blocks.0.in", "sae.hook_out=blocks.0.out", "sae.steps=5"))

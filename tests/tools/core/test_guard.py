@@ -85,7 +85,7 @@ def test_overwrite_rule(tmp_path):
     (["run_dir=/tmp/données"], "cannot parse the override 'run_dir=/tmp/données'.*"
                                "'run_dir=\"/tmp/données\"'"),
     (["run_dir=/tmp/my", "dir"], "cannot parse the override 'dir'.*split into words by the shell"),
-    (["sae=nope"], "Could not find 'sae/nope'; available: l1, topk"),
+    (["sae=nope"], "Could not find 'sae/nope'; available: batchtopk, jumprelu, l1, matryoshka, topk"),
     (["run_dir=/proc/none/run"], "No such file or directory: /proc/none.*writable"),
 ])
 def test_command_line_errors_are_one_line_and_exit_2(args, expect):
