@@ -94,7 +94,8 @@ class FeaturesConfig:
                             "its hook's: list several SAEs with features.sae=[...]")
         if layers != "all" and not (isinstance(layers, list) and layers and all(
                 isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers)):
-            raise UserError(f"features.layers must be `all` or a non-empty list of layers >= 0, got {layers!r}")
+            raise UserError(f"features.layers must be `all` or a non-empty list of layers >= 0, "
+                            f"got {layers!r}")
         if isinstance(layers, list) and len(set(layers)) != len(layers):
             raise UserError(f"features.layers lists a layer twice: {layers}")
 

@@ -136,7 +136,8 @@ class ScanState:
         s["maxv"] = torch.maximum(s["maxv"], newmax)
         grow = (newmax >= s["scale"]) & (newmax > 0)
         if grow.any():
-            self._grow(grow.nonzero().squeeze(1), torch.exp2(torch.floor(torch.log2(newmax.clamp_min(1e-30))) + 1))
+            above = torch.exp2(torch.floor(torch.log2(newmax.clamp_min(1e-30))) + 1)  # next power of 2 > max
+            self._grow(grow.nonzero().squeeze(1), above)
         G = HIST_BINS
         b = (acts / s["scale"].index_select(0, cols) * G).long().clamp_(max=G - 1)
         group = cols * G + b
