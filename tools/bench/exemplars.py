@@ -89,7 +89,9 @@ def transluce_layer(model, batches: list[torch.Tensor], layer: int, k: int) -> t
 
 def _same_topk(vals: torch.Tensor, ours: torch.Tensor, theirs: torch.Tensor) -> bool:
     """Whether two [units, k] context lists agree: the same contexts in the same order wherever the
-    values differ (ties may come in either order)."""
+    values differ (ties may come in either order). Only contexts where the unit's peak is above 0 are
+    kept by the scan (the rest never enter a top-k), so only those are compared."""
+    ours, theirs = ours.where(vals > 0, -1), theirs.where(vals > 0, -1)
     if torch.equal(ours, theirs):
         return True
     for u in (ours != theirs).any(1).nonzero().squeeze(1).tolist():

@@ -15,7 +15,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from tools.features.scan import ScanState, two_sum
+
+def two_sum(hi: torch.Tensor, lo: torch.Tensor, x: torch.Tensor) -> None:
+    """hi + lo += x in place, hi the rounded sum and lo its error (Knuth's TwoSum): the pair holds the
+    exact sum of the batches' partial sums, so any grouping of the batches gives the same hi + lo."""
+    t = hi + x
+    bv = t - hi
+    lo += (hi - (t - bv)) + (x - bv)
+    hi.copy_(t)
 
 
 def _all_gather(t: torch.Tensor, world: int) -> list[torch.Tensor]:
@@ -26,8 +33,8 @@ def _all_gather(t: torch.Tensor, world: int) -> list[torch.Tensor]:
     return out
 
 
-def gather_merge(st: ScanState, dist: Any, first_ctx: list[int]) -> ScanState:
-    """Every rank's `st` (all_gather, in rank order) merged into `st` on every rank; `first_ctx[r]`:
+def gather_merge(st: Any, dist: Any, first_ctx: list[int]) -> ScanState:
+    """Every rank's `st` (a tools.features.scan.ScanState; all_gather, in rank order) merged into `st` on every rank; `first_ctx[r]`:
     the first context rank r scanned."""
     parts = [dict(zip(st.tensors, ts, strict=True)) for ts in
              zip(*(_all_gather(t, dist.world) for t in st.tensors.values()), strict=True)]
@@ -36,7 +43,7 @@ def gather_merge(st: ScanState, dist: Any, first_ctx: list[int]) -> ScanState:
 
 
 @torch.no_grad()
-def merge_into(st: ScanState, parts: list[dict[str, torch.Tensor]], first_ctx: list[int]) -> None:
+def merge_into(st: Any, parts: list[dict[str, torch.Tensor]], first_ctx: list[int]) -> None:
     """Set `st.tensors` to the merge of `parts` (the ranks' tensors, rank order)."""
     scale = torch.stack([p["scale"] for p in parts]).amax(0)
     for p in parts:  # every rank's histogram and samples on the common grid

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from tools.core import preempt
 from tools.core.config import UserError
 from tools.features.config import HIST_BINS, FeaturesConfig
+from tools.features.merge import gather_merge, two_sum
 
 if TYPE_CHECKING:
     from tools.features.source import Inputs
@@ -221,15 +222,6 @@ def batch_seed(seed: int, ctx0: int) -> int:
     return int(np.random.SeedSequence([seed % 2**63, ctx0]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def two_sum(hi: torch.Tensor, lo: torch.Tensor, x: torch.Tensor) -> None:
-    """hi + lo += x in place, hi the rounded sum and lo its error (Knuth's TwoSum): the pair holds the
-    exact sum of the batches' partial sums, so any grouping of the batches gives the same hi + lo."""
-    t = hi + x
-    bv = t - hi
-    lo += (hi - (t - bv)) + (x - bv)
-    hi.copy_(t)
-
-
 def batch_ranges(n_ctx: int, batch: int, rank: int, world: int) -> list[int]:
     """The first context of each batch this rank scans: the single-process batches, split into `world`
     contiguous runs (rank 0 the first), so every batch is the same wherever it is scanned."""
@@ -247,7 +239,6 @@ def scan_sets(inps: list[Inputs], fc: FeaturesConfig, seed: int, device: str, ne
     batches and the states are merged exactly (tools.features.merge), so every rank ends with the
     state one process would have. SIGTERM/SIGINT stop it between batches (`Preempted`): it keeps no
     resume state, so a rerun, with any number of ranks, scans from the start."""
-    from tools.features.merge import gather_merge
     from tools.features.source import UnitActs, capture_sets
 
     inp0 = inps[0]
