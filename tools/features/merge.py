@@ -33,9 +33,9 @@ def _all_gather(t: torch.Tensor, world: int) -> list[torch.Tensor]:
     return out
 
 
-def gather_merge(st: Any, dist: Any, first_ctx: list[int]) -> ScanState:
-    """Every rank's `st` (a tools.features.scan.ScanState; all_gather, in rank order) merged into `st` on every rank; `first_ctx[r]`:
-    the first context rank r scanned."""
+def gather_merge(st: Any, dist: Any, first_ctx: list[int]) -> Any:
+    """Every rank's `st` (a tools.features.scan.ScanState; all_gather, in rank order) merged into
+    `st` on every rank; `first_ctx[r]`: the first context rank r scanned."""
     parts = [dict(zip(st.tensors, ts, strict=True)) for ts in
              zip(*(_all_gather(t, dist.world) for t in st.tensors.values()), strict=True)]
     merge_into(st, parts, first_ctx)
