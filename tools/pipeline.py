@@ -66,10 +66,14 @@ def plan(cfg: DictConfig, pcfg: PipelineConfig) -> list[Step]:
         steps.append(Step(f"site/{slot}", SiteStage, unit, slot))
     if pcfg.neurons:
         layers = pcfg.neuron_layers or [int(OmegaConf.select(cfg, "features.layer", default=0))]
+        if len(layers) > 1:  # every layer's neurons from one pass over the text
+            steps.append(Step("features/neuron-layers", FeaturesStage,
+                              {"features.unit": "neuron", "features.layers": list(layers)}))
         for layer in layers:
             side = neurons_name(layer, gpt)  # the features stage's name
             unit = {"features.unit": "neuron", "features.layer": layer}
-            steps.append(Step(f"features/{side}", FeaturesStage, unit))
+            if len(layers) == 1:
+                steps.append(Step(f"features/{side}", FeaturesStage, unit))
             if pcfg.describe:
                 steps.append(Step(f"describe/{side}", DescribeStage, unit))
                 # signed units: the negative side described and scored separately, from its bottom-k

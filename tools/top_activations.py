@@ -31,6 +31,14 @@ statistics of the negated activations: bottom-k contexts by min, equal-width bin
 [min_act, 0), and contexts that stay above `negative_frac` x min_act. Every unit gets quantiles
 of its activation over all scanned tokens, estimated from the exact histograms.
 
+Several unit sets in one pass: `features.layers=[0,10,20]` (or `all`) for neurons, or
+`features.sae=[a,b]` for several SAEs of one subject, feed every set's state from one forward per
+batch (stopping after the last hook point read) and write one feature set per unit set, each the one
+a single-set run writes. `features.memory_gb` bounds the states held together: sets that do not fit
+are scanned in further passes (tools/features/memory.py). Under `torchrun` the batches are split
+across ranks and the states merged exactly (tools/features/merge.py); the window pass is split too,
+and rank 0 writes, so the output is the one of a single process.
+
 Modules: tools/features/{config (the section), source (model, SAE and tokens: the stage's only
 model access), scan (the streaming pass), select (choosing examples), write (records and meta)}.
 Writes `run_dir/features/<name>/{features.jsonl, meta.json}` (docs/formats.md), then runs the site
@@ -39,7 +47,9 @@ stage (`tools.site`), which renders `site/` beside them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -47,7 +57,8 @@ from typing import Any
 from omegaconf import DictConfig
 
 from tools.core import guard
-from tools.core.config import UserError, output_fields, resolve_device, stage_main
+from tools.core.config import UserError, output_fields, resolve_device, section, stage_main
+from tools.core.distributed import Dist
 from tools.core.files import config_hash, read_json, sha256_file, write_json
 from tools.core.layout import RunLayout
 from tools.core.stage import Stage
@@ -63,8 +74,28 @@ class FeaturesStage(Stage):
     marker = "meta.json"
     sealed = ("features.jsonl",)
 
+    @functools.cached_property
+    def sets(self) -> list[FeaturesStage]:
+        """One stage per unit set the config names (itself, unless features.layers / a list of SAEs)."""
+        cfgs = unit_configs(self.cfg)
+        return [self] if cfgs[0] is self.cfg else [FeaturesStage(c) for c in cfgs]
+
     def output_dir(self) -> Path:
+        if self.sets[0] is not self:
+            return self.sets[0].output_dir()
         return RunLayout.of(self.cfg).features(unit_name(self.cfg))
+
+    def run(self) -> dict[str, Any]:
+        """One unit set in one process: the stage skeleton; several, or under torchrun: `run_sets`."""
+        if len(self.sets) == 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return super().run()
+        return run_sets(self.sets)
+
+    def current(self) -> bool:
+        """Whether features.jsonl is current (the site may still be missing)."""
+        out = self.output_dir()
+        return ((out / "meta.json").is_file() and (out / "features.jsonl").is_file()
+                and self.recorded_hash() == self.output_hash())
 
     @functools.cached_property
     def tokenizer(self) -> Any:
@@ -95,6 +126,8 @@ class FeaturesStage(Stage):
 
     def done(self) -> bool:
         """Complete when meta.json's hash matches this config and inputs, and the site exists."""
+        if self.sets[0] is not self:
+            return all(st.done() for st in self.sets)
         try:
             fc, out = self.c, self.output_dir()
             if not (out / "meta.json").is_file() or not (out / "features.jsonl").is_file():
@@ -142,31 +175,138 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return FeaturesStage(cfg).run()
 
 
+def unit_configs(cfg: DictConfig) -> list[DictConfig]:
+    """The config of each unit set `cfg` names: [cfg] itself for one; for `features.layers` one per
+    layer (`features.layer=<L>`), for a list in `features.sae` one per SAE, each exactly the config
+    of a single-set run (so its hash and output are that run's)."""
+    from omegaconf import OmegaConf
+
+    fc = section(cfg, "features", FeaturesConfig)
+    if not fc.several():
+        return [cfg]
+    if fc.layers is not None:
+        from transformer.subject_load import subject_spec
+
+        spec = subject_spec(cfg)
+        layers = list(range(spec.n_layers)) if fc.layers == "all" else list(fc.layers)
+        spec.check_layers(layers, "features.layers")
+        sets = [{"features.layers": None, "features.layer": layer} for layer in layers]
+    else:
+        sets = [{"features.sae": name} for name in fc.sae]
+    out = []
+    for overrides in sets:
+        c = cfg.copy()
+        for key, value in overrides.items():
+            OmegaConf.update(c, key, value, merge=False)
+        out.append(c)
+    return out
+
+
+def _finish(stage: FeaturesStage, meta: dict[str, Any], secs: float) -> dict[str, Any]:
+    fc, out = stage.c, stage.output_dir()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"features: {meta['n_units']} {'neurons' if fc.unit == 'neuron' else 'SAE features'} "
+              f"of layer {meta['layer']} ({meta['alive']} alive"
+              f"{', both signs' if meta.get('negative_side') else ''}) "
+              f"over {meta['tokens_scanned']:,} tokens "
+              f"-> {out / 'features.jsonl'} ({secs:.1f} s)")
+    return {"name": out.name, "unit": fc.unit, "units": meta["n_units"], "alive": meta["alive"],
+            "tokens_scanned": meta["tokens_scanned"], "scan_tokens_per_s": meta["scan_tokens_per_s"]}
+
+
+def _current_meta(stage: FeaturesStage) -> dict[str, Any]:
+    """The meta.json of a current feature set (pages, which the hash leaves out, brought up to date)."""
+    meta_path = stage.output_dir() / "meta.json"
+    meta = read_json(meta_path)
+    print(f"features for {stage.output_dir().name} are up to date; the site only follows")
+    if (meta.get("config") or {}).get("pages") != stage.c.pages:
+        meta["config"] = {**meta.get("config", {}), "pages": stage.c.pages}
+        if int(os.environ.get("RANK", "0")) == 0:
+            write_json(meta_path, meta)
+    return meta
+
+
 def _run(stage: FeaturesStage) -> dict[str, Any]:
     from tools.tokens import TokenText
 
     t0 = time.perf_counter()
-    cfg, fc, out = stage.cfg, stage.c, stage.output_dir()
-    name = out.name
-    chash = stage.output_hash()
-    meta_path = out / "meta.json"
-    if meta_path.is_file() and (out / "features.jsonl").is_file() and stage.recorded_hash() == chash:
-        meta = read_json(meta_path)
-        print(f"features for {name} are up to date; the site only follows")
-        if (meta.get("config") or {}).get("pages") != fc.pages:  # pages are not part of the hash
-            meta["config"] = {**meta.get("config", {}), "pages": fc.pages}
-            write_json(meta_path, meta)
+    if stage.current():
+        meta = _current_meta(stage)
     else:
         tok = stage.tokenizer
-        meta = scan_and_write(cfg, fc, name, stage.inp, out, chash, TokenText(tok),
-                              {"tokenizer_info": tok.describe()})
-    secs = time.perf_counter() - t0
-    print(f"features: {meta['n_units']} {'neurons' if fc.unit == 'neuron' else 'SAE features'} "
-          f"of layer {meta['layer']} ({meta['alive']} alive"
-          f"{', both signs' if meta.get('negative_side') else ''}) over {meta['tokens_scanned']:,} tokens "
-          f"-> {out / 'features.jsonl'} ({secs:.1f} s)")
-    return {"name": name, "unit": fc.unit, "units": meta["n_units"], "alive": meta["alive"],
-            "tokens_scanned": meta["tokens_scanned"], "scan_tokens_per_s": meta["scan_tokens_per_s"]}
+        meta = scan_and_write(stage.cfg, stage.c, stage.output_dir().name, stage.inp, stage.output_dir(),
+                              stage.output_hash(), TokenText(tok), {"tokenizer_info": tok.describe()})
+    return _finish(stage, meta, time.perf_counter() - t0)
+
+
+def run_sets(stages: list[FeaturesStage]) -> dict[str, Any]:
+    """Several unit sets (and/or several ranks): every set not current scanned together, in as few
+    passes as `features.memory_gb` allows, one feature set written (and sealed) per unit set, then
+    each set's site. Under torchrun rank 0 locks, writes and renders."""
+    from tools.features import memory
+    from tools.features.scan import scan_sets
+    from tools.features.source import load_shared, unit_inputs
+    from tools.features.write import write_set
+    from tools.tokens import TokenText
+
+    first = stages[0]
+    dist = Dist.start(resolve_device(first.cfg.get("device", "auto")))
+    device = dist.device(resolve_device(first.cfg.get("device", "auto")))
+    t0 = time.perf_counter()
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        with contextlib.ExitStack() as locks:
+            for st in stages:
+                locks.enter_context(guard.output_lock(st.output_dir(), st.name))
+            todo = [st for st in stages if not st.current()]
+            for st in stages:
+                if st not in todo:
+                    results[st.output_dir().name] = _finish(st, _current_meta(st), 0.0)
+            if todo:
+                tok = first.tokenizer
+                shared = load_shared(first.cfg, first.c, device, fingerprint=tok.fingerprint)
+                for st in todo:
+                    st.__dict__["inp"] = unit_inputs(st.cfg, st.c, st.output_dir().name, shared, device)
+                    st.verify_inputs()
+                    if dist.master and (st.output_dir() / st.marker).is_file():
+                        st.guard()
+                dist.barrier()
+                fc = first.c
+                both = fc.both_sides()
+                sizes = [memory.set_bytes(st.inp.n_units, shared.model.width(st.inp.hook), fc, shared.n_ctx,
+                                          shared.T, both) for st in todo]
+                budget = fc.memory_gb * memory.GB if fc.memory_gb else memory.default_budget(device)
+                names = [st.output_dir().name for st in todo]
+                passes = memory.plan_passes(names, sizes, budget)
+                if dist.master:
+                    print(f"features: {len(todo)} unit set(s) in {len(passes)} pass(es) over the text "
+                          f"({max(h + w for h, w in sizes) / memory.GB:.3g} GB per set at most, budget "
+                          f"{budget / memory.GB:.3g} GB{' = features.memory_gb' if fc.memory_gb else ''}"
+                          f"{f', {dist.world} ranks' if dist.world > 1 else ''})", flush=True)
+                text = TokenText(tok)
+                for group in passes:
+                    t1 = time.perf_counter()
+                    sets = [todo[i] for i in group]
+                    sides, rate = scan_sets([st.inp for st in sets], fc, int(first.cfg.seed), device, both,
+                                            dist)
+                    for st, side in zip(sets, sides, strict=True):
+                        meta = write_set(st.cfg, st.c, st.output_dir().name, st.inp, st.output_dir(),
+                                         st.output_hash(), text, side, rate, device,
+                                         {"tokenizer_info": tok.describe()}, dist)
+                        if dist.master:
+                            st.seal()
+                        results[st.output_dir().name] = _finish(st, meta, time.perf_counter() - t1)
+                    del sides
+        dist.barrier()
+        if dist.master:
+            for st in stages:
+                results[st.output_dir().name] = st.after(results[st.output_dir().name])
+    finally:
+        dist.close()
+    if len(stages) == 1:
+        return results[stages[0].output_dir().name]
+    return {"sets": results, "units": sum(r["units"] for r in results.values()),
+            "seconds_scan_and_write": round(time.perf_counter() - t0, 1)}
 
 
 main = stage_main(run)

@@ -89,5 +89,15 @@ step top_activations 90 python -m tools.bench.top_activations --device cuda --fe
 step loader 90 python -m tools.bench.loader --device cuda --rows 2000000 --rows-per-shard 500000 \
     --steps 100 --batch-size 4096
 
+# 7. exemplars for every MLP neuron: one pass over all layers vs one layer per run, Transluce's loop and a
+#    bare forward (SmolLM2, converted into a scratch data_dir), then all 32 layers of a random model with
+#    Llama-3.1-8B's shapes in bf16, with the projected hours for 1M x 95 tokens on 1 and 8 GPUs
+EXDATA="${TMPDIR:-/tmp}/gpu_check_smollm2"
+step exemplars_smollm2 150 bash -c "python -c \"from transformer.hf_load import convert_embedded; \
+convert_embedded('smollm2-135m-instruct', '$EXDATA')\" && python -m tools.bench.exemplars --device cuda \
+--data-dir '$EXDATA' --contexts 2048 --context-len 95 --batch-tokens 48640"
+step exemplars_llama8b 150 python -m tools.bench.exemplars --device cuda --random-llama-8b --skip b,c \
+    --contexts 1024 --context-len 95 --batch-tokens 24320
+
 echo "gpu_check_failed=$failed"
 exit "$failed"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -21,8 +22,16 @@ NEGATIVES = ("contexts whose max activation is <= {frac} x the unit's max_act: f
 @dataclass
 class FeaturesConfig:
     unit: str = "sae"  # sae | neuron (the MLP's own neurons)
-    sae: str | None = None  # folder name under run_dir/sae; null = the only one there
+    # folder name under run_dir/sae; null = the only one there; a list: several SAEs scanned in one
+    # pass over the text (one forward for all), one feature set each
+    sae: Any = None
     layer: int = 0  # neurons: which layer's MLP (an SAE uses the layer of its hook_name)
+    # neurons of several layers in one pass (one forward, stopping after the last listed layer), one
+    # feature set per layer, each the same as `layer=<L>` writes: a list of layers, or `all`
+    layers: Any = None
+    # memory for the scan's running state (GB); sets that do not fit together are scanned in several
+    # passes; null = most of the device's free memory
+    memory_gb: float | None = neutral(None)
     split: str = "val"  # token split scanned (held-out text, not the SAE's training rows)
     contexts: int | None = None  # contexts scanned; null = every whole context in the split
     context_len: int | None = None  # tokens per context; null = the model's block_size
@@ -65,9 +74,34 @@ class FeaturesConfig:
             raise UserError(f"features.negative_frac must be in [0, 1), got {self.negative_frac}")
         if not all(0 <= q <= 1 for q in self.act_quantiles):
             raise UserError(f"features.act_quantiles must be in [0, 1], got {self.act_quantiles}")
+        self._check_sets()
+        if self.memory_gb is not None and not self.memory_gb > 0:
+            raise UserError(f"features.memory_gb must be > 0 or null, got {self.memory_gb}")
         if self.dtype not in ("float32", "bfloat16"):
             raise UserError(f"features.dtype must be float32 or bfloat16, not {self.dtype!r}")
         return self
+
+    def _check_sets(self) -> None:
+        sae, layers = self.sae, self.layers
+        if sae is not None and not isinstance(sae, str) and not (
+                isinstance(sae, list) and sae and all(isinstance(x, str) for x in sae)):
+            raise UserError(f"features.sae must be an SAE's folder name, a non-empty list of them, or null; "
+                            f"got {sae!r}")
+        if layers is None:
+            return
+        if self.unit != "neuron":
+            raise UserError("features.layers lists neuron layers (features.unit=neuron); an SAE's layer is "
+                            "its hook's: list several SAEs with features.sae=[...]")
+        if layers != "all" and not (isinstance(layers, list) and layers and all(
+                isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers)):
+            raise UserError(f"features.layers must be `all` or a non-empty list of layers >= 0, "
+                            f"got {layers!r}")
+        if isinstance(layers, list) and len(set(layers)) != len(layers):
+            raise UserError(f"features.layers lists a layer twice: {layers}")
+
+    def several(self) -> bool:
+        """Whether the config names several unit sets (features.layers, or a list in features.sae)."""
+        return self.layers is not None or isinstance(self.sae, list)
 
     def both_sides(self) -> bool:
         """Whether the negative side is scanned (see `negative_side`)."""
@@ -78,5 +112,8 @@ def unit_name(cfg: DictConfig) -> str:
     """Folder name under run_dir/features and run_dir/descriptions (`RunLayout.unit_set`): "neurons"
     (our GPT's layer 0), "neurons-L<layer>" (any other layer or subject), or the SAE's name."""
     fc = section(cfg, "features", FeaturesConfig)
+    if fc.several():
+        raise UserError("features.layers / a list in features.sae name several unit sets; each has its own "
+                        "name (tools.top_activations.unit_configs)")
     gpt = str((cfg.get("subject") or {}).get("kind", "gpt")) == "gpt"
     return RunLayout.of(cfg).unit_set(fc.unit, layer=fc.layer, gpt=gpt, sae=fc.sae)

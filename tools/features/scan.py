@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from tools.core import preempt
 from tools.core.config import UserError
 from tools.features.config import HIST_BINS, FeaturesConfig
+from tools.features.merge import gather_merge, two_sum
 
 if TYPE_CHECKING:
     from tools.features.source import Inputs
@@ -45,8 +46,10 @@ class ScanState:
         inf = math.inf
         self.tensors = dict(
             total=torch.zeros(F, dtype=torch.float64, device=dev),
+            # the rounding error of `total` (TwoSum), so the sum over batches is exact in any grouping
+            total_lo=torch.zeros(F, dtype=torch.float64, device=dev),
             maxv=torch.zeros(F, device=dev),
-            scale=torch.zeros(F, device=dev),  # R, a power of two; 0 until the unit first fires
+            scale=torch.zeros(F, device=dev),  # R, a power of two > max; 0 until the unit first fires
             hist=torch.zeros(F, G, dtype=torch.int64, device=dev),
             top_v=torch.zeros(F, k, device=dev),
             top_c=torch.full((F, k), -1, dtype=torch.int64, device=dev),
@@ -77,6 +80,9 @@ class ScanState:
         B, T, F = f.shape
         self.T = T
         f = f.float()
+        # each batch draws from its own stream (a function of the seed and the batch's first context),
+        # so the draws do not depend on which process scans which batches
+        self.gen.manual_seed(batch_seed(self.seed, ctx0))
         cmax = f.amax(dim=1)  # [B, F]
         newmax = cmax.amax(0)
         if not torch.isfinite(newmax).all():
@@ -87,7 +93,10 @@ class ScanState:
         k = self.top_k
         cand = (newmax > s["top_v"][:, -1]).nonzero().squeeze(1)
         if cand.numel():
-            tv, ti = torch.cat([s["top_v"][cand], cmax.index_select(1, cand).t()], 1).topk(k, dim=1)
+            # stable: among equal values the earlier context first (the order a merge of ranks keeps)
+            tv, ti = torch.cat([s["top_v"][cand], cmax.index_select(1, cand).t()], 1).sort(
+                dim=1, descending=True, stable=True)
+            tv, ti = tv[:, :k], ti[:, :k]
             fresh, old = ti >= k, ti.clamp(max=k - 1)
             top_c = torch.where(fresh, ti - k + ctx0, s["top_c"][cand].gather(1, old))
             top_p = s["top_p"][cand].gather(1, old)
@@ -98,8 +107,9 @@ class ScanState:
             key.masked_fill_(cmax > 0, math.inf)
             neg = (key.amin(0) < s["neg_key"][:, -1]).nonzero().squeeze(1)
             if neg.numel():
-                nk, ni = torch.cat([s["neg_key"][neg], key.index_select(1, neg).t()], 1).topk(
-                    n, dim=1, largest=False)
+                nk, ni = torch.cat([s["neg_key"][neg], key.index_select(1, neg).t()], 1).sort(
+                    dim=1, stable=True)
+                nk, ni = nk[:, :n], ni[:, :n]
                 kept = s["neg_c"][neg].gather(1, ni.clamp(max=n - 1))
                 s["neg_c"][neg] = torch.where(ni >= n, ni - n + ctx0, kept)
                 s["neg_key"][neg] = nk
@@ -123,11 +133,12 @@ class ScanState:
         if cand.numel():
             top_p = torch.where(fresh, argpos.view(B, F)[(ti - k).clamp(min=0), cand[:, None]], top_p)
             s["top_v"][cand], s["top_c"][cand], s["top_p"][cand] = tv, top_c, top_p
-        s["total"] += torch.bincount(cols, weights=acts.double(), minlength=F)
+        two_sum(s["total"], s["total_lo"], torch.bincount(cols, weights=acts.double(), minlength=F))
         s["maxv"] = torch.maximum(s["maxv"], newmax)
-        grow = newmax > s["scale"]
+        grow = (newmax >= s["scale"]) & (newmax > 0)
         if grow.any():
-            self._grow(grow.nonzero().squeeze(1), newmax)
+            above = torch.exp2(torch.floor(torch.log2(newmax.clamp_min(1e-30))) + 1)  # next power of 2 > max
+            self._grow(grow.nonzero().squeeze(1), above)
         G = HIST_BINS
         b = (acts / s["scale"].index_select(0, cols) * G).long().clamp_(max=G - 1)
         group = cols * G + b
@@ -138,11 +149,12 @@ class ScanState:
         slot = u.long().clamp_(max=self.per_bin - 1)
         self._sample(group * self.per_bin + slot, u - slot, acts, ctx0 * T + rows)
 
-    def _grow(self, units: torch.Tensor, newmax: torch.Tensor) -> None:
-        """Raise R to the next power of two >= the new max, merging bins 2^d at a time."""
+    def _grow(self, units: torch.Tensor, scale: torch.Tensor) -> None:
+        """Raise R to `scale` (a power of two > the new max; [all units]), merging bins 2^d at a time
+        (exact: a value's bin at R / 2^d, shifted right by d, is its bin at R)."""
         s, G, m = self.tensors, HIST_BINS, self.per_bin
         old = s["scale"][units]
-        target = torch.exp2(torch.ceil(torch.log2(newmax[units].clamp_min(1e-30))))
+        target = scale[units]  # [units]: the new R of each unit (a power of two)
         fresh = old == 0
         shift = torch.where(fresh, torch.zeros_like(old), torch.log2(target / old.clamp_min(1e-30)))
         shift = shift.round().long().clamp_(min=0, max=62)
@@ -188,7 +200,8 @@ class ScanState:
         return self.tensors["hist"].sum(1)
 
     def numpy(self) -> dict[str, np.ndarray]:
-        out = {k: v.cpu().numpy() for k, v in self.tensors.items()}
+        out = {k: v.cpu().numpy() for k, v in self.tensors.items() if k != "total_lo"}
+        out["total"] = (self.tensors["total"] + self.tensors["total_lo"]).cpu().numpy()
         out["count"] = self.count.cpu().numpy()
         out["T"] = np.array(getattr(self, "T", 1))
         out["seed"] = np.array(self.seed)
@@ -204,43 +217,82 @@ def candidate_contexts(n_ctx: int, n: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng([seed, 1]).choice(n_ctx, size=n, replace=False)).astype(np.int64)
 
 
+def batch_seed(seed: int, ctx0: int) -> int:
+    """The random stream of the batch that starts at context `ctx0`."""
+    return int(np.random.SeedSequence([seed % 2**63, ctx0]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def batch_ranges(n_ctx: int, batch: int, rank: int, world: int) -> list[int]:
+    """The first context of each batch this rank scans: the single-process batches, split into `world`
+    contiguous runs (rank 0 the first), so every batch is the same wherever it is scanned."""
+    starts = list(range(0, n_ctx, batch))
+    bounds = np.linspace(0, len(starts), world + 1).round().astype(int)
+    return starts[bounds[rank]:bounds[rank + 1]]
+
+
+def scan_sets(inps: list[Inputs], fc: FeaturesConfig, seed: int, device: str, negative: bool,
+              dist: Any = None) -> tuple[list[tuple[ScanState, ScanState | None]], float]:
+    """One pass over the contexts for every unit set in `inps` (one forward per batch, stopping after
+    the last hook point they read): [(positive-side state, negative-side state or None)] and tokens/s.
+
+    Under torchrun (`dist`: tools.core.distributed.Dist) each rank scans a contiguous run of the
+    batches and the states are merged exactly (tools.features.merge), so every rank ends with the
+    state one process would have. SIGTERM/SIGINT stop it between batches (`Preempted`): it keeps no
+    resume state, so a rerun, with any number of ranks, scans from the start."""
+    from tools.features.source import UnitActs, capture_sets
+
+    inp0 = inps[0]
+    n_ctx, T = inp0.n_ctx, inp0.T
+    rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
+
+    def state(inp: Inputs, s: int, nonneg: bool) -> ScanState:
+        st = ScanState(inp.n_units, min(fc.top_k, n_ctx), fc.per_bin, fc.n_random, device, s,
+                       nonneg=nonneg, n_ctx=n_ctx, candidates=fc.negative_candidates if fc.n_random else 0)
+        st.T = T
+        return st
+
+    # the negative side has its own random streams, so the positive side is what it is without it
+    sides = [(state(inp, seed, inp.sae is not None), state(inp, seed ^ 0x5A5A, False) if negative else None)
+             for inp in inps]
+    acts = [UnitActs(inp, fc.dtype) for inp in inps]
+    B = max(1, fc.batch_tokens // T)
+    starts = batch_ranges(n_ctx, B, rank, world)
+    t0 = time.perf_counter()
+    units = sum(inp.n_units for inp in inps)
+    bar = tqdm(starts, desc=f"scan ({units} units, {len(inps)} sets)", unit="batch", leave=False,
+               disable=rank != 0)
+    for c0 in bar:
+        c1 = min(c0 + B, n_ctx)
+        idx = torch.from_numpy(np.asarray(inp0.tokens[c0 * T:c1 * T], dtype=np.int64))
+        got = capture_sets(inps, idx.view(c1 - c0, T).to(device), fc.dtype)
+        for inp, a, (pos, neg) in zip(inps, acts, sides, strict=True):
+            f = a.encode(got[inp.hook])
+            pos.update(f, c0)
+            if neg is not None:
+                neg.update(-f, c0)
+        del got
+        if preempt.requested() and c1 < n_ctx:
+            raise preempt.Preempted("features", f"context {c1} of {n_ctx} (scan)",
+                                    "the scan keeps no resume state and nothing was written; run the same "
+                                    "command again (with any number of ranks) to scan from the start")
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    rate = n_ctx * T / max(time.perf_counter() - t0, 1e-9)
+    if world > 1:
+        # the first context of each rank's run (an empty run: where the next one starts)
+        lo = [min(batch_ranges(n_ctx, B, r, world)[:1] + [c for q in range(r, world)
+                                                         for c in batch_ranges(n_ctx, B, q, world)[:1]]
+                  + [n_ctx]) for r in range(world)]
+        sides = [(gather_merge(pos, dist, lo), gather_merge(neg, dist, lo) if neg is not None else None)
+                 for pos, neg in sides]
+    return sides, rate
+
 
 def scan_sides(inp: Inputs, fc: FeaturesConfig, seed: int, device: str,
                negative: bool = False) -> tuple[ScanState, ScanState | None, float]:
-    """One pass over the contexts: (positive-side state, negative-side state or None, tokens/s).
-
-    SIGTERM/SIGINT stop it between batches (`Preempted`): it keeps no resume state, so a rerun scans
-    from the start."""
-    from tools.features.source import UnitActs
-
-    acts = UnitActs(inp, fc.dtype)
-
-    def state(s: int, nonneg: bool) -> ScanState:
-        return ScanState(inp.n_units, min(fc.top_k, inp.n_ctx), fc.per_bin, fc.n_random, device, s,
-                         nonneg=nonneg, n_ctx=inp.n_ctx,
-                         candidates=fc.negative_candidates if fc.n_random else 0)
-
-    pos = state(seed, inp.sae is not None)
-    # its own random streams, so the positive side is what it is without the negative one
-    neg = state(seed ^ 0x5A5A, False) if negative else None
-    B = max(1, fc.batch_tokens // inp.T)
-    t0 = time.perf_counter()
-    bar = tqdm(range(0, inp.n_ctx, B), desc=f"scan ({inp.n_units} units)", unit="batch", leave=False)
-    for c0 in bar:
-        c1 = min(c0 + B, inp.n_ctx)
-        idx = torch.from_numpy(np.asarray(inp.tokens[c0 * inp.T:c1 * inp.T], dtype=np.int64))
-        idx = idx.view(c1 - c0, inp.T).to(device)
-        f = acts.all_units(idx)
-        pos.update(f, c0)
-        if neg is not None:
-            neg.update(-f, c0)
-        if preempt.requested() and c1 < inp.n_ctx:
-            raise preempt.Preempted("features", f"context {c1} of {inp.n_ctx} (scan)",
-                                    "the scan keeps no resume state and nothing was written; run the same "
-                                    "command again to scan from the start")
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return pos, neg, inp.n_ctx * inp.T / max(time.perf_counter() - t0, 1e-9)
+    """One unit set, one process: (positive-side state, negative-side state or None, tokens/s)."""
+    [(pos, neg)], rate = scan_sets([inp], fc, seed, device, negative)
+    return pos, neg, rate
 
 
 def scan(inp: Inputs, fc: FeaturesConfig, seed: int, device: str) -> tuple[ScanState, float]:

@@ -52,31 +52,24 @@ def _sae_layer(hook: str) -> int:
     raise UserError(f"SAE hook_name {hook!r} is not of the form blocks.<layer>.mlp.hook_post")
 
 
-def load_inputs(cfg: DictConfig, fc: FeaturesConfig, name: str, device: str,
-                fingerprint: str | None = None) -> Inputs:
-    """Model, SAE and the token split, checked against each other; `fingerprint`: the tokenizer's."""
-    from autoencoder.sae import load_sae
+@dataclass
+class Shared:
+    """What every unit set of one subject shares: the model and the scanned tokens."""
+
+    model: Any
+    tokens: np.ndarray
+    T: int
+    n_ctx: int
+    files: dict[str, str]  # the model's and the tokens' files
+
+
+def load_shared(cfg: DictConfig, fc: FeaturesConfig, device: str, fingerprint: str | None = None) -> Shared:
+    """The subject and the token split, checked against each other; `fingerprint`: the tokenizer's."""
     from transformer.data import open_tokens, token_dir
     from transformer.subject_load import load_subject, subject_config
 
     model = load_subject(cfg, device)
-    d_mlp = model.d_mlp
     files = {"model": str(_weights_file(cfg, subject_config(cfg)))}
-    sae = None
-    if fc.unit == "sae":
-        sae_dir = RunLayout.of(cfg).sae(name)
-        sae = load_sae(sae_dir, device)
-        if sae.cfg.d_in != d_mlp:
-            raise UserError(f"SAE {sae_dir} has d_in={sae.cfg.d_in} but the model's MLP has d_mlp={d_mlp}")
-        layer = _sae_layer(sae.cfg.hook_name)
-        files["sae"] = str(sae_dir / "sae_weights.safetensors")
-        n_units = sae.cfg.d_sae
-    else:
-        layer = fc.layer
-        n_units = d_mlp
-    if not 0 <= layer < model.n_layers:
-        raise UserError(f"features.layer={layer} out of range: {model.name} has {model.n_layers} layers "
-                        f"(0..{model.n_layers - 1})")
     folder = token_dir(cfg)
     path = folder / f"{fc.split}.bin"
     if not path.is_file():
@@ -94,11 +87,42 @@ def load_inputs(cfg: DictConfig, fc: FeaturesConfig, name: str, device: str,
         print(f"features.contexts={fc.contexts} but {path} holds {avail} contexts of {T}: scanning {avail}")
     if int(tokens[: n_ctx * T].max()) >= model.vocab_size:
         raise UserError(f"{path} has token ids >= the model's vocab_size {model.vocab_size}")
+    return Shared(model, tokens, T, n_ctx, files)
+
+
+def unit_inputs(cfg: DictConfig, fc: FeaturesConfig, name: str, shared: Shared, device: str) -> Inputs:
+    """One unit set over the shared subject and tokens: a layer's neurons, or an SAE's features."""
+    from autoencoder.sae import load_sae
+
+    model = shared.model
+    d_mlp = model.d_mlp
+    files = dict(shared.files)
+    sae = None
+    if fc.unit == "sae":
+        sae_dir = RunLayout.of(cfg).sae(name)
+        sae = load_sae(sae_dir, device)
+        if sae.cfg.d_in != d_mlp:
+            raise UserError(f"SAE {sae_dir} has d_in={sae.cfg.d_in} but the model's MLP has d_mlp={d_mlp}")
+        layer = _sae_layer(sae.cfg.hook_name)
+        files["sae"] = str(sae_dir / "sae_weights.safetensors")
+        n_units = sae.cfg.d_sae
+    else:
+        layer = fc.layer
+        n_units = d_mlp
+    if not 0 <= layer < model.n_layers:
+        raise UserError(f"features.layer={layer} out of range: {model.name} has {model.n_layers} layers "
+                        f"(0..{model.n_layers - 1})")
     if fc.pages is not None:
         bad = [i for i in fc.pages if not 0 <= i < n_units]
         if bad:
             raise UserError(f"features.pages has indices out of range {bad[:5]} (units are 0..{n_units - 1})")
-    return Inputs(model, sae, layer, tokens, T, n_ctx, n_units, files)
+    return Inputs(model, sae, layer, shared.tokens, shared.T, shared.n_ctx, n_units, files)
+
+
+def load_inputs(cfg: DictConfig, fc: FeaturesConfig, name: str, device: str,
+                fingerprint: str | None = None) -> Inputs:
+    """Model, SAE and the token split, checked against each other; `fingerprint`: the tokenizer's."""
+    return unit_inputs(cfg, fc, name, load_shared(cfg, fc, device, fingerprint), device)
 
 
 def _weights_file(cfg: DictConfig, sc: Any) -> Path:
@@ -127,11 +151,17 @@ class UnitActs:
 
     @torch.no_grad()
     def all_units(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.mlp(idx)
+        return self.encode(self.mlp(idx))
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The units from the hook point's value x [B, T, width] (the SAE's encoder, or x itself)."""
+        x = x.float()
         if self.inp.sae is None:
             return x
-        with torch.autocast(idx.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             return self.inp.sae.encode(x).float()
+
 
     @torch.no_grad()
     def some_units(self, x: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
@@ -173,3 +203,11 @@ def logit_effects(inp: Inputs, k: int, vocab: int, chunk: int = 512) -> tuple[np
         for lst, t in zip(res, (pi, pv, ni, nv), strict=True):
             lst.append(t.cpu().numpy())
     return tuple(np.concatenate(r) for r in res)
+
+
+@torch.no_grad()
+def capture_sets(inps: list[Inputs], idx: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
+    """Every hook point the unit sets read, from one forward that stops after the last one."""
+    hooks = sorted({inp.hook for inp in inps})
+    with torch.autocast(idx.device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        return inps[0].model.capture(idx, hooks)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -19,7 +20,7 @@ from tools.core.files import read_json, write_json
 from tools.core.layout import RunLayout
 from tools.features.config import FORMAT_META, NEGATIVES, FeaturesConfig
 from tools.features.records import FILE, write_records
-from tools.features.scan import scan_sides
+from tools.features.scan import ScanState, scan_sides
 from tools.features.select import Plan, _sig, act_quantiles, hist_record, plan_examples, uniform_picks
 from tools.features.source import Inputs, UnitActs, logit_effects
 
@@ -29,8 +30,10 @@ def _window_start(pos: int, T: int, L: int, w: int) -> int:
 
 
 def window_acts(plans: dict[int, Plan] | Iterable[Plan], acts: UnitActs, inp: Inputs, L: int, w: int,
-                device: str) -> dict[tuple[int, int, int], np.ndarray]:
-    """Activations of each example's own unit over its window, keyed by (unit, ctx, start)."""
+                device: str, dist: Any = None) -> dict[tuple[int, int, int], np.ndarray]:
+    """Activations of each example's own unit over its window, keyed by (unit, ctx, start). Under
+    torchrun (`dist`) each rank computes every world-th group of contexts (the groups one process
+    forms) and the ranks' results are gathered."""
     wanted: set[tuple[int, int, int]] = set()
     for p in (plans.values() if isinstance(plans, dict) else plans):
         pairs = p.top + p.random + p.uniform + [cp for q in p.quantiles for cp in q[3]]
@@ -44,7 +47,10 @@ def window_acts(plans: dict[int, Plan] | Iterable[Plan], acts: UnitActs, inp: In
     by_ctx: dict[int, list[tuple[int, int, int]]] = {}
     for it in items:
         by_ctx.setdefault(it[1], []).append(it)
-    for i in range(0, len(ctxs), B):
+    starts = list(range(0, len(ctxs), B))
+    if dist is not None and dist.world > 1:
+        starts = starts[dist.rank::dist.world]
+    for i in starts:
         group = ctxs[i:i + B]
         idx = torch.from_numpy(np.stack([np.asarray(inp.tokens[c * inp.T:(c + 1) * inp.T], dtype=np.int64)
                                          for c in group])).to(device)
@@ -60,6 +66,8 @@ def window_acts(plans: dict[int, Plan] | Iterable[Plan], acts: UnitActs, inp: In
             a = acts.some_units(xw, units).float().cpu().numpy()
             for it, row in zip(part, a, strict=True):
                 out[it] = row
+    if dist is not None and dist.world > 1:
+        return {k: v for part in dist.gather(out) for k, v in part.items()}
     return out
 
 
@@ -130,10 +138,22 @@ def _side_stats(st: dict[str, np.ndarray], u: int, tokens: int, sign: int) -> di
 
 def scan_and_write(cfg: DictConfig, fc: FeaturesConfig, name: str, inp: Inputs, out: Path, chash: str,
                    text, extra_meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Scan one unit set in one process, then `write_set`."""
     device = resolve_device(cfg.get("device", "auto"))
+    pos_state, neg_state, tok_per_s = scan_sides(inp, fc, int(cfg.seed), device, negative=fc.both_sides())
+    return write_set(cfg, fc, name, inp, out, chash, text, (pos_state, neg_state), tok_per_s, device,
+                     extra_meta)
+
+
+def write_set(cfg: DictConfig, fc: FeaturesConfig, name: str, inp: Inputs, out: Path, chash: str, text: Any,
+              sides: tuple[ScanState, ScanState | None], tok_per_s: float, device: str,
+              extra_meta: dict[str, Any] | None = None, dist: Any = None) -> dict[str, Any]:
+    """features.jsonl and meta.json of one unit set from its scanned state (`sides`). Under torchrun
+    every rank plans the examples and computes its share of the windows; rank 0 writes."""
     seed = int(cfg.seed)
     both = fc.both_sides()
-    pos_state, neg_state, tok_per_s = scan_sides(inp, fc, seed, device, negative=both)
+    pos_state, neg_state = sides
+    master = dist is None or dist.master
     st = pos_state.numpy()
     sn = neg_state.numpy() if neg_state is not None else None
     vocab = min(inp.model.vocab_size, text.n_vocab)
@@ -146,7 +166,7 @@ def scan_and_write(cfg: DictConfig, fc: FeaturesConfig, name: str, inp: Inputs, 
     F = inp.n_units
     density = st["count"] / tokens_scanned
     uniform = uniform_picks(inp.n_ctx, inp.T, fc.n_uniform, seed)
-    with write_records(out / FILE) as write:
+    with write_records(out / FILE) if master else contextlib.nullcontext(None) as write:
         bar = tqdm(range(0, F, fc.unit_chunk), desc="examples", unit="chunk", leave=False)
         for u0 in bar:
             units = range(u0, min(u0 + fc.unit_chunk, F))
@@ -154,7 +174,9 @@ def scan_and_write(cfg: DictConfig, fc: FeaturesConfig, name: str, inp: Inputs, 
             for p in plans.values():
                 p.uniform = uniform
             neg_plans = {u: plan_examples(sn, u, fc, inp.T, rng_neg) for u in units} if sn is not None else {}
-            wins = window_acts([*plans.values(), *neg_plans.values()], acts, inp, L, fc.window, device)
+            wins = window_acts([*plans.values(), *neg_plans.values()], acts, inp, L, fc.window, device, dist)
+            if not master:
+                continue
             win = Windows(inp, wins, text, L, fc.window)  # decoded windows are shared by units
             for u in units:
                 rec = {
@@ -198,7 +220,8 @@ def scan_and_write(cfg: DictConfig, fc: FeaturesConfig, name: str, inp: Inputs, 
         "scan_tokens_per_s": round(tok_per_s, 1), "seed": seed,
         "inputs": inp.files, "config_hash": chash, "config": asdict(fc), **(extra_meta or {}),
     }
-    write_json(out / "meta.json", meta)
+    if master:
+        write_json(out / "meta.json", meta)
     return meta
 
 
