@@ -10,6 +10,7 @@ from __future__ import annotations
 from hydra.core.config_store import ConfigStore
 
 from autoencoder.config import ActivationsConfig, SAETrainConfig
+from tools.core.tracking import WandbConfig
 from tools.describe.config import DescribeConfig
 from tools.features.config import FeaturesConfig
 from tools.pipeline_config import PipelineConfig
@@ -19,7 +20,7 @@ from transformer.subject_config import SubjectConfig
 GROUPS: dict[str, type] = {
     "subject": SubjectConfig, "data": DataConfig, "transformer": TrainConfig,
     "activations": ActivationsConfig, "sae": SAETrainConfig, "features": FeaturesConfig,
-    "describe": DescribeConfig, "pipeline": PipelineConfig,
+    "describe": DescribeConfig, "pipeline": PipelineConfig, "wandb": WandbConfig,
 }
 
 

@@ -12,10 +12,12 @@ from tools.core.config import UserError
 
 @dataclass
 class WandbConfig:
-    mode: str = "offline"  # online | offline | disabled
-    project: str = "monosemantic"
-    entity: str | None = None
-    group: str | None = None
+    """The top-level `wandb` section (every stage that logs reads it)."""
+
+    mode: str = "offline"  # online | offline | disabled (WANDB_MODE in the environment wins)
+    project: str = "monosemantic"  # W&B project of every run
+    entity: str | None = None  # W&B entity (team or user); null = the logged-in default
+    group: str | None = None  # W&B group, e.g. one sweep
 
 
 def init_wandb(cfg: WandbConfig, run_dir: Path, name: str, config: dict[str, Any]) -> Any:
