@@ -62,3 +62,17 @@ def _gemma_norms(model):
 def hf_subject(model, **kw) -> HFSubject:
     spec = SubjectSpec({"kind": "hf", "name": "tiny"}, N, 32, V)
     return HFSubject(model, SubjectConfig(kind="hf", model="tiny", **kw), spec)
+
+
+def tiny_llama_folder(folder, layers: int = 3):
+    """A tiny random Llama saved to `folder` with a real byte-level tokenizer (vocab 400, ChatML)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.helpers.tokenizers import byte_level
+
+    byte_level(folder)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder

@@ -5,32 +5,18 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
-
-import torch
 
 from autoencoder import shard_check
 from tests.helpers import ROOT
-from tests.helpers.tokenizers import byte_level
+from tests.helpers.subjects import tiny_llama_folder
 from tools import pipeline
 from tools.core.config import compose
 
 PLAYS = ROOT / "transformer" / "assets" / "shakespeare"
 
 
-def _tiny_llama(folder: Path) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    byte_level(folder)  # vocab 400, ChatML template
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    return folder
-
-
 def test_pipeline_on_a_tiny_hf_model(tmp_path, one_thread, capsys):
-    model = _tiny_llama(tmp_path / "tiny-llama")
+    model = tiny_llama_folder(tmp_path / "tiny-llama")
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for p in sorted(PLAYS.glob("*.md"))[:6]:

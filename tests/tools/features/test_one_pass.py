@@ -17,6 +17,7 @@ import torch
 from autoencoder.sae import SAEModelConfig, build_sae, save_sae
 from tests.helpers import ROOT
 from tests.helpers.features import make_run, overrides
+from tests.helpers.subjects import tiny_llama_folder
 from tools import top_activations as ta
 from tools.core.config import UserError, compose
 from tools.features import memory
@@ -114,6 +115,30 @@ def test_several_saes_share_the_forward(gpt, tmp_path):
     ta.run(compose(overrides(both, data_dir, *extra, "features.sae=[tiny_sae,sae_l2]")))
     a, b = _outputs(one), _outputs(both)
     assert set(a) == set(b) == {"tiny_sae", "sae_l2"} and a == b
+
+
+def test_hf_llama_layers_in_one_pass_equal_one_layer_runs(tmp_path):
+    """The same on a tiny random Hugging Face Llama (signed act(gate)*up neurons: both sides)."""
+    from transformer import prepare
+
+    model = tiny_llama_folder(tmp_path / "tiny-llama")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    plays = sorted((ROOT / "transformer" / "assets" / "shakespeare").glob("*.md"))[:2]
+    for p in plays:
+        (corpus / f"{p.stem}.txt").write_text(p.read_text(encoding="utf-8")[:6000], encoding="utf-8")
+    base = [f"data_dir={tmp_path / 'data'}", "device=cpu", "wandb.mode=disabled", "subject=hf",
+            f"subject.model={model}", "data=local", f"data.files={corpus}/*.txt", "data.val_fraction=0.5",
+            "data.num_proc=1", "features.contexts=24", "features.context_len=32", *SMALL]
+    prepare.run(compose(base))
+    one, both = tmp_path / "one", tmp_path / "both"
+    for layer in (0, 2):
+        ta.run(compose([*base, f"run_dir={one}", f"features.layer={layer}"]))
+    ta.run(compose([*base, f"run_dir={both}", "features.layers=[0,2]"]))
+    a, b = _outputs(one), _outputs(both)
+    assert set(a) == {"neurons-L0", "neurons-L2"} and a == b
+    first = json.loads((both / "features" / "neurons-L2" / "features.jsonl").open().readline())
+    assert first["neg"]["min_act"] < 0
 
 
 def test_bad_layers_and_budget(gpt):
