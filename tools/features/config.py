@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 
 from tools.core.config import UserError, neutral, section
 from tools.core.layout import RunLayout
+from tools.features.dictionary import external_name, is_external
 
 FORMAT_META = "monosemantic.features/1"
 HIST_BINS = 64  # internal histogram resolution (see the module docstring)
@@ -21,7 +22,12 @@ NEGATIVES = ("contexts whose max activation is <= {frac} x the unit's max_act: f
 @dataclass
 class FeaturesConfig:
     unit: str = "sae"  # sae | neuron (the MLP's own neurons)
-    sae: str | None = None  # folder name under run_dir/sae; null = the only one there
+    # folder name under run_dir/sae (null = the only one there), or any dictionary's folder / file path or
+    # hub id hf:ORG/REPO[/SUBPATH] (docs/bring-your-own-dictionary.md)
+    sae: str | None = None
+    # the hook point (blocks.<L>.<site>) a dictionary reads, where its files record none (or to replace the
+    # one they record). Hashed by the stage when set (tools.top_activations output_hash)
+    sae_hook: str | None = neutral(None)
     layer: int = 0  # neurons: which layer's MLP (an SAE uses the layer of its hook_name)
     split: str = "val"  # token split scanned (held-out text, not the SAE's training rows)
     contexts: int | None = None  # contexts scanned; null = every whole context in the split
@@ -76,7 +82,10 @@ class FeaturesConfig:
 
 def unit_name(cfg: DictConfig) -> str:
     """Folder name under run_dir/features and run_dir/descriptions (`RunLayout.unit_set`): "neurons"
-    (our GPT's layer 0), "neurons-L<layer>" (any other layer or subject), or the SAE's name."""
+    (our GPT's layer 0), "neurons-L<layer>" (any other layer or subject), the SAE's name, or the folder
+    name of a dictionary given by path or hub id."""
     fc = section(cfg, "features", FeaturesConfig)
+    if fc.unit == "sae" and is_external(fc.sae):
+        return external_name(fc.sae)
     gpt = str((cfg.get("subject") or {}).get("kind", "gpt")) == "gpt"
     return RunLayout.of(cfg).unit_set(fc.unit, layer=fc.layer, gpt=gpt, sae=fc.sae)

@@ -18,6 +18,9 @@ from omegaconf import DictConfig
 from tools.core.config import UserError
 from tools.core.layout import RunLayout
 from tools.features.config import FeaturesConfig
+from tools.features.dictionary import output_directions
+from tools.features.dictionary import some_units as dictionary_units
+from transformer.subject import parse_hook
 
 
 @dataclass
@@ -30,6 +33,7 @@ class Inputs:
     n_ctx: int  # contexts scanned
     n_units: int
     files: dict[str, str]  # input files -> sha256 (for done())
+    dictionary: Any = None  # tools.features.dictionary.Opened (SAE units): hooks, provenance, logit path
 
     def __post_init__(self) -> None:
         from transformer.subject import GPTSubject, Subject
@@ -39,38 +43,27 @@ class Inputs:
 
     @property
     def hook(self) -> str:
-        """The hook point scanned: the MLP neurons of `layer` (an SAE's input, or the units themselves)."""
+        """The hook point scanned: the dictionary's input, or the MLP neurons of `layer` (the units)."""
         from transformer.subject import hook_point
 
-        return hook_point("neurons", self.layer)
-
-
-def _sae_layer(hook: str) -> int:
-    parts = hook.split(".")
-    if len(parts) >= 2 and parts[0] == "blocks" and parts[1].isdigit():
-        return int(parts[1])
-    raise UserError(f"SAE hook_name {hook!r} is not of the form blocks.<layer>.mlp.hook_post")
+        return self.dictionary.hook_in if self.dictionary is not None else hook_point("neurons", self.layer)
 
 
 def load_inputs(cfg: DictConfig, fc: FeaturesConfig, name: str, device: str,
                 fingerprint: str | None = None) -> Inputs:
     """Model, SAE and the token split, checked against each other; `fingerprint`: the tokenizer's."""
-    from autoencoder.sae import load_sae
+    from tools.features.dictionary import open_dictionary
     from transformer.data import open_tokens, token_dir
     from transformer.subject_load import load_subject, subject_config
 
     model = load_subject(cfg, device)
     d_mlp = model.d_mlp
     files = {"model": str(_weights_file(cfg, subject_config(cfg)))}
-    sae = None
+    sae = opened = None
     if fc.unit == "sae":
-        sae_dir = RunLayout.of(cfg).sae(name)
-        sae = load_sae(sae_dir, device)
-        if sae.cfg.d_in != d_mlp:
-            raise UserError(f"SAE {sae_dir} has d_in={sae.cfg.d_in} but the model's MLP has d_mlp={d_mlp}")
-        layer = _sae_layer(sae.cfg.hook_name)
-        files["sae"] = str(sae_dir / "sae_weights.safetensors")
-        n_units = sae.cfg.d_sae
+        opened = open_dictionary(cfg, fc, name, model, device)
+        sae, layer, n_units = opened.sae, opened.layer, opened.n_units
+        files.update(opened.files)
     else:
         layer = fc.layer
         n_units = d_mlp
@@ -98,7 +91,7 @@ def load_inputs(cfg: DictConfig, fc: FeaturesConfig, name: str, device: str,
         bad = [i for i in fc.pages if not 0 <= i < n_units]
         if bad:
             raise UserError(f"features.pages has indices out of range {bad[:5]} (units are 0..{n_units - 1})")
-    return Inputs(model, sae, layer, tokens, T, n_ctx, n_units, files)
+    return Inputs(model, sae, layer, tokens, T, n_ctx, n_units, files, opened)
 
 
 def _weights_file(cfg: DictConfig, sc: Any) -> Path:
@@ -143,6 +136,9 @@ class UnitActs:
             w = sae.W_enc.t()[units]  # [E, d]
             pre = torch.einsum("eld,ed->el", x - sae.b_dec, w) + sae.b_enc[units][:, None]
             return torch.relu(pre)
+        fast = dictionary_units(sae, x, units)  # ReLU / JumpReLU dictionaries of other formats
+        if fast is not None:
+            return fast
         out = []
         for i in range(0, x.shape[0], 64):  # other architectures (e.g. top-k) need the full encode
             f = sae.encode(x[i:i + 64])
@@ -157,17 +153,20 @@ def logit_effects(inp: Inputs, k: int, vocab: int, chunk: int = 512) -> tuple[np
     A negative activation's effect is the negation, so a signed unit's negative side promotes the
     `neg` tokens and suppresses the `pos` ones.
     """
-    W_out = inp.model.neuron_out_weight(inp.layer).float()  # [d_model, d_mlp]
+    through_mlp = inp.dictionary is None or inp.dictionary.logit_path == "neurons"
+    out_layer = inp.layer if inp.dictionary is None else parse_hook(inp.dictionary.hook_out)[0]
+    W_out = inp.model.neuron_out_weight(out_layer).float() if through_mlp else None  # [d_model, d_mlp]
     W_U = inp.model.unembedding()[:vocab].float()  # final norm folded in; padding ids excluded
+    dirs = output_directions(inp.sae)  # [n_units, d_out]; None: neurons
     k = min(k, vocab)
     res = ([], [], [], [])
     for i in range(0, inp.n_units, chunk):
         j = min(i + chunk, inp.n_units)
-        if inp.sae is not None:
-            d = inp.sae.W_dec[i:j].float()  # [c, d_mlp]
+        if dirs is not None:
+            d = dirs[i:j].float()  # [c, d_out]
         else:
             d = torch.eye(W_out.shape[1], device=W_out.device)[i:j]
-        logits = (d @ W_out.t()) @ W_U.t()  # [c, vocab]
+        logits = ((d @ W_out.t()) if through_mlp else d) @ W_U.t()  # [c, vocab]
         pv, pi = logits.topk(k, dim=1)
         nv, ni = logits.topk(k, dim=1, largest=False)
         for lst, t in zip(res, (pi, pv, ni, nv), strict=True):
