@@ -132,13 +132,14 @@ class UnitActs:
         sae = self.inp.sae
         if sae is None:
             return x.gather(2, units[:, None, None].expand(-1, x.shape[1], 1)).squeeze(2)
-        if getattr(sae.cfg, "architecture", None) == "standard":  # ReLU(x̄ W_enc + b_enc), one column each
+        fast = dictionary_units(sae, x, units)  # ReLU / JumpReLU dictionaries of any format
+        if fast is not None:
+            return fast
+        # our standard SAE: ReLU(x̄ W_enc + b_enc), one column each
+        if getattr(getattr(sae, "cfg", None), "architecture", None) == "standard":
             w = sae.W_enc.t()[units]  # [E, d]
             pre = torch.einsum("eld,ed->el", x - sae.b_dec, w) + sae.b_enc[units][:, None]
             return torch.relu(pre)
-        fast = dictionary_units(sae, x, units)  # ReLU / JumpReLU dictionaries of other formats
-        if fast is not None:
-            return fast
         out = []
         for i in range(0, x.shape[0], 64):  # other architectures (e.g. top-k) need the full encode
             f = sae.encode(x[i:i + 64])
