@@ -36,10 +36,10 @@ from transformer.subject import GPTSubject
 
 D_LLAMA = 32
 F = 48
-SMALL = ["features.contexts=12", "features.context_len=32", "features.window=4", "features.top_k=4",
-         "features.per_bin=1", "features.n_random=3", "features.n_uniform=3",
-         "features.negative_candidates=8", "features.logit_k=3",
-         "describe.chunk_units=8", "describe.max_units=8", "describe.site=false"]
+SMALL = ["features.contexts=64", "features.context_len=32", "features.window=4", "features.top_k=8",
+         "features.per_bin=1", "features.n_random=6", "features.n_uniform=3",
+         "features.negative_candidates=16", "features.logit_k=3",
+         "describe.chunk_units=8", "describe.max_units=16", "describe.site=false"]
 
 
 def _env() -> dict[str, str]:
@@ -57,6 +57,11 @@ def _rand(*shape: int, seed: int, scale: float = 0.3) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ builders
 
+# a random Llama's residual stream is small (embeddings of std 0.02): large encoder weights and small
+# biases give features that fire on some tokens, not on all or none
+SCALES = {"W_enc": 4.0, "b_enc": 0.01, "b_dec": 0.01, "encoder.weight": 4.0, "encoder.bias": 0.01}
+
+
 def saelens_folder(folder: Path, d_in: int, hook: str, model_name: str) -> Path:
     """A SAELens v6 standard SAE: saved by sae_lens when installed, else its two files written directly."""
     try:
@@ -68,14 +73,14 @@ def saelens_folder(folder: Path, d_in: int, hook: str, model_name: str) -> Path:
         meta = SAEMetadata(model_name=model_name, hook_name=hook)
         sae = sl.StandardSAE(sl.StandardSAEConfig(d_in=d_in, d_sae=F, metadata=meta))
         with torch.no_grad():
-            for i, p in enumerate(sae.parameters()):
-                p.copy_(_rand(*p.shape, seed=i))
-            sae.b_enc.sub_(0.2)
+            for name, p in sae.named_parameters():
+                p.copy_(_rand(*p.shape, seed=len(name), scale=SCALES.get(name, 0.3)))
         sae.save_model(folder)
         return folder
     folder.mkdir(parents=True)
-    save_file({"W_enc": _rand(d_in, F, seed=0), "W_dec": _rand(F, d_in, seed=1), "b_dec": _rand(d_in, seed=2),
-               "b_enc": _rand(F, seed=3) - 0.2}, str(folder / "sae_weights.safetensors"))
+    save_file({name: _rand(*shape, seed=len(name), scale=SCALES.get(name, 0.3)) for name, shape in
+               (("W_enc", (d_in, F)), ("W_dec", (F, d_in)), ("b_dec", (d_in,)), ("b_enc", (F,)))},
+              str(folder / "sae_weights.safetensors"))
     cfg = {"architecture": "standard", "d_in": d_in, "d_sae": F, "dtype": "float32", "device": "cpu",
            "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
            "metadata": {"sae_lens_version": "6.5.0", "model_name": model_name, "hook_name": hook}}
@@ -93,13 +98,14 @@ def sparsify_folder(parent: Path, layer: int, d_in: int) -> Path:
     if sp is not None:
         coder = sp.SparseCoder(d_in, sp.SparseCoderConfig(num_latents=F, k=6))
         with torch.no_grad():
-            for i, p in enumerate(coder.parameters()):
-                p.copy_(_rand(*p.shape, seed=10 + i))
+            for name, p in coder.named_parameters():
+                p.copy_(_rand(*p.shape, seed=len(name), scale=SCALES.get(name, 0.3)))
         coder.save_to_disk(folder)
         return folder
     folder.mkdir(parents=True)
-    save_file({"encoder.weight": _rand(F, d_in, seed=10), "encoder.bias": _rand(F, seed=11),
-               "W_dec": _rand(F, d_in, seed=12), "b_dec": _rand(d_in, seed=13)},
+    save_file({name: _rand(*shape, seed=len(name), scale=SCALES.get(name, 0.3)) for name, shape in
+               (("encoder.weight", (F, d_in)), ("encoder.bias", (F,)), ("W_dec", (F, d_in)),
+                ("b_dec", (d_in,)))},
               str(folder / "sae.safetensors"))
     (folder / "cfg.json").write_text(json.dumps({"d_in": d_in, "num_latents": F, "k": 6,
                                                  "activation": "topk", "transcode": False}))
