@@ -312,3 +312,15 @@ def test_bad_dictionaries(gpt, tmp_path, capsys):
     ta.run(compose(overrides(run_dir, data_dir, f"features.sae={other}", "features.contexts=4")))
     err = capsys.readouterr().err
     assert "warning: dictionary" in err and "'gpt2-small'" in err and "'gpt'" in err
+
+
+def test_feature_set_names(tmp_path):
+    from tools.features.dictionary import external_name, is_external
+
+    hub = "hf:google/gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71"
+    assert is_external(hub) and is_external(str(tmp_path)) and not is_external("l1")
+    assert external_name(hub) == "gemma-scope-2b-pt-res--layer_20--width_16k--average_l0_71"
+    (tmp_path / "run" / "layers.3").mkdir(parents=True)
+    (tmp_path / "run" / "layers.3" / "sae.safetensors").write_bytes(b"")
+    assert external_name(f"{tmp_path}/run/layers.3/") == "layers.3"
+    assert external_name(f"{tmp_path}/run/layers.3/sae.safetensors") == "layers.3"
