@@ -62,6 +62,18 @@ def _rand(*shape: int, seed: int, scale: float = 0.3) -> torch.Tensor:
 SCALES = {"W_enc": 4.0, "b_enc": 0.01, "b_dec": 0.01, "encoder.weight": 4.0, "encoder.bias": 0.01}
 
 
+def _weights(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    return {name: _rand(*shape, seed=len(name), scale=SCALES.get(name, 0.3))
+            for name, shape in shapes.items()}
+
+
+def _randomize(module: torch.nn.Module) -> None:
+    weights = _weights({name: tuple(p.shape) for name, p in module.named_parameters()})
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(weights[name])
+
+
 def saelens_folder(folder: Path, d_in: int, hook: str, model_name: str) -> Path:
     """A SAELens v6 standard SAE: saved by sae_lens when installed, else its two files written directly."""
     try:
@@ -72,14 +84,11 @@ def saelens_folder(folder: Path, d_in: int, hook: str, model_name: str) -> Path:
     if sl is not None:
         meta = SAEMetadata(model_name=model_name, hook_name=hook)
         sae = sl.StandardSAE(sl.StandardSAEConfig(d_in=d_in, d_sae=F, metadata=meta))
-        with torch.no_grad():
-            for name, p in sae.named_parameters():
-                p.copy_(_rand(*p.shape, seed=len(name), scale=SCALES.get(name, 0.3)))
+        _randomize(sae)
         sae.save_model(folder)
         return folder
     folder.mkdir(parents=True)
-    save_file({name: _rand(*shape, seed=len(name), scale=SCALES.get(name, 0.3)) for name, shape in
-               (("W_enc", (d_in, F)), ("W_dec", (F, d_in)), ("b_dec", (d_in,)), ("b_enc", (F,)))},
+    save_file(_weights({"W_enc": (d_in, F), "W_dec": (F, d_in), "b_dec": (d_in,), "b_enc": (F,)}),
               str(folder / "sae_weights.safetensors"))
     cfg = {"architecture": "standard", "d_in": d_in, "d_sae": F, "dtype": "float32", "device": "cpu",
            "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
@@ -97,16 +106,12 @@ def sparsify_folder(parent: Path, layer: int, d_in: int) -> Path:
         sp = None
     if sp is not None:
         coder = sp.SparseCoder(d_in, sp.SparseCoderConfig(num_latents=F, k=6))
-        with torch.no_grad():
-            for name, p in coder.named_parameters():
-                p.copy_(_rand(*p.shape, seed=len(name), scale=SCALES.get(name, 0.3)))
+        _randomize(coder)
         coder.save_to_disk(folder)
         return folder
     folder.mkdir(parents=True)
-    save_file({name: _rand(*shape, seed=len(name), scale=SCALES.get(name, 0.3)) for name, shape in
-               (("encoder.weight", (F, d_in)), ("encoder.bias", (F,)), ("W_dec", (F, d_in)),
-                ("b_dec", (d_in,)))},
-              str(folder / "sae.safetensors"))
+    save_file(_weights({"encoder.weight": (F, d_in), "encoder.bias": (F,), "W_dec": (F, d_in),
+                        "b_dec": (d_in,)}), str(folder / "sae.safetensors"))
     (folder / "cfg.json").write_text(json.dumps({"d_in": d_in, "num_latents": F, "k": 6,
                                                  "activation": "topk", "transcode": False}))
     return folder
