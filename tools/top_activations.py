@@ -117,7 +117,8 @@ class FeaturesStage(Stage):
         unless given: the ones a finished feature set recorded)."""
         if files is None:
             return self._loaded_hash
-        return config_hash({"features": output_fields(self.c), "seed": int(self.cfg.seed),
+        hook = {"sae_hook": self.c.sae_hook} if self.c.sae_hook else {}  # hashed only when set
+        return config_hash({"features": output_fields(self.c), "seed": int(self.cfg.seed), **hook,
                             "files": {k: sha256_file(v) for k, v in sorted(files.items())}})
 
     @functools.cached_property
@@ -136,7 +137,8 @@ class FeaturesStage(Stage):
                 return False
             meta = read_json(out / "meta.json", "features meta")
             files = meta.get("inputs", {})
-            if set(files) != ({"model", "tokens"} | ({"sae"} if fc.unit == "sae" else set())):
+            roles = set(files) - {"sae_config"}  # an external dictionary's config file, beside its weights
+            if roles != ({"model", "tokens"} | ({"sae"} if fc.unit == "sae" else set())):
                 return False
             if not all(Path(p).is_file() for p in files.values()):
                 return False

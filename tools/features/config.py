@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 
 from tools.core.config import UserError, neutral, section
 from tools.core.layout import RunLayout
+from tools.features.dictionary import external_name, is_external
 
 FORMAT_META = "monosemantic.features/1"
 HIST_BINS = 64  # internal histogram resolution (see the module docstring)
@@ -22,9 +23,13 @@ NEGATIVES = ("contexts whose max activation is <= {frac} x the unit's max_act: f
 @dataclass
 class FeaturesConfig:
     unit: str = "sae"  # sae | neuron (the MLP's own neurons)
-    # folder name under run_dir/sae; null = the only one there; a list: several SAEs scanned in one
-    # pass over the text (one forward for all), one feature set each
+    # folder name under run_dir/sae (null = the only one there), or any dictionary's folder / file path or
+    # hub id hf:ORG/REPO[/SUBPATH] (docs/bring-your-own-dictionary.md); a list: several dictionaries
+    # scanned in one pass over the text (one forward for all), one feature set each
     sae: Any = None
+    # the hook point (blocks.<L>.<site>) a dictionary reads, where its files record none (or to replace the
+    # one they record). Hashed by the stage when set (tools.top_activations output_hash)
+    sae_hook: str | None = neutral(None)
     layer: int = 0  # neurons: which layer's MLP (an SAE uses the layer of its hook_name)
     # neurons of several layers in one pass (one forward, stopping after the last listed layer), one
     # feature set per layer, each the same as `layer=<L>` writes: a list of layers, or `all`
@@ -110,10 +115,13 @@ class FeaturesConfig:
 
 def unit_name(cfg: DictConfig) -> str:
     """Folder name under run_dir/features and run_dir/descriptions (`RunLayout.unit_set`): "neurons"
-    (our GPT's layer 0), "neurons-L<layer>" (any other layer or subject), or the SAE's name."""
+    (our GPT's layer 0), "neurons-L<layer>" (any other layer or subject), the SAE's name, or the folder
+    name of a dictionary given by path or hub id."""
     fc = section(cfg, "features", FeaturesConfig)
     if fc.several():
         raise UserError("features.layers / a list in features.sae name several unit sets; each has its own "
                         "name (tools.top_activations.unit_configs)")
+    if fc.unit == "sae" and is_external(fc.sae):
+        return external_name(fc.sae)
     gpt = str((cfg.get("subject") or {}).get("kind", "gpt")) == "gpt"
     return RunLayout.of(cfg).unit_set(fc.unit, layer=fc.layer, gpt=gpt, sae=fc.sae)

@@ -18,6 +18,9 @@ from omegaconf import DictConfig
 from tools.core.config import UserError
 from tools.core.layout import RunLayout
 from tools.features.config import FeaturesConfig
+from tools.features.dictionary import output_directions
+from tools.features.dictionary import some_units as dictionary_units
+from transformer.subject import parse_hook
 
 
 @dataclass
@@ -30,6 +33,7 @@ class Inputs:
     n_ctx: int  # contexts scanned
     n_units: int
     files: dict[str, str]  # input files -> sha256 (for done())
+    dictionary: Any = None  # tools.features.dictionary.Opened (SAE units): hooks, provenance, logit path
 
     def __post_init__(self) -> None:
         from transformer.subject import GPTSubject, Subject
@@ -39,17 +43,10 @@ class Inputs:
 
     @property
     def hook(self) -> str:
-        """The hook point scanned: the MLP neurons of `layer` (an SAE's input, or the units themselves)."""
+        """The hook point scanned: the dictionary's input, or the MLP neurons of `layer` (the units)."""
         from transformer.subject import hook_point
 
-        return hook_point("neurons", self.layer)
-
-
-def _sae_layer(hook: str) -> int:
-    parts = hook.split(".")
-    if len(parts) >= 2 and parts[0] == "blocks" and parts[1].isdigit():
-        return int(parts[1])
-    raise UserError(f"SAE hook_name {hook!r} is not of the form blocks.<layer>.mlp.hook_post")
+        return self.dictionary.hook_in if self.dictionary is not None else hook_point("neurons", self.layer)
 
 
 @dataclass
@@ -91,24 +88,20 @@ def load_shared(cfg: DictConfig, fc: FeaturesConfig, device: str, fingerprint: s
 
 
 def unit_inputs(cfg: DictConfig, fc: FeaturesConfig, name: str, shared: Shared, device: str) -> Inputs:
-    """One unit set over the shared subject and tokens: a layer's neurons, or an SAE's features."""
-    from autoencoder.sae import load_sae
+    """One unit set over the shared subject and tokens: a layer's neurons, or a dictionary's features
+    (ours, or any format `autoencoder.load_dictionary` opens: tools.features.dictionary)."""
+    from tools.features.dictionary import open_dictionary
 
     model = shared.model
-    d_mlp = model.d_mlp
     files = dict(shared.files)
-    sae = None
+    sae = opened = None
     if fc.unit == "sae":
-        sae_dir = RunLayout.of(cfg).sae(name)
-        sae = load_sae(sae_dir, device)
-        if sae.cfg.d_in != d_mlp:
-            raise UserError(f"SAE {sae_dir} has d_in={sae.cfg.d_in} but the model's MLP has d_mlp={d_mlp}")
-        layer = _sae_layer(sae.cfg.hook_name)
-        files["sae"] = str(sae_dir / "sae_weights.safetensors")
-        n_units = sae.cfg.d_sae
+        opened = open_dictionary(cfg, fc, name, model, device)
+        sae, layer, n_units = opened.sae, opened.layer, opened.n_units
+        files.update(opened.files)
     else:
         layer = fc.layer
-        n_units = d_mlp
+        n_units = model.d_mlp
     if not 0 <= layer < model.n_layers:
         raise UserError(f"features.layer={layer} out of range: {model.name} has {model.n_layers} layers "
                         f"(0..{model.n_layers - 1})")
@@ -116,7 +109,7 @@ def unit_inputs(cfg: DictConfig, fc: FeaturesConfig, name: str, shared: Shared, 
         bad = [i for i in fc.pages if not 0 <= i < n_units]
         if bad:
             raise UserError(f"features.pages has indices out of range {bad[:5]} (units are 0..{n_units - 1})")
-    return Inputs(model, sae, layer, shared.tokens, shared.T, shared.n_ctx, n_units, files)
+    return Inputs(model, sae, layer, shared.tokens, shared.T, shared.n_ctx, n_units, files, opened)
 
 
 def load_inputs(cfg: DictConfig, fc: FeaturesConfig, name: str, device: str,
@@ -169,7 +162,11 @@ class UnitActs:
         sae = self.inp.sae
         if sae is None:
             return x.gather(2, units[:, None, None].expand(-1, x.shape[1], 1)).squeeze(2)
-        if getattr(sae.cfg, "architecture", None) == "standard":  # ReLU(x̄ W_enc + b_enc), one column each
+        fast = dictionary_units(sae, x, units)  # ReLU / JumpReLU dictionaries of any format
+        if fast is not None:
+            return fast
+        # our standard SAE: ReLU(x̄ W_enc + b_enc), one column each
+        if getattr(getattr(sae, "cfg", None), "architecture", None) == "standard":
             w = sae.W_enc.t()[units]  # [E, d]
             pre = torch.einsum("eld,ed->el", x - sae.b_dec, w) + sae.b_enc[units][:, None]
             return torch.relu(pre)
@@ -187,17 +184,20 @@ def logit_effects(inp: Inputs, k: int, vocab: int, chunk: int = 512) -> tuple[np
     A negative activation's effect is the negation, so a signed unit's negative side promotes the
     `neg` tokens and suppresses the `pos` ones.
     """
-    W_out = inp.model.neuron_out_weight(inp.layer).float()  # [d_model, d_mlp]
+    through_mlp = inp.dictionary is None or inp.dictionary.logit_path == "neurons"
+    out_layer = inp.layer if inp.dictionary is None else parse_hook(inp.dictionary.hook_out)[0]
+    W_out = inp.model.neuron_out_weight(out_layer).float() if through_mlp else None  # [d_model, d_mlp]
     W_U = inp.model.unembedding()[:vocab].float()  # final norm folded in; padding ids excluded
+    dirs = output_directions(inp.sae)  # [n_units, d_out]; None: neurons
     k = min(k, vocab)
     res = ([], [], [], [])
     for i in range(0, inp.n_units, chunk):
         j = min(i + chunk, inp.n_units)
-        if inp.sae is not None:
-            d = inp.sae.W_dec[i:j].float()  # [c, d_mlp]
+        if dirs is not None:
+            d = dirs[i:j].float()  # [c, d_out]
         else:
             d = torch.eye(W_out.shape[1], device=W_out.device)[i:j]
-        logits = (d @ W_out.t()) @ W_U.t()  # [c, vocab]
+        logits = ((d @ W_out.t()) if through_mlp else d) @ W_U.t()  # [c, vocab]
         pv, pi = logits.topk(k, dim=1)
         nv, ni = logits.topk(k, dim=1, largest=False)
         for lst, t in zip(res, (pi, pv, ni, nv), strict=True):

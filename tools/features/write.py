@@ -16,9 +16,9 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from tools.core.config import resolve_device
-from tools.core.files import read_json, write_json
-from tools.core.layout import RunLayout
+from tools.core.files import write_json
 from tools.features.config import FORMAT_META, NEGATIVES, FeaturesConfig
+from tools.features.dictionary import LOGIT_PATHS
 from tools.features.records import FILE, write_records
 from tools.features.scan import ScanState, scan_sides
 from tools.features.select import Plan, _sig, act_quantiles, hist_record, plan_examples, uniform_picks
@@ -194,6 +194,7 @@ def write_set(cfg: DictConfig, fc: FeaturesConfig, name: str, inp: Inputs, out: 
                     rec["neg"] = {**_side_stats(sn, u, tokens_scanned, -1),
                                   **build_examples(neg_plans[u], win, float(sn["maxv"][u]), sign=-1)}
                 write(rec)
+    logit_path = inp.dictionary.logit_path if inp.dictionary is not None else "neurons"
     counts = st["count"]
     alive = int((counts > 0).sum())
     logd = np.log10(np.maximum(density, 1e-12))
@@ -210,13 +211,13 @@ def write_set(cfg: DictConfig, fc: FeaturesConfig, name: str, inp: Inputs, out: 
         "negative_frac": fc.negative_frac, "negative_candidates": min(fc.negative_candidates, inp.n_ctx),
         "negative_side": both,
         "act_quantiles": list(fc.act_quantiles),
-        "hook_name": f"blocks.{inp.layer}.mlp.hook_post",
-        "sae_metrics": _sae_metrics(cfg, name) if fc.unit == "sae" else None,
+        "hook_name": inp.hook,
+        "dictionary": inp.dictionary.record if inp.dictionary is not None else None,
+        "sae_metrics": inp.dictionary.metrics if inp.dictionary is not None else None,
         "density_log10_histogram": {"edges": [float(e) for e in edges],
                                     "counts": [int(c) for c in hist_counts], "dead": F - alive},
         "alive": alive, "dead": F - alive,
-        "logit_effects": "direct path: output direction @ c_proj, * ln_f scale, @ W_U "
-                         "(ignores LayerNorm centering/normalisation and later layers)",
+        "logit_path": logit_path, "logit_effects": LOGIT_PATHS[logit_path],
         "scan_tokens_per_s": round(tok_per_s, 1), "seed": seed,
         "inputs": inp.files, "config_hash": chash, "config": asdict(fc), **(extra_meta or {}),
     }
@@ -224,7 +225,3 @@ def write_set(cfg: DictConfig, fc: FeaturesConfig, name: str, inp: Inputs, out: 
         write_json(out / "meta.json", meta)
     return meta
 
-
-def _sae_metrics(cfg: DictConfig, name: str) -> dict[str, Any] | None:
-    scfg = read_json(RunLayout.of(cfg).sae(name) / "cfg.json", "SAE config")
-    return scfg.get("metrics")

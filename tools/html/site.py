@@ -319,7 +319,9 @@ def render_site(run_dir: Path, name: str) -> Path:
                   "tokens_scanned": meta.get("tokens_scanned"), "contexts": meta.get("contexts"),
                   "split": meta.get("split"), "alive": meta.get("alive"), "dead": meta.get("dead"),
                   "sae_metrics": _flat_metrics(meta.get("sae_metrics")), "ultra_low": ULTRA_LOW,
-                  "bins": meta.get("bins"), "described": sum(1 for r in rows if r.status == "ok"),
+                  "bins": meta.get("bins"), "dictionary": meta.get("dictionary"),
+                  "hook_name": meta.get("hook_name"), "logit_effects": meta.get("logit_effects"),
+                  "described": sum(1 for r in rows if r.status == "ok"),
                   "runs": [run_view(r) for r in runs], "columns": IndexRow._fields, "rows": rows}
     index = _fill("index.html", title=f"Features{_layer_label(meta)} · {title_name}",
                   data=embed_json(index_data), density_svg=_density_svg(meta))

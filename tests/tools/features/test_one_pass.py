@@ -46,6 +46,8 @@ def _outputs(run_dir: Path) -> dict[str, tuple[bytes, dict]]:
         meta = json.loads((d / "meta.json").read_text())
         meta.pop("scan_tokens_per_s")
         meta.pop("inputs")
+        if meta.get("dictionary"):  # where the run folder is
+            meta["dictionary"].pop("source")
         out[d.name] = ((d / "features.jsonl").read_bytes(), meta)
         assert (d / "site" / "index.html").is_file()
     return out

@@ -43,6 +43,21 @@
       (data.negative_side ? ", both signs" : "") + ", over " +
       (data.tokens_scanned || 0).toLocaleString("en") + " tokens of the " + (data.split || "?") + " split; " +
       data.described + " described. Ultra-low density: below " + data.ultra_low + ".";
+    var dict = data.dictionary, prov = document.getElementById("provenance");
+    if (prov && (dict || data.hook_name)) {
+      var parts = [];
+      if (dict) {
+        parts.push("Dictionary: " + (dict.source || "?") + " (" + (dict.format || "?") + ", " +
+          (dict.architecture || "?") + ", sha256 " + String(dict.sha256 || "?").slice(0, 12) + "…)" +
+          (dict.model_name ? ", trained on " + dict.model_name : ""));
+        parts.push("hook " + dict.hook_in + (dict.hook_out && dict.hook_out !== dict.hook_in ? " → " + dict.hook_out : ""));
+      } else {
+        parts.push("hook " + data.hook_name);
+      }
+      if (data.logit_effects) parts.push("logit effects: " + data.logit_effects);
+      prov.textContent = parts.join(" · ") + ".";
+      prov.hidden = false;
+    }
     if (data.negative_side) document.querySelector('th button[data-sort="max_act"]').textContent = "max / min act";
     document.getElementById("dead-note").textContent = data.dead + " dead units are not in the histogram.";
     var mt = document.querySelector("#metrics tbody");
