@@ -26,6 +26,7 @@ from tools.core.config import UserError
 
 if TYPE_CHECKING:
     from autoencoder.config import SAETrainConfig
+    from autoencoder.kernels import SparseCodes
 
 PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 KINDS = ("sae", "transcoder")
@@ -75,11 +76,30 @@ class LossTerms:
     """One forward pass's outputs and loss terms (all losses already averaged over the batch)."""
 
     x_hat: torch.Tensor
-    f: torch.Tensor
+    f: torch.Tensor | None  # None when the sparse kernel handed back `codes` instead
     mse: torch.Tensor
     sparsity: torch.Tensor  # the λ-free sparsity term (L1, L0) or the AuxK loss
     overall: torch.Tensor
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    codes: SparseCodes | None = None  # the active (row, latent, value) triples (k-sparse kernel)
+
+    def activations(self) -> torch.Tensor:
+        """f as a dense [B, d_sae] tensor (built from `codes` when only they exist)."""
+        if self.f is not None:
+            return self.f
+        assert self.codes is not None
+        return self.codes.dense()
+
+    def positive_values(self) -> torch.Tensor:
+        """The positive activations of the batch (f[f > 0])."""
+        return self.codes.positive() if self.f is None and self.codes is not None else self.f[self.f > 0]
+
+    def l0_and_fired(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean active latents per row, bool [d_sae] fired on this batch), without a host sync."""
+        if self.f is None and self.codes is not None:
+            return self.codes.l0(), self.codes.fired()
+        fired = self.f > 0
+        return fired.sum(-1).float().mean(), fired.reshape(-1, fired.shape[-1]).any(0)
 
 
 def row_sq_error(x: torch.Tensor, x_hat: torch.Tensor, reduction: str) -> torch.Tensor:
