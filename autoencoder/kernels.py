@@ -198,7 +198,7 @@ def _sparse_backward(g, G, xbar, rows, cols, crow, vals, W_enc, W_dec, shape, ne
         gpre.masked_fill_(vals <= 0, 0)  # a kept pre-activation <= 0 (k-sparse kinds): ReLU'(·) = 0
     # group the pairs by feature for the weight gradients (∂W = Σ over that feature's rows)
     # int32 keys sort faster (and dodged a pathologically slow 2-thread int64 sort seen once)
-    cols_sorted, order = torch.sort(cols.to(torch.int32), stable=True)
+    cols_sorted, order = _sort_serial(cols.to(torch.int32))
     fptr = torch.zeros(d_sae + 1, dtype=torch.long, device=cols.device)
     torch.cumsum(torch.bincount(cols_sorted, minlength=d_sae), 0, out=fptr[1:])
     rows_by_f, gpre_by_f = rows[order], gpre[order]
@@ -214,6 +214,20 @@ def _sparse_backward(g, G, xbar, rows, cols, crow, vals, W_enc, W_dec, shape, ne
         g_x = F.embedding_bag(cols, W_enc.t().contiguous(), crow, mode="sum", per_sample_weights=gpre,
                               include_last_offset=True)
     return g_x, g_W_enc, g_b_enc, g_W_dec, g_b_dec
+
+
+def _sort_serial(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable sort of 1-D keys, on one thread on the CPU: the 2-thread sort of ~10⁵ keys right after
+    the step's GEMMs was measured at 150-250 ms on the shared dev machine (its second thread waits for
+    a core), on one thread 3-30 ms."""
+    if keys.device.type != "cpu" or torch.get_num_threads() == 1:
+        return torch.sort(keys, stable=True)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.sort(keys, stable=True)
+    finally:
+        torch.set_num_threads(n)
 
 
 class SparseCodes:
@@ -237,12 +251,12 @@ class SparseCodes:
 
     def fired(self) -> torch.Tensor:
         """Bool [d_sae]: latents active on at least one row."""
-        out = torch.zeros(self.shape[1], dtype=torch.bool, device=self.vals.device)
-        return out.index_fill_(0, self.cols[self.vals > 0], True)
+        hits = torch.zeros(self.shape[1], dtype=self.vals.dtype, device=self.vals.device)
+        return hits.index_add_(0, self.cols, (self.vals > 0).to(hits.dtype)) > 0
 
-    def positive(self) -> torch.Tensor:
-        """The positive values (what `f[f > 0]` would give, in row-major order)."""
-        return self.vals[self.vals > 0]
+    def min_positive(self) -> torch.Tensor:
+        """The smallest positive value (+inf when none), without a data-dependent shape."""
+        return torch.where(self.vals > 0, self.vals, torch.full_like(self.vals, math.inf)).min()
 
 
 def ksparse_sae_forward(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor,

@@ -90,9 +90,9 @@ class LossTerms:
         assert self.codes is not None
         return self.codes.dense()
 
-    def positive_values(self) -> torch.Tensor:
-        """The positive activations of the batch (f[f > 0])."""
-        return self.codes.positive() if self.f is None and self.codes is not None else self.f[self.f > 0]
+    def min_positive(self) -> torch.Tensor:
+        """The smallest positive activation of the batch (+inf when nothing fired)."""
+        return self.codes.min_positive() if self.f is None and self.codes is not None else min_positive(self.f)
 
     def l0_and_fired(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean active latents per row, bool [d_sae] fired on this batch), without a host sync."""
@@ -100,6 +100,11 @@ class LossTerms:
             return self.codes.l0(), self.codes.fired()
         fired = self.f > 0
         return fired.sum(-1).float().mean(), fired.reshape(-1, fired.shape[-1]).any(0)
+
+
+def min_positive(f: torch.Tensor) -> torch.Tensor:
+    """The smallest positive entry of f (+inf when there is none), without a data-dependent shape."""
+    return torch.where(f > 0, f, torch.full_like(f, math.inf)).min()
 
 
 def row_sq_error(x: torch.Tensor, x_hat: torch.Tensor, reduction: str) -> torch.Tensor:
