@@ -189,12 +189,15 @@ def _sparse_backward(g, G, xbar, rows, cols, crow, vals, W_enc, W_dec, shape, ne
     if g is None:
         g = xbar.new_zeros(B, W_dec.shape[1])
     # ∂L/∂pre at the active pairs: the incoming ∂L/∂f there + g[r] · W_dec[c] (an SDDMM)
-    gpre = G[rows, cols] if G is not None else vals.new_zeros(vals.shape)
+    gpre = G[rows, cols] if G is not None else vals
     if vals.numel():
         with warnings.catch_warnings():  # "sparse CSR support is in beta": the op used is tested here
             warnings.simplefilter("ignore", UserWarning)
             pattern = torch.sparse_csr_tensor(crow, cols, gpre, (B, d_sae), check_invariants=False)
-        gpre = torch.sparse.sampled_addmm(pattern, g, W_dec.t()).values()
+        # without an incoming ∂L/∂f the pattern's values are ignored (beta = 0)
+        gpre = torch.sparse.sampled_addmm(pattern, g, W_dec.t(), beta=1.0 if G is not None else 0.0).values()
+    elif G is None:
+        gpre = vals.new_zeros(vals.shape)
         gpre.masked_fill_(vals <= 0, 0)  # a kept pre-activation <= 0 (k-sparse kinds): ReLU'(·) = 0
     # group the pairs by feature for the weight gradients (∂W = Σ over that feature's rows)
     # int32 keys sort faster (and dodged a pathologically slow 2-thread int64 sort seen once)
@@ -315,7 +318,7 @@ def _batch_topk_pairs(pre: torch.Tensor, k: int):
     rows, cols = nz[:, 0].contiguous(), nz[:, 1].contiguous()
     vals = pre[rows, cols]
     if vals.numel() > n:  # exact top n among the candidates, kept in row-major order
-        sel = vals.topk(n, sorted=False).indices.sort().values
+        sel = _sort_serial(vals.topk(n, sorted=False).indices)[0]
         rows, cols, vals = rows[sel], cols[sel], vals[sel]
     crow = torch.zeros(B + 1, dtype=torch.long, device=pre.device)
     torch.cumsum(torch.bincount(rows, minlength=B), 0, out=crow[1:])

@@ -64,8 +64,8 @@ class FeatureAdam(torch.optim.Optimizer):
                 v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
                 bc1 = 1 - b1 ** t
                 bc2_sqrt = (1 - b2 ** t).sqrt()
-                denom = (v.sqrt() / bc2_sqrt).add_(eps)
-                p.addcdiv_(m, denom * (bc1 / lr), value=-1.0)
+                denom = v.sqrt().div_(bc2_sqrt).add_(eps).mul_(bc1 / lr)  # one temporary, in place
+                p.addcdiv_(m, denom, value=-1.0)
 
     @torch.no_grad()
     def reset_features(self, idx: torch.Tensor, steps: bool = True) -> None:
