@@ -196,11 +196,11 @@ def _sparse_backward(g, G, xbar, rows, cols, crow, vals, W_enc, W_dec, shape, ne
             pattern = torch.sparse_csr_tensor(crow, cols, gpre, (B, d_sae), check_invariants=False)
         # without an incoming ∂L/∂f the pattern's values are ignored (beta = 0)
         gpre = torch.sparse.sampled_addmm(pattern, g, W_dec.t(), beta=1.0 if G is not None else 0.0).values()
+        gpre.masked_fill_(vals <= 0, 0)  # a kept pre-activation <= 0 (k-sparse kinds): ReLU'(·) = 0
     elif G is None:
         gpre = vals.new_zeros(vals.shape)
-        gpre.masked_fill_(vals <= 0, 0)  # a kept pre-activation <= 0 (k-sparse kinds): ReLU'(·) = 0
     # group the pairs by feature for the weight gradients (∂W = Σ over that feature's rows)
-    # int32 keys sort faster (and dodged a pathologically slow 2-thread int64 sort seen once)
+    # int32 keys, sorted on one thread (`_sort_serial`)
     cols_sorted, order = _sort_serial(cols.to(torch.int32))
     fptr = torch.zeros(d_sae + 1, dtype=torch.long, device=cols.device)
     torch.cumsum(torch.bincount(cols_sorted, minlength=d_sae), 0, out=fptr[1:])
