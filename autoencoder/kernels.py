@@ -311,7 +311,9 @@ def _batch_topk_pairs(pre: torch.Tensor, k: int):
     want = n * m / flat.numel()
     for slack in (1.25, 2.0, 8.0, math.inf):
         r = min(m, int(want * slack) + 16)
-        tau = max(float(sample.topk(r, sorted=False).values.min()), 0.0) if slack < math.inf and r < m else 0.0
+        tau = 0.0
+        if slack < math.inf and r < m:
+            tau = max(float(sample.topk(r, sorted=False).values.min()), 0.0)
         nz = (pre > tau).nonzero() if tau > 0 else (pre > 0).nonzero()
         if nz.shape[0] >= n or tau <= 0:
             break

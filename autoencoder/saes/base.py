@@ -92,7 +92,9 @@ class LossTerms:
 
     def min_positive(self) -> torch.Tensor:
         """The smallest positive activation of the batch (+inf when nothing fired)."""
-        return self.codes.min_positive() if self.f is None and self.codes is not None else min_positive(self.f)
+        if self.f is None and self.codes is not None:
+            return self.codes.min_positive()
+        return min_positive(self.f)
 
     def l0_and_fired(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean active latents per row, bool [d_sae] fired on this batch), without a host sync."""

@@ -54,7 +54,8 @@ def check(a, b, rtol=1e-4, atol=1e-5):
     torch.testing.assert_close(a[0], b[0], rtol=rtol, atol=atol)
     assert a[2].keys() == b[2].keys()
     for n in a[2]:
-        torch.testing.assert_close(a[2][n], b[2][n], rtol=rtol, atol=atol, msg=lambda m, n=n: f"grad {n}: {m}")
+        torch.testing.assert_close(a[2][n], b[2][n], rtol=rtol, atol=atol,
+                                   msg=lambda m, n=n: f"grad {n}: {m}")
 
 
 @pytest.mark.parametrize("batch", [False, True])
@@ -95,8 +96,8 @@ def test_batch_selection_exact_when_the_sample_misleads(monkeypatch):
         got = torch.zeros_like(pre)
         got[rows, cols] = vals
         torch.testing.assert_close(got, want)
-        assert torch.equal(crow, torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(rows, minlength=128)
-                                            .cumsum(0)]))
+        counts = torch.bincount(rows, minlength=128)
+        assert torch.equal(crow, torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]))
         assert (rows.diff() >= 0).all()  # row-major
 
 
@@ -142,7 +143,8 @@ def test_train_step_on_the_kernel_matches_dense(arch):
             torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
         assert torch.equal(a["fired"], b["fired"])
     for n in saes["dense"].state_names():
-        torch.testing.assert_close(getattr(saes["sparse"], n), getattr(saes["dense"], n), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(getattr(saes["sparse"], n), getattr(saes["dense"], n), rtol=1e-4,
+                                   atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])

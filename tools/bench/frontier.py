@@ -39,11 +39,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--out", default=None, help="output folder (default: <run_dir>/frontier)")
     p.add_argument("--archs", default=",".join(ARCHS))
     p.add_argument("--ks", default="16,32,64", help="k of topk, batchtopk, matryoshka")
-    p.add_argument("--l1-coeffs", default="0.2,0.1,0.05", help="sae.l1_coeff values of l1")
-    p.add_argument("--l0-coeffs", default="0.004,0.002,0.001", help="sae.l0_coeff values of jumprelu")
+    p.add_argument("--l1-coeffs", default="0.12,0.06,0.03", help="sae.l1_coeff values of l1")
+    p.add_argument("--l0-coeffs", default="0.001,0.0005,0.00025", help="sae.l0_coeff values of jumprelu")
+    p.add_argument("--jumprelu-threshold-init", type=float, default=0.03,
+                   help="sae.threshold_init of jumprelu (units of the input's RMS norm; docs/benchmarks.md)")
     p.add_argument("--eval-rows", type=int, default=8192)
     p.add_argument("--eval-contexts", type=int, default=32)
     p.add_argument("--no-budget", action="store_true", help="do not apply the demo budget overrides")
+    p.add_argument("--prefix", default="frontier", help="SAE folder names: <prefix>-<arch>-<setting>")
     p.add_argument("--eval-only", action="store_true", help="evaluate the SAEs already trained; train none")
     a, overrides = p.parse_known_args(argv)
     a.archs = [s for s in a.archs.split(",") if s]
@@ -62,7 +65,7 @@ def runs(a: argparse.Namespace) -> list[tuple[str, str, str]]:
         key, opt = KNOB[arch]
         for v in getattr(a, opt):
             tag = key.split(".")[1].replace("_coeff", "c")
-            out.append((arch, f"{key}={v}", f"frontier-{arch}-{tag}{v}"))
+            out.append((arch, f"{key}={v}", f"{a.prefix}-{arch}-{tag}{v}"))
     return out
 
 
@@ -70,7 +73,8 @@ def run_cfg(base: list[str], arch: str, knob: str, name: str, a: argparse.Namesp
     from tools.core.config import compose
 
     budget = [] if a.no_budget else DEMO_BUDGET
-    return compose([*base[:1], f"sae={arch}", *budget, *base[1:], knob, f"sae.name={name}",
+    own = [f"sae.threshold_init={a.jumprelu_threshold_init}"] if arch == "jumprelu" else []
+    return compose([*base[:1], f"sae={arch}", *budget, *own, *base[1:], knob, f"sae.name={name}",
                     "sae.eval_contexts=4", "sae.eval_rows=2048"])
 
 
@@ -155,6 +159,8 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from hydra.errors import HydraException
+
     from autoencoder import train
     from tools.core.config import UserError, error_line
     from tools.core.files import atomic_path, write_json
@@ -170,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"# training {name} ({arch}, {knob})", file=sys.stderr, flush=True)
                 train.run(cfg)
         results = evaluate(cfgs[0], names, a, lambda s: print(s, file=sys.stderr, flush=True))
-    except UserError as e:
+    except (UserError, HydraException) as e:
         print(error_line(e), file=sys.stderr)
         sys.exit(2)
     out = Path(a.out) if a.out else Path(str(cfgs[0].run_dir)) / "frontier"
