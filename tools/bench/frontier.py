@@ -13,7 +13,9 @@ held-out rows and val contexts: L0, FVU (1 − explained variance), dead fractio
 splicing (`autoencoder.metrics.loss_recovered`), and for Matryoshka the FVU of each nested prefix.
 
 Writes `frontier.md` (the table), `frontier.png` (FVU against L0, log-x, one line per
-architecture) and `frontier.json` to `--out`, and prints one `key=value` line per SAE.
+architecture) and `frontier.json` to `--out`, the same plot with links to each SAE's browser to
+`<run_dir>/sweep/frontier.html` (`tools.html.sweep.render_frontier`), and prints one `key=value`
+line per SAE.
 """
 
 from __future__ import annotations
@@ -164,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     from autoencoder import train
     from tools.core.config import UserError, error_line
     from tools.core.files import atomic_path, write_json
+    from tools.html.sweep import render_frontier
 
     a, overrides = parse_args(argv)
     names = runs(a)
@@ -189,12 +192,13 @@ def main(argv: list[str] | None = None) -> None:
     c0 = cfgs[0].sae
     plot(results, out / "frontier.png", f"{c0.n_features} latents, {c0.steps} steps x {c0.batch_size} rows, "
                                         f"lr {c0.lr:g}; {a.eval_rows} held-out rows")
+    page = render_frontier(Path(str(cfgs[0].run_dir)), results)
     for r in results:
         kv = {k: v for k, v in r.items() if k != "prefix_fvu"}
         kv.update({f"prefix_fvu_{w}": v for w, v in (r.get("prefix_fvu") or {}).items()})
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in kv.items()),
               flush=True)
-    print(f"table={out / 'frontier.md'} plot={out / 'frontier.png'}", flush=True)
+    print(f"table={out / 'frontier.md'} plot={out / 'frontier.png'} page={page}", flush=True)
 
 
 if __name__ == "__main__":
