@@ -327,12 +327,29 @@ def _batch_topk_pairs(pre: torch.Tensor, k: int):
     return rows, cols, vals, crow
 
 
+_SCRATCH: dict[tuple, torch.Tensor] = {}
+
+
+def _scratch(shape: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
+    """A reused buffer for the pre-activations [B, d_sae] (dropped once the active pairs are taken):
+    a fresh 64-MiB tensor every step costs its page faults again (tools/bench/sae_step.py `--thp`).
+    One buffer per shape, dtype and device, on the CPU (the Function's forward runs without autograd)."""
+    if like.device.type != "cpu":
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    key = (shape, like.dtype, like.device)
+    buf = _SCRATCH.get(key)
+    if buf is None:
+        _SCRATCH.clear()  # keep one: a new batch size or width replaces the old buffer
+        buf = _SCRATCH[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+    return buf
+
+
 class _KSparseSAE(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, k, batch, center):  # type: ignore[override]
         xbar = x - b_dec if center else x
-        pre = torch.addmm(b_enc, xbar, W_enc)
+        pre = torch.addmm(b_enc, xbar, W_enc, out=_scratch((x.shape[0], W_enc.shape[1]), xbar))
         rows, cols, vals, crow = (_batch_topk_pairs if batch else _row_topk_pairs)(pre, k)
         del pre
         vals = vals.relu_()
