@@ -17,6 +17,20 @@ from tools.core.layout import RunLayout
 from tools.html.site import STATIC, _fill, _num
 
 
+def _frame(label: str, width: int, height: int, box: tuple[float, float, float, float],
+           yr: tuple[float, float], sy) -> list[str]:
+    """The opening <svg> tag, both axes of the plot box (left, top, width, height) and 3 y ticks."""
+    pad_l, pad_t, w, h = box
+    parts = [f'<svg class="hist" role="img" aria-label="{label}" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}">',
+             f'<line x1="{pad_l}" y1="{pad_t + h}" x2="{pad_l + w}" y2="{pad_t + h}" stroke="#888"/>',
+             f'<line x1="{pad_l}" y1="{pad_t}" x2="{pad_l}" y2="{pad_t + h}" stroke="#888"/>']
+    for v in (yr[0], (yr[0] + yr[1]) / 2, yr[1]):
+        parts.append(f'<text x="{pad_l - 6}" y="{sy(v) + 4:.1f}" text-anchor="end" font-size="11">'
+                     f'{_num(v)}</text>')
+    return parts
+
+
 def _scatter(points: list[tuple[float, float, str]], width: int = 560, height: int = 300) -> str:
     """Inline SVG scatter: x = L0 (log scale), y = loss recovered, each point labelled."""
     points = [(x, y, label) for x, y, label in points if x > 0 and math.isfinite(x) and math.isfinite(y)]
@@ -35,13 +49,7 @@ def _scatter(points: list[tuple[float, float, str]], width: int = 560, height: i
     def sy(v: float) -> float:
         return pad_t + (1 - (v - y0) / (y1 - y0)) * h
 
-    parts = [f'<svg class="hist" role="img" aria-label="L0 against loss recovered" width="{width}" '
-             f'height="{height}" viewBox="0 0 {width} {height}">',
-             f'<line x1="{pad_l}" y1="{pad_t + h}" x2="{pad_l + w}" y2="{pad_t + h}" stroke="#888"/>',
-             f'<line x1="{pad_l}" y1="{pad_t}" x2="{pad_l}" y2="{pad_t + h}" stroke="#888"/>']
-    for v in (y0, (y0 + y1) / 2, y1):
-        parts.append(f'<text x="{pad_l - 6}" y="{sy(v) + 4:.1f}" text-anchor="end" font-size="11">'
-                     f'{_num(v)}</text>')
+    parts = _frame("L0 against loss recovered", width, height, (pad_l, pad_t, w, h), (y0, y1), sy)
     for v in (x0 + 0.1, x1 - 0.1):
         parts.append(f'<text x="{sx(v):.1f}" y="{pad_t + h + 14}" text-anchor="middle" font-size="11">'
                      f'{_num(10 ** v)}</text>')
@@ -102,13 +110,7 @@ def _frontier_svg(results: list[dict[str, Any]], width: int = 620, height: int =
     def sy(v: float) -> float:
         return pad_t + (1 - (v - y0) / (y1 - y0)) * h
 
-    parts = [f'<svg class="hist" role="img" aria-label="FVU against L0" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}">',
-             f'<line x1="{pad_l}" y1="{pad_t + h}" x2="{pad_l + w}" y2="{pad_t + h}" stroke="#888"/>',
-             f'<line x1="{pad_l}" y1="{pad_t}" x2="{pad_l}" y2="{pad_t + h}" stroke="#888"/>']
-    for v in (y0, (y0 + y1) / 2, y1):
-        parts.append(f'<text x="{pad_l - 6}" y="{sy(v) + 4:.1f}" text-anchor="end" font-size="11">'
-                     f'{_num(v)}</text>')
+    parts = _frame("FVU against L0", width, height, (pad_l, pad_t, w, h), (y0, y1), sy)
     for v in sorted({round(float(r["l0"])) for r in pts}):
         if v > 0:
             parts.append(f'<text x="{sx(v):.1f}" y="{pad_t + h + 14}" text-anchor="middle" font-size="11">'
