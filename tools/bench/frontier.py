@@ -75,7 +75,11 @@ def run_cfg(base: list[str], arch: str, knob: str, name: str, a: argparse.Namesp
     from tools.core.config import compose
 
     budget = [] if a.no_budget else DEMO_BUDGET
-    own = [f"sae.threshold_init={a.jumprelu_threshold_init}"] if arch == "jumprelu" else []
+    # each architecture's own recipe against a preset's: only l1 resamples (the others have AuxK or,
+    # for jumprelu, none in the paper)
+    own = [] if arch == "l1" else ["sae.resample_steps=[]"]
+    if arch == "jumprelu":
+        own.append(f"sae.threshold_init={a.jumprelu_threshold_init}")
     return compose([*base[:1], f"sae={arch}", *budget, *own, *base[1:], knob, f"sae.name={name}",
                     "sae.eval_contexts=4", "sae.eval_rows=2048"])
 
