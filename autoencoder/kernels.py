@@ -29,6 +29,12 @@ where it can. `mode="auto"` (the default) picks per batch from the measured dens
 `sparse_benefit` for the rule and where its threshold comes from. Results equal the dense
 formula up to float summation order (tests/autoencoder/test_kernels.py checks values and all gradients).
 
+The k-sparse kinds (TopK, BatchTopK) use `ksparse_sae_forward`: it selects the active pairs
+straight from the pre-activations (a per-row `topk`, or a batch top-k through a sampled threshold
+and `nonzero` on the candidates only) and hands them as `SparseCodes` (row, latent, value) to the
+same sparse decoder and backward, so no dense f is ever built, scanned for nonzeros or compared
+with 0; what needs f (L0, fired latents, BatchTopK's threshold) reads the codes.
+
 On CUDA the default is the plain autograd formula (cuBLAS GEMMs under autocast are fast and the
 sparse ops sync the host for `nonzero`); `mode="sparse"` / `"fused"` still run there, in fp32
 under autocast (not yet timed or tested on a GPU).
@@ -36,6 +42,7 @@ under autocast (not yet timed or tested on a GPU).
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -182,15 +189,19 @@ def _sparse_backward(g, G, xbar, rows, cols, crow, vals, W_enc, W_dec, shape, ne
     if g is None:
         g = xbar.new_zeros(B, W_dec.shape[1])
     # ∂L/∂pre at the active pairs: the incoming ∂L/∂f there + g[r] · W_dec[c] (an SDDMM)
-    gpre = G[rows, cols] if G is not None else vals.new_zeros(vals.shape)
+    gpre = G[rows, cols] if G is not None else vals
     if vals.numel():
         with warnings.catch_warnings():  # "sparse CSR support is in beta": the op used is tested here
             warnings.simplefilter("ignore", UserWarning)
             pattern = torch.sparse_csr_tensor(crow, cols, gpre, (B, d_sae), check_invariants=False)
-        gpre = torch.sparse.sampled_addmm(pattern, g, W_dec.t()).values()
+        # without an incoming ∂L/∂f the pattern's values are ignored (beta = 0)
+        gpre = torch.sparse.sampled_addmm(pattern, g, W_dec.t(), beta=1.0 if G is not None else 0.0).values()
+        gpre.masked_fill_(vals <= 0, 0)  # a kept pre-activation <= 0 (k-sparse kinds): ReLU'(·) = 0
+    elif G is None:
+        gpre = vals.new_zeros(vals.shape)
     # group the pairs by feature for the weight gradients (∂W = Σ over that feature's rows)
-    # int32 keys sort faster (and dodged a pathologically slow 2-thread int64 sort seen once)
-    cols_sorted, order = torch.sort(cols.to(torch.int32), stable=True)
+    # int32 keys, sorted on one thread (`_sort_serial`)
+    cols_sorted, order = _sort_serial(cols.to(torch.int32))
     fptr = torch.zeros(d_sae + 1, dtype=torch.long, device=cols.device)
     torch.cumsum(torch.bincount(cols_sorted, minlength=d_sae), 0, out=fptr[1:])
     rows_by_f, gpre_by_f = rows[order], gpre[order]
@@ -206,3 +217,156 @@ def _sparse_backward(g, G, xbar, rows, cols, crow, vals, W_enc, W_dec, shape, ne
         g_x = F.embedding_bag(cols, W_enc.t().contiguous(), crow, mode="sum", per_sample_weights=gpre,
                               include_last_offset=True)
     return g_x, g_W_enc, g_b_enc, g_W_dec, g_b_dec
+
+
+def _sort_serial(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable sort of 1-D keys, on one thread on the CPU: the 2-thread sort of ~10⁵ keys right after
+    the step's GEMMs was measured at 150-250 ms on the shared dev machine (its second thread waits for
+    a core), on one thread 3-30 ms."""
+    if keys.device.type != "cpu" or torch.get_num_threads() == 1:
+        return torch.sort(keys, stable=True)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.sort(keys, stable=True)
+    finally:
+        torch.set_num_threads(n)
+
+
+class SparseCodes:
+    """The active (row, latent, value) triples of a k-sparse code f [B, d_sae], row-major, with
+    the CSR row pointer `crow` [B + 1]. Values are ReLU'd (a kept pre-activation <= 0 is stored as
+    0 and counts as silent). The values carry no gradient: the losses differentiate x̂ only."""
+
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, crow: torch.Tensor,
+                 shape: tuple[int, int]):
+        self.rows, self.cols, self.vals, self.crow, self.shape = rows, cols, vals, crow, shape
+
+    def dense(self) -> torch.Tensor:
+        """f as a dense [B, d_sae] tensor."""
+        f = self.vals.new_zeros(self.shape)
+        f[self.rows, self.cols] = self.vals
+        return f
+
+    def l0(self) -> torch.Tensor:
+        """Mean active latents per row (float32 scalar, no host sync)."""
+        return (self.vals > 0).sum(dtype=torch.float32) / max(1, self.shape[0])
+
+    def fired(self) -> torch.Tensor:
+        """Bool [d_sae]: latents active on at least one row."""
+        hits = torch.zeros(self.shape[1], dtype=self.vals.dtype, device=self.vals.device)
+        return hits.index_add_(0, self.cols, (self.vals > 0).to(hits.dtype)) > 0
+
+    def min_positive(self) -> torch.Tensor:
+        """The smallest positive value (+inf when none), without a data-dependent shape."""
+        return torch.where(self.vals > 0, self.vals, torch.full_like(self.vals, math.inf)).min()
+
+
+def ksparse_sae_forward(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor,
+                        b_dec: torch.Tensor, k: int, batch: bool = False,
+                        center: bool = True) -> tuple[torch.Tensor, SparseCodes]:
+    """(x̂, codes) of a TopK SAE (the k largest pre-activations of each row kept, ReLU'd) or, with
+    `batch`, of a BatchTopK SAE (the k·B largest of the whole batch), on the sparse path: equal to
+    the dense formula up to summation order (and ties at the k-th value), differentiable w.r.t. x
+    and the four parameters through x̂. `center=False` encodes x instead of x − b_dec."""
+    if x.dim() != 2:
+        raise ValueError(f"ksparse_sae_forward expects x of shape [batch, d_in], got {tuple(x.shape)}")
+    path_counts["sparse"] += 1
+    x_hat, rows, cols, vals, crow = _apply_k(x, W_enc, b_enc, W_dec, b_dec, int(k), bool(batch), center)
+    return x_hat, SparseCodes(rows, cols, vals, crow, (x.shape[0], W_enc.shape[1]))
+
+
+@torch.compiler.disable
+def _apply_k(x, W_enc, b_enc, W_dec, b_dec, k, batch, center):
+    return _KSparseSAE.apply(x, W_enc, b_enc, W_dec, b_dec, k, batch, center)
+
+
+def _row_topk_pairs(pre: torch.Tensor, k: int):
+    B = pre.shape[0]
+    vals, idx = pre.topk(min(k, pre.shape[1]), dim=1, sorted=False)
+    k = idx.shape[1]
+    rows = torch.arange(B, device=pre.device).repeat_interleave(k)
+    crow = torch.arange(0, B * k + 1, k, device=pre.device)
+    return rows, idx.reshape(-1), vals.reshape(-1), crow
+
+
+# elements sampled to place the batch top-k's candidate threshold
+_THRESHOLD_SAMPLE = 1 << 16
+
+
+def _batch_topk_pairs(pre: torch.Tensor, k: int):
+    """The k·B largest entries of pre (row-major pairs), without a top-k over all B·d_sae entries:
+    a strided sample (stride coprime to d_sae, so every latent is represented) places a threshold
+    a little below the expected k·B-th value; only the entries above it are gathered (one compare
+    and `nonzero`), and the exact top k·B is taken among those. When too few pass, the threshold
+    is lowered (down to 0: entries <= 0 contribute nothing after the ReLU)."""
+    B, n_f = pre.shape
+    flat = pre.reshape(-1)
+    n = min(k * B, flat.numel())
+    stride = max(1, flat.numel() // _THRESHOLD_SAMPLE)
+    while math.gcd(stride, n_f) != 1:
+        stride += 1
+    sample = flat[::stride]
+    m = sample.numel()
+    want = n * m / flat.numel()
+    for slack in (1.25, 2.0, 8.0, math.inf):
+        r = min(m, int(want * slack) + 16)
+        tau = 0.0
+        if slack < math.inf and r < m:
+            tau = max(float(sample.topk(r, sorted=False).values.min()), 0.0)
+        nz = (pre > tau).nonzero() if tau > 0 else (pre > 0).nonzero()
+        if nz.shape[0] >= n or tau <= 0:
+            break
+    rows, cols = nz[:, 0].contiguous(), nz[:, 1].contiguous()
+    vals = pre[rows, cols]
+    if vals.numel() > n:  # exact top n among the candidates, kept in row-major order
+        sel = _sort_serial(vals.topk(n, sorted=False).indices)[0]
+        rows, cols, vals = rows[sel], cols[sel], vals[sel]
+    crow = torch.zeros(B + 1, dtype=torch.long, device=pre.device)
+    torch.cumsum(torch.bincount(rows, minlength=B), 0, out=crow[1:])
+    return rows, cols, vals, crow
+
+
+_SCRATCH: dict[tuple, torch.Tensor] = {}
+
+
+def _scratch(shape: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
+    """A reused buffer for the pre-activations [B, d_sae] (dropped once the active pairs are taken):
+    a fresh 64-MiB tensor every step costs its page faults again (tools/bench/sae_step.py `--thp`).
+    One buffer per shape, dtype and device, on the CPU (the Function's forward runs without autograd)."""
+    if like.device.type != "cpu":
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    key = (shape, like.dtype, like.device)
+    buf = _SCRATCH.get(key)
+    if buf is None:
+        _SCRATCH.clear()  # keep one: a new batch size or width replaces the old buffer
+        buf = _SCRATCH[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+    return buf
+
+
+class _KSparseSAE(torch.autograd.Function):
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, k, batch, center):  # type: ignore[override]
+        xbar = x - b_dec if center else x
+        pre = torch.addmm(b_enc, xbar, W_enc, out=_scratch((x.shape[0], W_enc.shape[1]), xbar))
+        rows, cols, vals, crow = (_batch_topk_pairs if batch else _row_topk_pairs)(pre, k)
+        del pre
+        vals = vals.relu_()
+        x_hat = F.embedding_bag(cols, W_dec, crow, mode="sum", per_sample_weights=vals,
+                                include_last_offset=True)
+        x_hat += b_dec
+        ctx.center, ctx.shape = center, (x.shape[0], W_enc.shape[1])
+        ctx.save_for_backward(xbar, rows, cols, crow, vals, W_enc, W_dec)
+        ctx.mark_non_differentiable(rows, cols, vals, crow)
+        return x_hat, rows, cols, vals, crow
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, g, *_):  # type: ignore[override]
+        xbar, rows, cols, crow, vals, W_enc, W_dec = ctx.saved_tensors
+        if g is None:
+            return (None,) * 8
+        grads = _sparse_backward(g, None, xbar, rows, cols, crow, vals, W_enc, W_dec, ctx.shape,
+                                 ctx.needs_input_grad[0], ctx.center)
+        return (*grads, None, None, None)

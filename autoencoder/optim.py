@@ -8,12 +8,15 @@ first moment needs to fill. `FeatureAdam` stores the count per feature (broadcas
 axis of each parameter), so `reset_features(idx)` makes those entries step exactly like a new
 optimizer would, while every other entry continues untouched.
 
-Without resets it is Adam (Kingma & Ba 2015, PyTorch's update order), element for element.
+Without resets it is Adam (Kingma & Ba 2015, PyTorch's update order), element for element; on the
+CPU, while a parameter's features share one step count, PyTorch's fused Adam kernel does the update
+(the same formula, up to float rounding), which is several times faster than the elementwise ops.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.optim.adam import adam as _adam
 
 # the axis of each SAE parameter that indexes features (None: shared by all features)
 FEATURE_AXIS = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "b_dec": None, "W_skip": None, "threshold": 0}
@@ -57,6 +60,8 @@ class FeatureAdam(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 st = self.state_for(p)
+                if self._fused(p, st, group):
+                    continue
                 st["step"] += 1
                 t = st["step"].to(p.dtype)
                 m, v = st["exp_avg"], st["exp_avg_sq"]
@@ -64,8 +69,26 @@ class FeatureAdam(torch.optim.Optimizer):
                 v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
                 bc1 = 1 - b1 ** t
                 bc2_sqrt = (1 - b2 ** t).sqrt()
-                denom = (v.sqrt() / bc2_sqrt).add_(eps)
-                p.addcdiv_(m, denom * (bc1 / lr), value=-1.0)
+                denom = v.sqrt().div_(bc2_sqrt).add_(eps).mul_(bc1 / lr)  # one temporary, in place
+                p.addcdiv_(m, denom, value=-1.0)
+
+    @staticmethod
+    def _fused(p: torch.Tensor, st: dict[str, torch.Tensor], group: dict) -> bool:
+        """On the CPU, while every feature of `p` has the same step count (no reset since the start or
+        since all caught up), one fused Adam update (PyTorch's `fused=True` kernel: one pass instead
+        of ~8 elementwise ones; equal up to float rounding). Returns whether it ran."""
+        step = st["step"]
+        if p.device.type != "cpu" or p.dtype not in (torch.float32, torch.float64) or p.grad.is_sparse:
+            return False
+        first = step.reshape(-1)[:1]
+        if step.numel() > 1 and not bool((step == first).all()):
+            return False
+        scalar = first.reshape(()).clone()
+        b1, b2 = group["betas"]
+        _adam([p], [p.grad], [st["exp_avg"]], [st["exp_avg_sq"]], [], [scalar], fused=True, amsgrad=False,
+              beta1=b1, beta2=b2, lr=group["lr"], weight_decay=0.0, eps=group["eps"], maximize=False)
+        step += 1
+        return True
 
     @torch.no_grad()
     def reset_features(self, idx: torch.Tensor, steps: bool = True) -> None:

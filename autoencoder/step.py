@@ -69,9 +69,9 @@ class TrainStep:
         self.optimizer.step()
         self.sae.normalize_decoder()
         self.sae.after_step()
-        fired = t.f > 0
+        l0, fired = t.l0_and_fired()
         return {"loss": t.overall.detach(), "mse": t.mse.detach(), "sparsity": t.sparsity.detach(),
-                "l0": fired.sum(-1).float().mean(), "fired": fired.any(0), **t.extra}
+                "l0": l0, "fired": fired, **t.extra}
 
     def row_loss(self, x: torch.Tensor, l1_coeff: float) -> torch.Tensor:
         """The training loss of each row (no auxiliary terms): what resampling weights inputs by."""

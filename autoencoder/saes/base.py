@@ -26,6 +26,7 @@ from tools.core.config import UserError
 
 if TYPE_CHECKING:
     from autoencoder.config import SAETrainConfig
+    from autoencoder.kernels import SparseCodes
 
 PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 KINDS = ("sae", "transcoder")
@@ -75,11 +76,37 @@ class LossTerms:
     """One forward pass's outputs and loss terms (all losses already averaged over the batch)."""
 
     x_hat: torch.Tensor
-    f: torch.Tensor
+    f: torch.Tensor | None  # None when the sparse kernel handed back `codes` instead
     mse: torch.Tensor
     sparsity: torch.Tensor  # the λ-free sparsity term (L1, L0) or the AuxK loss
     overall: torch.Tensor
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    codes: SparseCodes | None = None  # the active (row, latent, value) triples (k-sparse kernel)
+
+    def activations(self) -> torch.Tensor:
+        """f as a dense [B, d_sae] tensor (built from `codes` when only they exist)."""
+        if self.f is not None:
+            return self.f
+        assert self.codes is not None
+        return self.codes.dense()
+
+    def min_positive(self) -> torch.Tensor:
+        """The smallest positive activation of the batch (+inf when nothing fired)."""
+        if self.f is None and self.codes is not None:
+            return self.codes.min_positive()
+        return min_positive(self.f)
+
+    def l0_and_fired(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean active latents per row, bool [d_sae] fired on this batch), without a host sync."""
+        if self.f is None and self.codes is not None:
+            return self.codes.l0(), self.codes.fired()
+        fired = self.f > 0
+        return fired.sum(-1).float().mean(), fired.reshape(-1, fired.shape[-1]).any(0)
+
+
+def min_positive(f: torch.Tensor) -> torch.Tensor:
+    """The smallest positive entry of f (+inf when there is none), without a data-dependent shape."""
+    return torch.where(f > 0, f, torch.full_like(f, math.inf)).min()
 
 
 def row_sq_error(x: torch.Tensor, x_hat: torch.Tensor, reduction: str) -> torch.Tensor:

@@ -36,6 +36,7 @@ class BatchTopKSAE(TopKSAE):
     """Batch top-k in training, a learned global threshold at inference."""
 
     name, saelens = "batchtopk", "jumprelu"
+    batch_select = True
     threshold: torch.Tensor
 
     def __init__(self, cfg: SAEModelConfig, kernel: str = "dense"):
@@ -74,15 +75,15 @@ class BatchTopKSAE(TopKSAE):
 
     def loss(self, x: torch.Tensor, **kw: Any) -> LossTerms:
         t = super().loss(x, **kw)
-        self.update_threshold(t.f, kw.get("batch_sum"))
+        self.update_threshold(t.min_positive(), kw.get("batch_sum"))
         return t
 
     @torch.no_grad()
-    def update_threshold(self, f: torch.Tensor, batch_sum=None) -> None:
-        """θ ← (1 − r) θ + r · (smallest positive activation of this batch); the first one as is."""
-        pos = f[f > 0]
-        stats = torch.stack([pos.min().double() if pos.numel() else f.new_zeros((), dtype=torch.float64),
-                             torch.tensor(float(pos.numel() > 0), dtype=torch.float64, device=f.device)])
+    def update_threshold(self, m: torch.Tensor, batch_sum=None) -> None:
+        """θ ← (1 − r) θ + r · m, the first one as is; `m`: the smallest positive activation of this
+        batch (+inf when nothing fired: no update)."""
+        has = torch.isfinite(m)
+        stats = torch.stack([torch.where(has, m, torch.zeros_like(m)).double(), has.double()])
         if batch_sum is not None:
             stats = batch_sum(stats)
         if float(stats[1]) == 0:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from autoencoder.saes.base import LossTerms, SAEModelConfig, row_sq_error
+from autoencoder.saes.base import LossTerms, SAEModelConfig, min_positive, row_sq_error
 from autoencoder.saes.batchtopk import BatchTopKSAE
 from tools.core.config import UserError
 
@@ -74,7 +74,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         mses = [row_sq_error(y, r, mse_reduction).mean() for r in recs]
         x_hat = recs[-1]
         aux = self.aux_loss(x, y, x_hat, pre, dead_mask, aux_k, batch_sum)
-        self.update_threshold(f, batch_sum)
+        self.update_threshold(min_positive(f), batch_sum)
         extra = {f"mse_prefix_{w}": m.detach() for w, m in zip(self.cfg.widths, mses, strict=True)}
         return LossTerms(x_hat=x_hat, f=f, mse=mses[-1], sparsity=aux,
                          overall=torch.stack(mses).sum() / mse_scale + aux_coeff * aux, extra=extra)

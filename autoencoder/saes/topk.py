@@ -8,7 +8,8 @@ AuxK reconstructs the residual from the top `aux_k` dead latents (those silent f
 decoder rows are renormalised to unit norm after every step (the paper does the same; SAELens
 does not) and AuxK is scaled down when fewer than `aux_k` latents are dead (as SAELens does).
 With the sparse kernel the main forward/backward runs on the k active pairs per row
-(`autoencoder.kernels`), as openai's and EleutherAI's sparsify's kernels do.
+(`autoencoder.kernels.ksparse_sae_forward`: no dense f is built), as openai's and EleutherAI's
+sparsify's kernels do.
 """
 
 from __future__ import annotations
@@ -60,26 +61,46 @@ class TopKSAE(L1SAE):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.topk_pre(self.pre_acts(x), self.cfg.k)
 
-    def main_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(x_hat, f, pre): the sparse kernel when chosen (pre is then None: AuxK recomputes the
-        dead latents' pre-activations), else the dense formula."""
+    batch_select = False  # BatchTopK: the k·B largest of the whole batch instead of k per row
+
+    def ksparse_kernel(self, x: torch.Tensor) -> bool:
+        """Whether the k-sparse kernel (`autoencoder.kernels.ksparse_sae_forward`) runs this batch:
+        always with `kernel=sparse`; with `auto` where `sparse_benefit` expects it to pay."""
+        if self.kernel == "dense" or x.dim() != 2:
+            return False
+        from autoencoder.kernels import sparse_benefit
+
+        return self.kernel == "sparse" or sparse_benefit(self.cfg.k, self.cfg.d_sae, x.device)
+
+    def main_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None,
+                                                     Any]:
+        """(x_hat, f, pre, codes): on the k-sparse kernel f and pre are None (the codes hold the
+        active pairs; AuxK recomputes the dead latents' pre-activations), else the dense formula
+        (or the L1 kernel's fused path) and codes is None."""
+        if self.ksparse_kernel(x):
+            from autoencoder.kernels import ksparse_sae_forward
+
+            x_hat, codes = ksparse_sae_forward(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.cfg.k,
+                                               batch=self.batch_select, center=not self.transcoder)
+            s = self.skip_out(x)
+            return (x_hat if s is None else x_hat + s), None, None, codes
         if self._sparse_forward() is not None and x.dim() == 2:
             x_hat, f = self.train_forward(x)
-            return x_hat, f, None
+            return x_hat, f, None, None
         pre = self.pre_acts(x)
         f = self.activation(pre)
-        return self.reconstruct(x, f), f, pre
+        return self.reconstruct(x, f), f, pre, None
 
     def loss(self, x: torch.Tensor, *, target: torch.Tensor | None = None,
              dead_mask: torch.Tensor | None = None, aux_k: int | None = None,
              aux_coeff: float = 1 / 32, mse_reduction: str = "sum", mse_scale: float = 1.0,
              batch_sum: BatchSum | None = None, **_: Any) -> LossTerms:
         y = x if target is None else target
-        x_hat, f, pre = self.main_forward(x)
+        x_hat, f, pre, codes = self.main_forward(x)
         mse = row_sq_error(y, x_hat, mse_reduction).mean()
         aux = self.aux_loss(x, y, x_hat, pre, dead_mask, aux_k, batch_sum)
         return LossTerms(x_hat=x_hat, f=f, mse=mse, sparsity=aux,
-                         overall=mse / mse_scale + aux_coeff * aux)
+                         overall=mse / mse_scale + aux_coeff * aux, codes=codes)
 
     def row_loss(self, x: torch.Tensor, y: torch.Tensor, *, coeff: float, mse_reduction: str,
                  mse_scale: float, l1_scale: float) -> torch.Tensor:

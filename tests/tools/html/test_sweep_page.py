@@ -18,3 +18,19 @@ def test_sweep_page_plots_every_sae_and_escapes_names(tmp_path):
     assert '<a href="../features/l1-a/site/index.html">' in page
     assert "<script" not in page and "Content-Security-Policy" in page
     assert (tmp_path / "sweep" / "static" / "site.css").is_file()
+
+
+def test_frontier_page_links_every_point_and_the_sweep_page_links_it(tmp_path):
+    from tools.html.sweep import render_frontier
+
+    results = [{"arch": a, "setting": f"k={k}", "name": f"f-{a}-k{k}", "l0": float(k), "fvu": 0.5 / k,
+                "dead_fraction": 0.01, "loss_recovered": 0.9}
+               for a in ("topk", "batchtopk") for k in (16, 32, 64)]
+    results.append({"arch": "l1", "setting": "l1_coeff=0.1", "name": "<b>", "l0": float("nan"),
+                    "fvu": float("nan"), "dead_fraction": 0.0, "loss_recovered": float("nan")})
+    page = render_frontier(tmp_path, results).read_text(encoding="utf-8")
+    assert page.count('<a href="../features/f-') == 12  # 6 points + 6 table rows
+    assert page.count("<polyline") == 2 and "<b>" not in page and "&lt;b&gt;" in page
+    assert "<script" not in page
+    sweep = render_sweep_index(tmp_path, []).read_text(encoding="utf-8")
+    assert 'href="frontier.html"' in sweep
