@@ -5,9 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +12,7 @@ import pytest
 import torch
 
 from autoencoder import generate, scatter, shard_check, shard_reader, shard_write
+from tests.helpers import torchrun
 from tools.core.config import UserError, compose
 from tools.core.files import read_json
 from transformer.model import GPT, GPTConfig, save_model
@@ -223,22 +221,7 @@ def test_torchrun_two_ranks(world, generated):
                  f"activations.contexts={C}", f"activations.tokens_per_context={T}",
                  "activations.rows_per_shard=250", "activations.resample_rows=200",
                  f"activations.batch_contexts={B}", "hydra.run.dir=" + str(world / "hydra")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-    def torchrun() -> str:
-        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                 "--nproc_per_node=2", "-m", "autoencoder.generate", *overrides],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                start_new_session=True)
-        try:
-            out, err = proc.communicate(timeout=180)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # torchrun's workers too
-            raise
-        assert proc.returncode == 0, err[-3000:]
-        return out
-
-    torchrun()
+    torchrun("autoencoder.generate", overrides, timeout=180)
     directory = Path(cfg.run_dir) / "activations" / "train"
     m = shard_check.read_manifest(directory)
     assert m["world_size"] == 2 and m["total_rows"] == C * T and len(m["shards"]) == 4
@@ -248,7 +231,8 @@ def test_torchrun_two_ranks(world, generated):
     res_a, res_b = np.load(directory / "resample.npy"), np.load(single / "resample.npy")
     assert sorted(as_keys(res_a)) == sorted(as_keys(res_b))  # the same uniform sample
     assert generate.done(cfg)  # shards from any world size serve
-    assert "nothing to do" in torchrun()  # and a rerun skips on every rank (no rank left waiting)
+    # a rerun skips on every rank (no rank left waiting)
+    assert "nothing to do" in torchrun("autoencoder.generate", overrides, timeout=180)
 
 
 # --------------------------------------------------------------------------- bad input

@@ -4,18 +4,14 @@ their one-set runs byte for byte; 2 gloo ranks equal one process; memory groupin
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from autoencoder.sae import SAEModelConfig, build_sae, save_sae
-from tests.helpers import ROOT
+from tests.helpers import ROOT, torchrun
 from tests.helpers.features import make_run, overrides
 from tests.helpers.subjects import tiny_llama_folder
 from tools import top_activations as ta
@@ -155,25 +151,10 @@ def test_bad_layers_and_budget(gpt):
         ta.run(compose(overrides(run_dir, data_dir, *SMALL, "features.memory_gb=0")))
 
 
-def _torchrun(args: list[str]) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "tools.top_activations", *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun's workers too
-        raise
-    assert proc.returncode == 0, err[-3000:]
-    return out
-
-
 def test_two_gloo_ranks_equal_one_process(gpt, tmp_path):
     run_dir, data_dir, want = gpt
     new = _fresh(run_dir, tmp_path)
-    out = _torchrun(overrides(new, data_dir, *SMALL, "features.layers=[0,2]",
+    out = torchrun("tools.top_activations", overrides(new, data_dir, *SMALL, "features.layers=[0,2]",
                               f"hydra.run.dir={tmp_path / 'hydra'}"))
     assert "2 ranks" in out
     got = _outputs(new)
