@@ -144,6 +144,7 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     from tools.core.files import atomic_path
 
@@ -153,6 +154,11 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", label=arch)
     ax.set_xscale("log")
+    l0s = [r["l0"] for r in results if r["l0"] > 0]
+    if l0s:  # plain-number ticks at powers of 2 within the range
+        ticks = [2.0**e for e in range(0, 16) if min(l0s) / 1.5 <= 2.0**e <= max(l0s) * 1.5]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("L0 (held-out rows, log scale)")
     ax.set_ylabel("FVU (1 - explained variance)")
     ax.set_title(title, fontsize=10)
