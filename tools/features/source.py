@@ -155,7 +155,6 @@ class UnitActs:
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             return self.inp.sae.encode(x).float()
 
-
     @torch.no_grad()
     def some_units(self, x: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
         """x [E, L, d_mlp] windows, units [E] -> each window's activation of its own unit [E, L]."""
@@ -165,10 +164,10 @@ class UnitActs:
         fast = dictionary_units(sae, x, units)  # ReLU / JumpReLU dictionaries of any format
         if fast is not None:
             return fast
-        # our standard SAE: ReLU(x̄ W_enc + b_enc), one column each
+        # our standard SAE or transcoder: ReLU(sae_in(x) W_enc + b_enc), one column each
         if getattr(getattr(sae, "cfg", None), "architecture", None) == "standard":
             w = sae.W_enc.t()[units]  # [E, d]
-            pre = torch.einsum("eld,ed->el", x - sae.b_dec, w) + sae.b_enc[units][:, None]
+            pre = torch.einsum("eld,ed->el", sae.sae_in(x), w) + sae.b_enc[units][:, None]
             return torch.relu(pre)
         out = []
         for i in range(0, x.shape[0], 64):  # other architectures (e.g. top-k) need the full encode
