@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from autoencoder.sae import SAE
+from autoencoder.saes import SAE
 from tools.core import guard
 from tools.core.config import UserError
 from tools.core.files import atomic_path, read_json, sha256_file, write_json

@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig
 
 from autoencoder.metrics import RowStats, log10_density, loss_recovered, val_contexts
-from autoencoder.sae import SAE
+from autoencoder.saes import SAE
 from tools.core.config import UserError
 from tools.core.layout import RunLayout
 

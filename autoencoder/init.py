@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from autoencoder.sae import SAE, geometric_median
+from autoencoder.saes import SAE, geometric_median
 from tools.core.config import UserError
 
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from autoencoder.sae import SAE, row_sq_error
+from autoencoder.saes import SAE, row_sq_error
 from tools.core.config import UserError
 from transformer.subject import Subject, splice_edits
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from autoencoder.sae import SAE
+from autoencoder.saes import SAE
 from tools.core.config import UserError
 
 QUANTILE_ROWS = 16384  # rows of the subset used to place a new feature's bias

@@ -19,33 +19,13 @@ from typing import Any
 
 import torch
 
-from autoencoder.saes import (
-    L1SAE,
-    PARAM_NAMES,
-    REGISTRY,
-    SAE,
-    BatchTopKSAE,
-    JumpReLUSAE,
-    LossTerms,
-    MatryoshkaSAE,
-    SAEModelConfig,
-    TopKSAE,
-    arch_class,
-    build_sae,
-    geometric_median,
-    row_sq_error,
-)
+from autoencoder.saes import SAE, SAEModelConfig, build_sae
 from tools.core.config import UserError
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"
 SPARSITY_FILE = "sparsity.safetensors"
 FORMAT = "monosemantic.sae/1"
-
-__all__ = ["CFG_FILE", "FORMAT", "PARAM_NAMES", "REGISTRY", "SAE", "SPARSITY_FILE", "WEIGHTS_FILE",
-           "BatchTopKSAE", "JumpReLUSAE", "L1SAE", "LossTerms", "MatryoshkaSAE", "SAEModelConfig",
-           "TopKSAE", "arch_class", "build_sae", "geometric_median", "load_sae", "load_sparsity",
-           "row_sq_error", "saelens_cfg", "save_sae"]
 
 
 # ---- files -----------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from autoencoder.optim import FeatureAdam
 from autoencoder.resample import ResampleRecipe
-from autoencoder.sae import SAE
+from autoencoder.saes import SAE
 
 if TYPE_CHECKING:
     from autoencoder.config import SAETrainConfig

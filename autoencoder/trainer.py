@@ -28,7 +28,8 @@ from autoencoder.evaluator import Evaluator, log_eval, summary, summary_line
 from autoencoder.metrics import explained_variance, log10_density, save_density_histogram
 from autoencoder.resample import load_resample_set, resample_dead
 from autoencoder.resample_watch import ResampleWatch
-from autoencoder.sae import SAEModelConfig, arch_class, build_sae, save_sae
+from autoencoder.sae import save_sae
+from autoencoder.saes import SAEModelConfig, arch_class, build_sae
 from autoencoder.step import TrainStep, dead_steps, l1_at, lr_at, make_optimizer, recipe
 from tools.core import preempt
 from tools.core.config import UserError

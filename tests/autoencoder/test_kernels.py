@@ -163,7 +163,7 @@ def test_under_torch_compile():
 
 def test_trainer_sae_uses_kernel():
     """L1SAE(kernel="sparse") gives the dense module's loss and gradients (the trainer's path)."""
-    sae_mod = pytest.importorskip("autoencoder.sae")
+    sae_mod = pytest.importorskip("autoencoder.saes")
     cfg = sae_mod.SAEModelConfig(architecture="standard", d_in=12, d_sae=48)
     x, p = make(40, 12, 48, density=0.05, seed=9)
     grads = {}

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from autoencoder import load_dictionary
-from autoencoder.sae import SAEModelConfig, build_sae, load_sae, save_sae
+from autoencoder.sae import load_sae, save_sae
+from autoencoder.saes import SAEModelConfig, build_sae
 from tools.core.config import UserError
 
 D, F = 16, 48

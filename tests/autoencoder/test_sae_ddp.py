@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from autoencoder.config import SAETrainConfig
-from autoencoder.sae import SAEModelConfig, build_sae
+from autoencoder.saes import SAEModelConfig, build_sae
 from autoencoder.shard_write import write_shards
 from autoencoder.step import make_optimizer, make_step
 from tests.helpers import ROOT
@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent('''
     from pathlib import Path
     import torch, torch.distributed as dist
     from safetensors.torch import save_file
-    from autoencoder.sae import SAEModelConfig, build_sae
+    from autoencoder.saes import SAEModelConfig, build_sae
     from autoencoder.config import SAETrainConfig
     from autoencoder.step import make_optimizer, make_step
     import autoencoder.train as train

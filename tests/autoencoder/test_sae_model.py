@@ -9,15 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from autoencoder.config import SAETrainConfig
-from autoencoder.sae import (
-    L1SAE,
-    SAEModelConfig,
-    TopKSAE,
-    build_sae,
-    geometric_median,
-    load_sae,
-    save_sae,
-)
+from autoencoder.sae import load_sae, save_sae
+from autoencoder.saes import L1SAE, SAEModelConfig, TopKSAE, build_sae, geometric_median
 from autoencoder.step import make_optimizer, make_step
 from tools.core.config import UserError
 

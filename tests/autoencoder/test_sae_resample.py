@@ -8,7 +8,7 @@ import torch
 
 from autoencoder.optim import FeatureAdam
 from autoencoder.resample import ResampleRecipe, load_resample_set, resample_dead
-from autoencoder.sae import L1SAE, SAEModelConfig
+from autoencoder.saes import L1SAE, SAEModelConfig
 from tools.core.config import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

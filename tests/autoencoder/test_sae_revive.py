@@ -14,7 +14,7 @@ from autoencoder.config import SAETrainConfig
 from autoencoder.init import init_from_sample
 from autoencoder.optim import FeatureAdam
 from autoencoder.resample import ResampleRecipe, resample_dead
-from autoencoder.sae import L1SAE, SAEModelConfig, TopKSAE
+from autoencoder.saes import L1SAE, SAEModelConfig, TopKSAE
 from autoencoder.shard_write import write_shards
 from autoencoder.step import make_optimizer, make_step
 from autoencoder.synthetic import ground_truth, sparse_rows

@@ -9,7 +9,8 @@ matryoshka -> JumpReLUSAE, transcoders -> (JumpReLU)(Skip)Transcoder; exact matc
 import pytest
 import torch
 
-from autoencoder.sae import SAEModelConfig, build_sae, save_sae
+from autoencoder.sae import save_sae
+from autoencoder.saes import SAEModelConfig, build_sae
 
 sae_lens = pytest.importorskip("sae_lens")
 

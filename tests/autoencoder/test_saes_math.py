@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from autoencoder.config import SAETrainConfig
-from autoencoder.sae import SAEModelConfig, build_sae
+from autoencoder.saes import SAEModelConfig, build_sae
 from autoencoder.saes.jumprelu import JumpReLUFn, StepFn
 from autoencoder.step import make_optimizer, make_step
 from tools.core.config import UserError

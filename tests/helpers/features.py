@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from autoencoder.sae import SAEModelConfig, build_sae, load_sae, save_sae
+from autoencoder.sae import load_sae, save_sae
+from autoencoder.saes import SAEModelConfig, build_sae
 from transformer.model import GPT, GPTConfig, load_model, save_model
 from transformer.tokenizer import get_encoding
 

@@ -118,7 +118,7 @@ def gemm_ceiling(B: int, d: int, n: int, device: torch.device, dtype: torch.dtyp
 def make_trainer(n: int, args: argparse.Namespace, kernel: str, device: torch.device):
     """The trainer's own step for a fresh SAE (seeded, so every variant starts identical)."""
     from autoencoder.config import SAETrainConfig
-    from autoencoder.sae import SAEModelConfig, arch_class, build_sae
+    from autoencoder.saes import SAEModelConfig, arch_class, build_sae
     from autoencoder.step import make_optimizer, make_step
 
     cls = arch_class(args.arch)

@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from autoencoder.sae import SAEModelConfig, build_sae
+from autoencoder.saes import SAEModelConfig, build_sae
 from tools.core.config import resolve_device
 from tools.features import config as fconf
 from tools.features import scan as fscan

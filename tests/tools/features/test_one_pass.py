@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from autoencoder.sae import SAEModelConfig, build_sae, save_sae
+from autoencoder.sae import save_sae
+from autoencoder.saes import SAEModelConfig, build_sae
 from tests.helpers import ROOT, torchrun
 from tests.helpers.features import make_run, overrides
 from tests.helpers.subjects import tiny_llama_folder

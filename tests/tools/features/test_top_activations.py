@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from autoencoder.sae import SAEModelConfig, build_sae, load_sae, save_sae
+from autoencoder.sae import load_sae, save_sae
+from autoencoder.saes import SAEModelConfig, build_sae
 from tests.helpers.features import (
     DEAD,
     T,
