@@ -22,14 +22,16 @@ size does not grow with the tokens scanned:
 
 Windows (`window` tokens each side, shifted to stay inside the context so every window has the
 same length) are then recomputed for the chosen contexts only. Logit effects are the direct path
-of a unit's output direction: decoder row (SAE) or W_out column (neuron) through c_proj, the final
-LayerNorm's scale, and W_U. This ignores LayerNorm centering and normalisation (and any later
-layers), as the "logit weights" of Anthropic (2023) and sae_vis do.
+of a unit's output direction: a neuron's column of the MLP's output projection (our GPT's c_proj, a
+Llama's down_proj), a dictionary feature's decoder row (through that projection when the dictionary
+reads the neurons), then the final norm's scale and W_U. This ignores the norm's centering and
+normalisation (and any later layers), as the "logit weights" of Anthropic (2023) and sae_vis do.
 
 Signed units (neurons: GELU, SiLU-gated Llama MLPs) also get their negative side, the same
 statistics of the negated activations: bottom-k contexts by min, equal-width bins over
-[min_act, 0), and contexts that stay above `negative_frac` x min_act. Every unit gets quantiles
-of its activation over all scanned tokens, estimated from the exact histograms.
+[min_act, 0), and contexts that stay above `negative_frac` x min_act. Both sides are one state of
+twice the units, so each (token, unit) entry is read once and goes to the side of its sign. Every
+unit gets quantiles of its activation over all scanned tokens, estimated from the exact histograms.
 
 Several unit sets in one pass: `features.layers=[0,10,20]` (or `all`) for neurons, or
 `features.sae=[a,b]` for several SAEs of one subject, feed every set's state from one forward per
@@ -39,8 +41,12 @@ are scanned in further passes (tools/features/memory.py). Under `torchrun` the b
 across ranks and the states merged exactly (tools/features/merge.py); the window pass is split too,
 and rank 0 writes, so the output is the one of a single process.
 
+On CUDA the states are updated without a host sync per batch (every unit every batch, the same
+result); on the CPU a worker thread folds in one batch while the next batch's forward runs.
+
 Modules: tools/features/{config (the section), source (model, SAE and tokens: the stage's only
-model access), scan (the streaming pass), select (choosing examples), write (records and meta)}.
+model access), scan (a unit set's running state), one_pass (the pass over the contexts), merge
+(ranks' states), memory (passes that fit), select (choosing examples), write (records and meta)}.
 Writes `run_dir/features/<name>/{features.jsonl, meta.json}` (docs/formats.md), then runs the site
 stage (`tools.site`), which renders `site/` beside them.
 """
@@ -246,7 +252,7 @@ def run_sets(stages: list[FeaturesStage]) -> dict[str, Any]:
     passes as `features.memory_gb` allows, one feature set written (and sealed) per unit set, then
     each set's site. Under torchrun rank 0 locks, writes and renders."""
     from tools.features import memory
-    from tools.features.scan import scan_sets
+    from tools.features.one_pass import scan_sets
     from tools.features.source import load_shared, unit_inputs
     from tools.features.write import write_set
     from tools.tokens import TokenText

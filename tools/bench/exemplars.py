@@ -4,7 +4,7 @@
     python -m tools.bench.exemplars --random-llama-8b --device cuda   # Llama-3.1-8B's shapes, bf16
 
 Same tokens, same batches, four timings over every layer's neurons (both polarities):
-(a) the features stage's one-pass scan of all layers (`tools.features.scan.scan_sets`: one forward
+(a) the features stage's one-pass scan of all layers (`tools.features.one_pass.scan_sets`: one forward
 per batch, every layer's running state); (b) the same scan one layer per run, repeated for every
 layer (each run pays the forward up to its layer); (c) Transluce's exemplar loop (observatory's
 `compute_exemplars`), as their code does it: one layer per pass, and per batch each neuron's
@@ -18,6 +18,7 @@ hours for a job of that many tokens (Transluce's: 1M sequences x 95 tokens) on 1
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import numpy as np
@@ -25,7 +26,7 @@ import torch
 
 from tools.core.config import compose, resolve_device
 from tools.features.config import FeaturesConfig
-from tools.features.scan import scan_sets
+from tools.features.one_pass import scan_sets
 from tools.features.source import Inputs
 from transformer.subject import hook_point
 
@@ -61,30 +62,34 @@ def _subject(args: argparse.Namespace, device: str):
 
 
 def transluce_layer(model, batches: list[torch.Tensor], layer: int, k: int) -> tuple[torch.Tensor, ...]:
-    """One layer's exemplars as Transluce's loop keeps them: top-k (max) and bottom-k (min) context
-    indices [k, units] with the full activation sequences of the kept contexts."""
+    """One layer's exemplars as Transluce's loop keeps them (observatory,
+    lib/activations/activations/exemplars_computation.py, `update_top_acts_and_starts`, read at their
+    repository's newest snapshot): per batch and per polarity, the activations masked by the attention
+    mask, each sequence's max (min) per neuron concatenated onto the running buffers (values, the
+    kept sequences' activations, their token ids repeated per neuron, their dataset ids), `torch.topk`
+    over the buffer and a gather of every buffer. Returns the top-k (max) and bottom-k (min) values
+    and context indices [k, units]; the dataset id column holds the context index here."""
     hook = hook_point("neurons", layer)
-    top_v = top_i = top_a = bot_v = bot_i = bot_a = None
+    state: dict[bool, list[torch.Tensor] | None] = {True: None, False: None}
     c0 = 0
     for idx in batches:
-        acts = model.capture(idx, [hook])[hook].float().transpose(1, 2)  # [B, units, T]
-        B = acts.shape[0]
-        ctx = torch.arange(c0, c0 + B, device=acts.device)[:, None].expand(B, acts.shape[1])
-        mx, mn = acts.amax(2), acts.amin(2)  # [B, units]
-        if top_v is None:
-            top_v, top_i, top_a, bot_v, bot_i, bot_a = mx, ctx, acts, mn, ctx, acts
-        else:
-            top_v, top_i, top_a = torch.cat([top_v, mx]), torch.cat([top_i, ctx]), torch.cat([top_a, acts])
-            bot_v, bot_i, bot_a = torch.cat([bot_v, mn]), torch.cat([bot_i, ctx]), torch.cat([bot_a, acts])
-        kk = min(k, top_v.shape[0])
-        tv, ti = top_v.topk(kk, dim=0)
-        top_v, top_i = tv, top_i.gather(0, ti)
-        top_a = top_a.gather(0, ti[:, :, None].expand(-1, -1, acts.shape[2]))
-        bv, bi = bot_v.topk(kk, dim=0, largest=False)
-        bot_v, bot_i = bv, bot_i.gather(0, bi)
-        bot_a = bot_a.gather(0, bi[:, :, None].expand(-1, -1, acts.shape[2]))
+        acts = model.capture(idx, [hook])[hook].float()  # [B, T, units]
+        B, T, F = acts.shape
+        mask = torch.ones(B, T, dtype=torch.bool, device=acts.device)  # no padding in these batches
+        ids = idx[:, :, None].repeat(1, 1, F)  # each neuron's copy of the token ids
+        ctx = torch.arange(c0, c0 + B, device=acts.device, dtype=torch.int32)[:, None].expand(B, F)
+        for largest in (True, False):
+            masked = acts.masked_fill(~mask[:, :, None], -math.inf if largest else math.inf)
+            peak = masked.amax(1) if largest else masked.amin(1)  # [B, units]
+            new = [peak, masked, ids, ctx]
+            old = state[largest]
+            buf = new if old is None else [torch.cat([a, b]) for a, b in zip(old, new, strict=True)]
+            vals, top = buf[0].topk(min(k, buf[0].shape[0]), dim=0, largest=largest)
+            seq = top[:, None, :].expand(-1, T, -1)
+            state[largest] = [vals, buf[1].gather(0, seq), buf[2].gather(0, seq), buf[3].gather(0, top)]
         c0 += B
-    return top_v, top_i, bot_v, bot_i
+    (top_v, _, _, top_i), (bot_v, _, _, bot_i) = state[True], state[False]
+    return top_v, top_i.long(), bot_v, bot_i.long()
 
 
 def _same_topk(vals: torch.Tensor, ours: torch.Tensor, theirs: torch.Tensor) -> bool:
@@ -109,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default="data", help="holds the converted SmolLM2 (models/...)")
     ap.add_argument("--random-llama-8b", action="store_true", help="random, Llama-3.1-8B's shapes")
-    ap.add_argument("--contexts", type=int, default=16)
+    ap.add_argument("--contexts", type=int, default=64)
     ap.add_argument("--context-len", type=int, default=64)
     ap.add_argument("--batch-tokens", type=int, default=512)
     ap.add_argument("--top-k", type=int, default=20)
@@ -142,9 +147,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     with torch.no_grad():
         model.capture(batches[0], [hook_point("neurons", 0)])  # warm-up
-        _, secs = timed(lambda: [model.capture(b, [hook_point("resid_post", L - 1)]) for b in batches])
-        out["d_bare_forward_tok_s"] = n_tok / secs
+
+        def bare() -> float:
+            return timed(lambda: [model.capture(b, [hook_point("resid_post", L - 1)]) for b in batches])[1]
+
+        # the bare forward just before and just after (a), so (a)/(d) is not a drift of the machine
+        d_secs = bare()
         sides, secs = timed(lambda: scan_sets(inps, fc, 0, device, True)[0])
+        d_secs = (d_secs + bare()) / 2
+        out["d_bare_forward_tok_s"] = n_tok / d_secs
         out["a_one_pass_tok_s"] = n_tok / secs
         if "b" not in skip:
             _, secs = timed(lambda: [scan_sets([inp], fc, 0, device, True) for inp in inps])

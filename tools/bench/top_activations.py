@@ -22,7 +22,7 @@ import torch
 from autoencoder.saes import SAEModelConfig, build_sae
 from tools.core.config import resolve_device
 from tools.features import config as fconf
-from tools.features import scan as fscan
+from tools.features import one_pass
 from tools.features import source as fsource
 from transformer.model import GPT, GPTConfig
 
@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
     bare(), encode_only()  # warm-up
     a = best(bare)
     b = best(encode_only)
-    c = best(lambda: fscan.scan(inp, fc, 0, device))
-    state, _ = fscan.scan(inp, fc, 0, device)
+    c = best(lambda: one_pass.scan(inp, fc, 0, device))
+    state, _ = one_pass.scan(inp, fc, 0, device)
     density = float(state.count.sum()) / (n_tok * args.features)
     out = {"device": device, "features": args.features, "tokens": n_tok, "batch_tokens": args.batch_tokens,
            "measured_density": round(density, 4),

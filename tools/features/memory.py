@@ -1,7 +1,8 @@
 """How much memory a unit set's scan needs, and grouping unit sets into as few passes as fit.
 
 A unit set's running state (tools.features.scan.ScanState, both sides for signed units) is held for
-the whole pass; one batch's captured activations are held for every set of the pass together, and
+the whole pass; two batches' captured activations are held for every set of the pass together (on
+the CPU the next batch is captured while one is folded in), and
 the per-batch work (the units' activations and their firing entries) for one set at a time.
 """
 
@@ -26,7 +27,7 @@ def set_bytes(n_units: int, width: int, fc: FeaturesConfig, n_ctx: int, T: int,
               both: bool) -> tuple[int, int]:
     """(held for the pass: state + one batch's capture, per-batch work) of one unit set."""
     tokens = max(1, fc.batch_tokens // T) * T
-    return state_bytes(n_units, fc, n_ctx, both) + tokens * width * 6, tokens * n_units * _WORK_BYTES
+    return state_bytes(n_units, fc, n_ctx, both) + 2 * tokens * width * 6, tokens * n_units * _WORK_BYTES
 
 
 def default_budget(device: str) -> float:

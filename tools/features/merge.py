@@ -1,6 +1,6 @@
 """Merging the scan states of several ranks into the state one process would have.
 
-Each rank scans a contiguous run of the batches (`tools.features.scan.batch_ranges`) and every batch
+Each rank scans a contiguous run of the batches (`tools.features.one_pass.batch_ranges`) and every batch
 draws from its own random stream, so the merge is exact: histograms regridded to the largest range
 (a power of two: merging 2^d bins is exact) and summed; sums added as exact pairs (TwoSum); top-k by
 value with ties to the earlier context, as one process keeps them; reservoir slots keep the smallest

@@ -9,26 +9,25 @@ exact machinery as the positive side.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from tools.core import preempt
 from tools.core.config import UserError
-from tools.features.config import HIST_BINS, FeaturesConfig
-from tools.features.merge import gather_merge, two_sum
-
-if TYPE_CHECKING:
-    from tools.features.source import Inputs
+from tools.features.config import HIST_BINS
+from tools.features.merge import two_sum
 
 
 @dataclass
 class ScanState:
-    """Per-unit running statistics; every tensor is O(units x (k + bins)), none grows with tokens."""
+    """Per-unit running statistics; every tensor is O(units x (k + bins)), none grows with tokens.
+
+    A two-sided state (`two_sided`) scans both polarities of `n_units // 2` signed units at once: units
+    0 .. F-1 are the positive side (f), units F .. 2F-1 the negative side (-f), and every (token, unit)
+    entry is read once for both (`halves` splits them). `sync_free` (CUDA) updates every unit every batch
+    instead of selecting the few that change, so a batch never waits for the device (no `nonzero`, no
+    `.any()`); both ways give the same state."""
 
     n_units: int
     top_k: int
@@ -36,14 +35,21 @@ class ScanState:
     n_random: int
     device: str
     seed: int
-    nonneg: bool = False  # activations are never negative (SAE features): skips the f > 0 pass
+    nonneg: bool = False  # activations are never negative (SAE features): firing entries found by nonzero
     n_ctx: int = 0  # contexts the scan will see (candidates are drawn from 0 .. n_ctx - 1)
     candidates: int = 0  # candidate negative contexts whose per-unit max is kept
+    two_sided: bool = False  # units are both sides of n_units // 2 signed units (see above)
+    sync_free: bool = False  # no host sync per batch (the CUDA way; same result)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         F, k, G, m, dev = self.n_units, self.top_k, HIST_BINS, self.per_bin, self.device
         inf = math.inf
+        self._cand = candidate_contexts(self.n_ctx, self.candidates, self.seed)
+        self.gen = torch.Generator(device=dev).manual_seed(self.seed)
+        self._bad = torch.full((), -1, dtype=torch.int64, device=dev)  # first context with NaN/Inf
+        if self.tensors:  # a view on another state's tensors (`halves`)
+            return
         self.tensors = dict(
             total=torch.zeros(F, dtype=torch.float64, device=dev),
             # the rounding error of `total` (TwoSum), so the sum over batches is exact in any grouping
@@ -63,9 +69,7 @@ class ScanState:
             cand_ctx=torch.full((self.candidates,), -1, dtype=torch.int64, device=dev),
             cand_max=torch.zeros(self.candidates, F, device=dev),
         )
-        self._cand = candidate_contexts(self.n_ctx, self.candidates, self.seed)
         self.tensors["cand_ctx"][:len(self._cand)] = torch.from_numpy(self._cand).to(dev)
-        self.gen = torch.Generator(device=dev).manual_seed(self.seed)
 
     def __getattr__(self, name: str) -> torch.Tensor:
         tensors = self.__dict__.get("tensors", {})
@@ -73,39 +77,57 @@ class ScanState:
             return tensors[name]
         raise AttributeError(name)
 
+    def _pick(self, changed: torch.Tensor) -> torch.Tensor:
+        """The units to update: those where `changed`, or (sync_free) all of them."""
+        if self.sync_free:
+            return torch.arange(self.n_units, device=changed.device)
+        return changed.nonzero().squeeze(1)
+
     @torch.no_grad()
     def update(self, f: torch.Tensor, ctx0: int) -> None:
-        """Fold in one batch of activations f [B, T, units] of contexts ctx0 .. ctx0 + B - 1."""
+        """Fold in one batch of activations f [B, T, width] of contexts ctx0 .. ctx0 + B - 1 (width is
+        n_units, or n_units // 2 for a two-sided state)."""
         s = self.tensors
         B, T, F = f.shape
+        U, dev = self.n_units, f.device
         self.T = T
         f = f.float()
         # each batch draws from its own stream (a function of the seed and the batch's first context),
         # so the draws do not depend on which process scans which batches
         self.gen.manual_seed(batch_seed(self.seed, ctx0))
-        cmax = f.amax(dim=1)  # [B, F]
+        draw = torch.rand(f.numel(), generator=self.gen, device=dev) * self.per_bin  # one per entry
+        # each context's peak per unit and where it is (the first position at the peak)
+        cmax, argpos = f.max(1)  # [B, F]
+        if self.two_sided:
+            cmin, argmin = f.min(1)
+            cmax, argpos = torch.cat([cmax, -cmin], 1), torch.cat([argpos, argmin], 1)
         newmax = cmax.amax(0)
-        if not torch.isfinite(newmax).all():
-            raise UserError(f"non-finite activations in contexts {ctx0}..{ctx0 + B - 1} "
-                            "(NaN/Inf in the model or SAE weights)")
-        # running top-k of contexts by their max activation; the argmax position is looked up
-        # only for the (few) contexts that enter a top-k; only units whose k-th best is beaten merge
+        bad = ~torch.isfinite(newmax).all()
+        if self.sync_free:
+            self._bad = torch.where(bad & (self._bad < 0), ctx0, self._bad)
+        elif bad:
+            raise _non_finite(ctx0, ctx0 + B)
+        # running top-k of contexts by their peak; only units whose k-th best is beaten merge
         k = self.top_k
-        cand = (newmax > s["top_v"][:, -1]).nonzero().squeeze(1)
+        cand = self._pick(newmax > s["top_v"][:, -1])
         if cand.numel():
             # stable: among equal values the earlier context first (the order a merge of ranks keeps)
             tv, ti = torch.cat([s["top_v"][cand], cmax.index_select(1, cand).t()], 1).sort(
                 dim=1, descending=True, stable=True)
             tv, ti = tv[:, :k], ti[:, :k]
             fresh, old = ti >= k, ti.clamp(max=k - 1)
-            top_c = torch.where(fresh, ti - k + ctx0, s["top_c"][cand].gather(1, old))
-            top_p = s["top_p"][cand].gather(1, old)
+            new = (ti - k).clamp(min=0)
+            s["top_c"][cand] = torch.where(fresh, ti - k + ctx0, s["top_c"][cand].gather(1, old))
+            s["top_p"][cand] = torch.where(fresh, argpos.index_select(1, cand).t().gather(1, new),
+                                           s["top_p"][cand].gather(1, old))
+            s["top_v"][cand] = tv
         # random non-firing contexts: bottom-n random keys over the contexts where the unit is silent
         if self.n_random:
             n = self.n_random
-            key = torch.rand(B, F, generator=self.gen, device=f.device)
-            key.masked_fill_(cmax > 0, math.inf)
-            neg = (key.amin(0) < s["neg_key"][:, -1]).nonzero().squeeze(1)
+            # [2, B, F] for two sides: the positive side's keys are the draws a one-sided state makes
+            key = torch.rand((2, B, F) if self.two_sided else (1, B, F), generator=self.gen, device=dev)
+            key = key.permute(1, 0, 2).reshape(B, U).masked_fill_(cmax > 0, math.inf)
+            neg = self._pick(key.amin(0) < s["neg_key"][:, -1])
             if neg.numel():
                 nk, ni = torch.cat([s["neg_key"][neg], key.index_select(1, neg).t()], 1).sort(
                     dim=1, stable=True)
@@ -113,45 +135,91 @@ class ScanState:
                 kept = s["neg_c"][neg].gather(1, ni.clamp(max=n - 1))
                 s["neg_c"][neg] = torch.where(ni >= n, ni - n + ctx0, kept)
                 s["neg_key"][neg] = nk
-        # candidate negatives in this batch: keep their per-unit max (the threshold is known at the end)
+        # candidate negatives in this batch: keep their per-unit peak (the threshold is known at the end)
         i0, i1 = np.searchsorted(self._cand, [ctx0, ctx0 + B])
         if i1 > i0:
-            rows_c = torch.from_numpy(self._cand[i0:i1] - ctx0).to(f.device)
-            s["cand_max"][i0:i1] = cmax.index_select(0, rows_c)
-        # firing tokens: counts, sums, histogram, per-bin samples
-        flat = f.view(-1)
-        # an SAE's f is >= 0, so its nonzeros are its firing tokens (one pass fewer than f > 0)
-        lin = (flat.nonzero() if self.nonneg else (flat > 0).nonzero()).squeeze(1)
-        acts = flat.index_select(0, lin)
-        rows = torch.div(lin, F, rounding_mode="floor")
-        cols = lin - rows * F
-        # where each context's max is (for the contexts entering a top-k): found among the nonzeros
-        bf = torch.div(rows, T, rounding_mode="floor") * F + cols
-        at_max = (acts == cmax.view(-1).index_select(0, bf)).nonzero().squeeze(1)
-        argpos = torch.zeros(B * F, dtype=torch.int64, device=f.device)
-        argpos[bf.index_select(0, at_max)] = rows.index_select(0, at_max) % T
-        if cand.numel():
-            top_p = torch.where(fresh, argpos.view(B, F)[(ti - k).clamp(min=0), cand[:, None]], top_p)
-            s["top_v"][cand], s["top_c"][cand], s["top_p"][cand] = tv, top_c, top_p
-        two_sum(s["total"], s["total_lo"], torch.bincount(cols, weights=acts.double(), minlength=F))
+            s["cand_max"][i0:i1] = cmax.index_select(0, s["cand_ctx"][i0:i1] - ctx0)
         s["maxv"] = torch.maximum(s["maxv"], newmax)
         grow = (newmax >= s["scale"]) & (newmax > 0)
-        if grow.any():
+        if self.sync_free or grow.any():
             above = torch.exp2(torch.floor(torch.log2(newmax.clamp_min(1e-30))) + 1)  # next power of 2 > max
-            self._grow(grow.nonzero().squeeze(1), above)
-        G = HIST_BINS
-        b = (acts / s["scale"].index_select(0, cols) * G).long().clamp_(max=G - 1)
-        group = cols * G + b
-        s["hist"].view(-1).add_(torch.bincount(group, minlength=F * G))
-        n = acts.shape[0]
-        # one uniform draw gives both the slot (integer part of u*m) and the key (fractional part)
-        u = torch.rand(n, generator=self.gen, device=f.device) * self.per_bin
-        slot = u.long().clamp_(max=self.per_bin - 1)
-        self._sample(group * self.per_bin + slot, u - slot, acts, ctx0 * T + rows)
+            self._grow(self._pick(grow), torch.where(grow, above, s["scale"]))
+        self._fold_entries(f, draw, ctx0)
+
+    def _fold_entries(self, f: torch.Tensor, draw: torch.Tensor, ctx0: int) -> None:
+        """Every firing (token, unit) entry: counts, sums, histogram and per-bin samples."""
+        s, G, m = self.tensors, HIST_BINS, self.per_bin
+        B, T, F = f.shape
+        U, dev = self.n_units, f.device
+        flat = f.view(-1)
+        fires = None  # every entry fires
+        if self.nonneg and not self.two_sided and not self.sync_free:
+            # an SAE's f is >= 0 and mostly 0: its nonzeros are its firing entries
+            entry = flat.nonzero().squeeze(1)
+            act, draw = flat.index_select(0, entry), draw.index_select(0, entry)
+            unit = (entry % F).int()
+        else:  # dense (neurons fire almost everywhere): every entry, the silent ones masked
+            entry = None
+            col = torch.arange(F, device=dev, dtype=torch.int32)
+            if self.two_sided:
+                unit = ((f < 0).view(-1, F).int() * F + col).view(-1)
+                act, fires = flat.abs(), flat != 0
+            else:
+                unit = col.expand(B * T, F).reshape(-1)
+                act, fires = flat.clamp(min=0), flat > 0
+        # (int32 indices halve the memory traffic of the passes over every entry)
+        two_sum(s["total"], s["total_lo"], torch.bincount(unit, weights=act, minlength=U).double())
+        inv = torch.where(s["scale"] > 0, G / s["scale"].clamp_min(1e-30), 0.0)  # exact: powers of two
+        group = unit * G + (act * inv.index_select(0, unit)).int().clamp_(0, G - 1)
+        counted = group if fires is None else torch.where(fires, group, U * G)  # silent: past the end
+        ones = torch.ones((), dtype=torch.int32, device=dev).expand(counted.numel())
+        batch_hist = torch.zeros(U * G + 1, dtype=torch.int32, device=dev).index_add_(0, counted, ones)
+        s["hist"].view(-1).add_(batch_hist[:U * G])
+        # one uniform draw gives both the slot (integer part of draw) and the key (fractional part)
+        slot = draw.int().clamp_(max=m - 1)
+        key = draw - slot
+        if fires is not None:
+            key.masked_fill_(~fires, math.inf)
+        self._sample(group * m + slot, key, act, entry, (ctx0 * T, F))
+
+    def _sample(self, slot: torch.Tensor, key: torch.Tensor, act: torch.Tensor, entry: torch.Tensor | None,
+                where: tuple[int, int]) -> None:
+        """Each (unit, histogram bin) has m slots; every firing entry goes to one slot at random and
+        a slot keeps the entry with the smallest random key sent to it. So each slot holds a
+        uniform draw from its bin's tokens, the m slots hold distinct tokens, and every token of a
+        bin is equally likely to be kept: a uniform sample, with scatter-min instead of a sort.
+        `entry`: each element's index in the batch's [B, T, F] entries (None: its own position);
+        `where`: (the batch's first token ctx0 * T, F), to turn an entry into its token."""
+        s = self.tensors
+        if slot.numel() == 0:
+            return
+        tok0, F = where
+        beats = key < s["res_key"].index_select(0, slot)  # few, once the slots fill
+        if not self.sync_free:
+            # (one nonzero + index_select per filter: boolean-mask indexing would redo the nonzero per array)
+            keep = beats.nonzero().squeeze(1)
+            slot = slot.index_select(0, keep).long()
+            key, act = key.index_select(0, keep), act.index_select(0, keep)
+            entry = keep if entry is None else entry.index_select(0, keep)
+            s["res_key"].scatter_reduce_(0, slot, key, reduce="amin", include_self=True)
+            won = (key == s["res_key"].index_select(0, slot)).nonzero().squeeze(1)
+            slot = slot.index_select(0, won)
+            s["res_act"][slot] = act.index_select(0, won)
+            s["res_tok"][slot] = tok0 + entry.index_select(0, won) // F
+            return
+        slot = slot.long()
+        s["res_key"].scatter_reduce_(0, slot, key, reduce="amin", include_self=True)
+        won = beats & (key == s["res_key"].index_select(0, slot))
+        entry = torch.arange(slot.numel(), device=slot.device) if entry is None else entry
+        dest = torch.where(won, slot, s["res_key"].numel())  # the losers write to a spare last slot
+        for name, value in (("res_act", act), ("res_tok", tok0 + entry // F)):
+            spare = torch.cat([s[name], s[name][:1]])
+            s[name] = spare.scatter_(0, dest, value.to(spare.dtype))[:-1]
 
     def _grow(self, units: torch.Tensor, scale: torch.Tensor) -> None:
-        """Raise R to `scale` (a power of two > the new max; [all units]), merging bins 2^d at a time
-        (exact: a value's bin at R / 2^d, shifted right by d, is its bin at R)."""
+        """Raise R of `units` to `scale` (a power of two > the new max; [all units]), merging each unit's
+        bins 2^d at a time (exact: a value's bin at R / 2^d, shifted right by d, is its bin at R); d = 0
+        leaves a unit as it is."""
         s, G, m = self.tensors, HIST_BINS, self.per_bin
         old = s["scale"][units]
         target = scale[units]  # [units]: the new R of each unit (a power of two)
@@ -159,40 +227,45 @@ class ScanState:
         shift = torch.where(fresh, torch.zeros_like(old), torch.log2(target / old.clamp_min(1e-30)))
         shift = shift.round().long().clamp_(min=0, max=62)
         s["scale"][units] = torch.where(fresh, target, old * torch.exp2(shift.float()))
-        F = self.n_units
-        keys, acts, toks = (s[k].view(F, G, m) for k in ("res_key", "res_act", "res_tok"))
-        for d in shift[shift > 0].clamp(max=int(math.log2(G))).unique().tolist():
-            # bins merge 2^d at a time (bin i -> i >> d); slot s of a merged bin keeps the
-            # smallest key among the merged bins' slot s, so it is still a uniform draw
-            sel = units[(shift.clamp(max=int(math.log2(G))) == d)]
-            n, g2, w = sel.numel(), G >> d, 1 << d
-            h = s["hist"][sel].view(n, g2, w).sum(2)
-            s["hist"][sel] = torch.cat([h, torch.zeros(n, G - g2, dtype=h.dtype, device=h.device)], 1)
-            k, a, t = (x[sel].view(n, g2, w, m) for x in (keys, acts, toks))
-            kmin, arg = k.min(2)
-            arg = arg[:, :, None]
-            pad = (n, G - g2, m)
-            keys[sel] = torch.cat([kmin, torch.full(pad, math.inf, device=k.device)], 1)
-            acts[sel] = torch.cat([a.gather(2, arg).squeeze(2), torch.zeros(pad, device=k.device)], 1)
-            toks[sel] = torch.cat([t.gather(2, arg).squeeze(2),
-                                   torch.zeros(pad, dtype=t.dtype, device=k.device)], 1)
+        n, F, dev = units.numel(), self.n_units, units.device
+        bins = torch.arange(G, device=dev)
+        to = bins[None, :] >> shift.clamp(max=int(math.log2(G)))[:, None]  # [n, G]: old bin -> new bin
+        merged = torch.zeros(n, G, dtype=torch.int64, device=dev)
+        s["hist"][units] = merged.scatter_add_(1, to, s["hist"][units])
+        # slot s of a merged bin keeps the smallest key among the merged bins' slot s (the first such
+        # bin on ties), so it is still a uniform draw; bins nothing merges into are emptied
+        keys, acts, toks = (s[x].view(F, G, m)[units] for x in ("res_key", "res_act", "res_tok"))
+        to3 = to[:, :, None].expand(n, G, m)
+        kmin = torch.full_like(keys, math.inf).scatter_reduce_(1, to3, keys, "amin", include_self=True)
+        src = torch.where(keys == kmin.gather(1, to3), bins[None, :, None], G)
+        first = torch.full_like(to3, G).scatter_reduce_(1, to3, src, "amin", include_self=True)
+        has = first < G
+        first = first.clamp_(max=G - 1)
+        s["res_key"].view(F, G, m)[units] = torch.where(has, kmin, math.inf)
+        s["res_act"].view(F, G, m)[units] = torch.where(has, acts.gather(1, first), 0.0)
+        s["res_tok"].view(F, G, m)[units] = torch.where(has, toks.gather(1, first), 0)
 
-    def _sample(self, slot: torch.Tensor, key: torch.Tensor, act: torch.Tensor, tok: torch.Tensor) -> None:
-        """Each (unit, histogram bin) has m slots; every firing token goes to one slot at random and
-        a slot keeps the token with the smallest random key sent to it. So each slot holds a
-        uniform draw from its bin's tokens, the m slots hold distinct tokens, and every token of a
-        bin is equally likely to be kept: a uniform sample, with scatter-min instead of a sort."""
-        s = self.tensors
-        if slot.numel() == 0:
-            return
-        # (one nonzero + index_select per filter: boolean-mask indexing would redo the nonzero per array)
-        keep = (key < s["res_key"].index_select(0, slot)).nonzero().squeeze(1)  # few, once slots fill
-        slot, key, act, tok = (x.index_select(0, keep) for x in (slot, key, act, tok))
-        s["res_key"].scatter_reduce_(0, slot, key, reduce="amin", include_self=True)
-        won = (key == s["res_key"].index_select(0, slot)).nonzero().squeeze(1)
-        slot = slot.index_select(0, won)
-        s["res_act"][slot] = act.index_select(0, won)
-        s["res_tok"][slot] = tok.index_select(0, won)
+    def check(self) -> None:
+        """Raise for NaN/Inf met in a sync_free scan (checked once, at the end)."""
+        bad = int(self._bad)
+        if bad >= 0:
+            raise _non_finite(bad, None)
+
+    def halves(self) -> tuple[ScanState, ScanState]:
+        """A two-sided state as (positive side, negative side): views on its tensors, with the sides'
+        seeds (the negative side's top-up draws use seed ^ 0x5A5A)."""
+        F, G, m = self.n_units // 2, HIST_BINS, self.per_bin
+
+        def side(i: int) -> ScanState:
+            cut = {k: v[:, i * F:(i + 1) * F] if k == "cand_max" else v if k == "cand_ctx"
+                   else v[i * F * G * m:(i + 1) * F * G * m] if k.startswith("res_") else v[i * F:(i + 1) * F]
+                   for k, v in self.tensors.items()}
+            st = ScanState(F, self.top_k, self.per_bin, self.n_random, self.device, self.seed ^ (0x5A5A * i),
+                           self.nonneg, tensors=cut)
+            st.T = getattr(self, "T", 1)
+            return st
+
+        return side(0), side(1)
 
     @property
     def count(self) -> torch.Tensor:
@@ -208,6 +281,11 @@ class ScanState:
         return out
 
 
+def _non_finite(c0: int, c1: int | None) -> UserError:
+    where = f"contexts {c0}..{c1 - 1}" if c1 is not None else f"the batch from context {c0}"
+    return UserError(f"non-finite activations in {where} (NaN/Inf in the model or SAE weights)")
+
+
 def candidate_contexts(n_ctx: int, n: int, seed: int) -> np.ndarray:
     """A uniform sample (without replacement, sorted) of min(n, n_ctx) context indices; Floyd's
     algorithm in numpy's choice keeps this O(n), not O(n_ctx)."""
@@ -220,82 +298,3 @@ def candidate_contexts(n_ctx: int, n: int, seed: int) -> np.ndarray:
 def batch_seed(seed: int, ctx0: int) -> int:
     """The random stream of the batch that starts at context `ctx0`."""
     return int(np.random.SeedSequence([seed % 2**63, ctx0]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def batch_ranges(n_ctx: int, batch: int, rank: int, world: int) -> list[int]:
-    """The first context of each batch this rank scans: the single-process batches, split into `world`
-    contiguous runs (rank 0 the first), so every batch is the same wherever it is scanned."""
-    starts = list(range(0, n_ctx, batch))
-    bounds = np.linspace(0, len(starts), world + 1).round().astype(int)
-    return starts[bounds[rank]:bounds[rank + 1]]
-
-
-def scan_sets(inps: list[Inputs], fc: FeaturesConfig, seed: int, device: str, negative: bool,
-              dist: Any = None) -> tuple[list[tuple[ScanState, ScanState | None]], float]:
-    """One pass over the contexts for every unit set in `inps` (one forward per batch, stopping after
-    the last hook point they read): [(positive-side state, negative-side state or None)] and tokens/s.
-
-    Under torchrun (`dist`: tools.core.distributed.Dist) each rank scans a contiguous run of the
-    batches and the states are merged exactly (tools.features.merge), so every rank ends with the
-    state one process would have. SIGTERM/SIGINT stop it between batches (`Preempted`): it keeps no
-    resume state, so a rerun, with any number of ranks, scans from the start."""
-    from tools.features.source import UnitActs, capture_sets
-
-    inp0 = inps[0]
-    n_ctx, T = inp0.n_ctx, inp0.T
-    rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
-
-    def state(inp: Inputs, s: int, nonneg: bool) -> ScanState:
-        st = ScanState(inp.n_units, min(fc.top_k, n_ctx), fc.per_bin, fc.n_random, device, s,
-                       nonneg=nonneg, n_ctx=n_ctx, candidates=fc.negative_candidates if fc.n_random else 0)
-        st.T = T
-        return st
-
-    # the negative side has its own random streams, so the positive side is what it is without it
-    sides = [(state(inp, seed, inp.sae is not None), state(inp, seed ^ 0x5A5A, False) if negative else None)
-             for inp in inps]
-    acts = [UnitActs(inp, fc.dtype) for inp in inps]
-    B = max(1, fc.batch_tokens // T)
-    starts = batch_ranges(n_ctx, B, rank, world)
-    t0 = time.perf_counter()
-    units = sum(inp.n_units for inp in inps)
-    bar = tqdm(starts, desc=f"scan ({units} units, {len(inps)} sets)", unit="batch", leave=False,
-               disable=rank != 0)
-    for c0 in bar:
-        c1 = min(c0 + B, n_ctx)
-        idx = torch.from_numpy(np.asarray(inp0.tokens[c0 * T:c1 * T], dtype=np.int64))
-        got = capture_sets(inps, idx.view(c1 - c0, T).to(device), fc.dtype)
-        for inp, a, (pos, neg) in zip(inps, acts, sides, strict=True):
-            f = a.encode(got[inp.hook])
-            pos.update(f, c0)
-            if neg is not None:
-                neg.update(-f, c0)
-        del got
-        if preempt.requested() and c1 < n_ctx:
-            raise preempt.Preempted("features", f"context {c1} of {n_ctx} (scan)",
-                                    "the scan keeps no resume state and nothing was written; run the same "
-                                    "command again (with any number of ranks) to scan from the start")
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    rate = n_ctx * T / max(time.perf_counter() - t0, 1e-9)
-    if world > 1:
-        # the first context of each rank's run (an empty run: where the next one starts)
-        lo = [min(batch_ranges(n_ctx, B, r, world)[:1] + [c for q in range(r, world)
-                                                         for c in batch_ranges(n_ctx, B, q, world)[:1]]
-                  + [n_ctx]) for r in range(world)]
-        sides = [(gather_merge(pos, dist, lo), gather_merge(neg, dist, lo) if neg is not None else None)
-                 for pos, neg in sides]
-    return sides, rate
-
-
-def scan_sides(inp: Inputs, fc: FeaturesConfig, seed: int, device: str,
-               negative: bool = False) -> tuple[ScanState, ScanState | None, float]:
-    """One unit set, one process: (positive-side state, negative-side state or None, tokens/s)."""
-    [(pos, neg)], rate = scan_sets([inp], fc, seed, device, negative)
-    return pos, neg, rate
-
-
-def scan(inp: Inputs, fc: FeaturesConfig, seed: int, device: str) -> tuple[ScanState, float]:
-    """The positive side only: (state, tokens/s)."""
-    pos, _, rate = scan_sides(inp, fc, seed, device)
-    return pos, rate

@@ -1,8 +1,8 @@
 """Everything this stage takes from the model, the SAE and the tokens, in one place.
 
 The subject (`transformer.subject`: our GPT or a Hugging Face LM) is the stage's only access to the
-model: "activations of a layer's MLP neurons for these token ids" (`capture`) and the weights of the
-direct logit path (`neuron_out_weight`, `unembedding`).
+model: "activations at these hook points for these token ids" (`capture`: a layer's MLP neurons, its
+residual stream, ...) and the weights of the direct logit path (`neuron_out_weight`, `unembedding`).
 """
 
 from __future__ import annotations

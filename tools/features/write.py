@@ -19,8 +19,9 @@ from tools.core.config import resolve_device
 from tools.core.files import write_json
 from tools.features.config import FORMAT_META, NEGATIVES, FeaturesConfig
 from tools.features.dictionary import LOGIT_PATHS
+from tools.features.one_pass import scan_sides
 from tools.features.records import FILE, write_records
-from tools.features.scan import ScanState, scan_sides
+from tools.features.scan import ScanState
 from tools.features.select import Plan, _sig, act_quantiles, hist_record, plan_examples, uniform_picks
 from tools.features.source import Inputs, UnitActs, logit_effects
 

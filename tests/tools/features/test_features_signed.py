@@ -58,8 +58,8 @@ def test_negative_side_matches_brute_force(neuron_run):
     assert r0["min_act"] < 0 and r0["mean_act"] < 0 and set(r0) >= {"bottom", "quantiles", "random", "hist"}
     assert all(e["min"] == min(e["acts"]) and e["acts"][e["pos"]] == e["min"] for e in r0["bottom"])
     assert all(q["lo"] < q["hi"] <= 0 for q in r0["quantiles"])
-    # the negative side's candidates come from its own seed (see tools.features.scan.scan_sides)
-    cand = fscan.candidate_contexts(f.shape[0], 30, int(cfg.seed) ^ 0x5A5A)
+    # both sides are one two-sided state: the candidates come from the scan's seed
+    cand = fscan.candidate_contexts(f.shape[0], 30, int(cfg.seed))
     check_against_brute_force([_mirrored(r) for r in recs[:40]], -f[..., :40], toks, n_random=5,
                                cand=cand, frac=FRAC)
 

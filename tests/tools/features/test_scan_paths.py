@@ -1,0 +1,67 @@
+"""The scan's two ways of updating its state give the same state: the CPU way (only the units and
+entries that change, found with `nonzero`) and the sync-free way CUDA uses (every unit and entry every
+batch, no host sync); and a two-sided state is the two one-sided states of f and -f."""
+
+import math
+
+import pytest
+import torch
+
+from tools.core.config import UserError
+from tools.features import scan as fscan
+
+KEYS = ("total", "total_lo", "maxv", "scale", "hist", "top_v", "top_c", "top_p", "res_key", "res_act",
+        "res_tok", "neg_key", "neg_c", "cand_ctx", "cand_max")
+
+
+def _scan(f: torch.Tensor, batch: int, units: int, **kw) -> fscan.ScanState:
+    st = fscan.ScanState(units, 4, 3, 3, "cpu", seed=5, n_ctx=f.shape[0], candidates=6, **kw)
+    for c0 in range(0, f.shape[0], batch):
+        st.update(f[c0:c0 + batch], c0)
+    st.check()
+    return st
+
+
+def _growing(seed: int, signed: bool) -> torch.Tensor:
+    """Activations whose range keeps doubling (so the histograms re-bin), with silent contexts."""
+    g = torch.Generator().manual_seed(seed)
+    n_ctx, T, F = 36, 12, 5
+    f = torch.randn(n_ctx, T, F, generator=g) * torch.exp2(torch.arange(n_ctx) / 5.0)[:, None, None]
+    f[::7] = -f[::7].abs()  # contexts where no unit fires
+    return f if signed else torch.relu(f - 0.5)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_sync_free_equals_the_cpu_way(signed):
+    f = _growing(0, signed)
+    F = f.shape[-1]
+    kw = dict(two_sided=True) if signed else dict(nonneg=True)
+    units = 2 * F if signed else F
+    a, b = _scan(f, 5, units, **kw), _scan(f, 5, units, sync_free=True, **kw)
+    for key in KEYS:
+        assert torch.equal(a.tensors[key], b.tensors[key]), key
+    assert int(a.count.sum()) == int((f != 0).sum() if signed else (f > 0).sum())
+
+
+def test_two_sided_is_both_one_sided_states():
+    """Per side, what a one-sided scan of f (resp. -f) finds: peaks, top-k, counts, sums, histograms."""
+    f = _growing(1, True)
+    pos, neg = _scan(f, 4, 2 * f.shape[-1], two_sided=True).halves()
+    for side, g in ((pos, f), (neg, -f)):
+        one = _scan(g, 4, f.shape[-1])
+        for key in ("maxv", "scale", "hist", "top_v", "top_c", "top_p", "cand_max"):
+            assert torch.equal(side.tensors[key], one.tensors[key]), key
+        assert torch.allclose(side.total + side.total_lo, one.total + one.total_lo)
+    assert pos.seed == 5 and neg.seed == 5 ^ 0x5A5A
+    # the positive side's random draws are a one-sided scan's: same samples, same non-firing contexts
+    one = _scan(f, 4, f.shape[-1])
+    for key in ("res_key", "res_act", "res_tok", "neg_key", "neg_c"):
+        assert torch.equal(pos.tensors[key], one.tensors[key]), key
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_non_finite_activations_are_refused(sync_free):
+    f = _growing(2, True)
+    f[9, 3, 1] = math.nan
+    with pytest.raises(UserError, match="non-finite activations"):
+        _scan(f, 4, 2 * f.shape[-1], two_sided=True, sync_free=sync_free)
