@@ -9,7 +9,8 @@ Subject's capture of those hook points alone (the forward that stops after the l
 inputs already on the device). Random tokens stand in for a corpus (timing does not depend on
 them). The bare forward runs without autograd, as the stage's does. `generate_vs_bare` times the
 stage's work on the rows (pass 1, pass 2, resample.npy and the manifest), not its one-off start
-(input checks, loading the model), which `generate_end_to_end_vs_bare` includes. `--repeat N`
+(input checks, loading the model), which `generate_end_to_end_vs_bare` includes; `_cpu`: the same
+with the CPU seconds of all the process's threads (steadier on a shared machine). `--repeat N`
 alternates bare forward and stage N times (a fresh output folder each) and reports the medians.
 Prints key=value lines.
 """
@@ -113,26 +114,30 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
 
-        def time_bare() -> float:
+        def time_bare() -> tuple[float, float]:
             sync()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             with torch.no_grad():
                 for idx in batches:
                     bare_forward(idx)
                 sync()
-            return time.perf_counter() - t0
+            return time.perf_counter() - t0, time.process_time() - c0
 
         time_bare()  # warm-up
         run_dir = RunLayout(root / "run")
-        bares, fulls, rows_s, summary = [], [], [], {}
+        bares, fulls, rows_s, bare_cpu, rows_cpu, summary = [], [], [], [], [], {}
         for _ in range(max(1, args.repeat)):
-            bares.append(time_bare())
+            wall, cpu = time_bare()
+            bares.append(wall)
+            bare_cpu.append(cpu)
             shutil.rmtree(run_dir.activations_split("train"), ignore_errors=True)
             t0 = time.perf_counter()
             summary = generate.run(cfg)
             fulls.append(time.perf_counter() - t0)
             rows_s.append(float(summary["rows_s"]))
-        bare, full, work = (float(np.median(v)) for v in (bares, fulls, rows_s))
+            rows_cpu.append(float(summary["rows_cpu_s"]))
+        bare, full, work, cpu_bare, cpu_work = (float(np.median(v))
+                                                for v in (bares, fulls, rows_s, bare_cpu, rows_cpu))
         out_dir = run_dir.activations_split("train")
         written = sum(f.stat().st_size for f in out_dir.rglob("shard_*.npy"))
         figures = {
@@ -144,6 +149,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             "goal_generate_vs_bare": 0.8,
             "generate_end_to_end_vs_bare": bare / full,
             "each_generate_vs_bare": " ".join(f"{b / w:.3f}" for b, w in zip(bares, rows_s, strict=True)),
+            # CPU seconds of every thread: what the stage costs, less sensitive to other jobs than wall
+            "generate_vs_bare_cpu": cpu_bare / cpu_work,
+            "each_generate_vs_bare_cpu": " ".join(f"{b / w:.3f}"
+                                                  for b, w in zip(bare_cpu, rows_cpu, strict=True)),
             "output_mb": written / 1e6,
             # pass 1 writes every row once to a bucket, pass 2 once to its shard
             "disk_write_mb_per_s": 2 * written / 1e6 / work,
@@ -152,6 +161,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             "pass1_scatter_s": summary.get("pass1_s", float("nan")),
             "pass2_shuffle_s": summary.get("pass2_s", float("nan")),
             "bare_forward_s": bare, "generate_rows_s": work, "generate_end_to_end_s": full,
+            "bare_forward_cpu_s": cpu_bare, "generate_rows_cpu_s": cpu_work,
         }
     finally:
         if args.dir is None:
