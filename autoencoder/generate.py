@@ -232,6 +232,7 @@ def _run(cfg: DictConfig, a: ActivationsConfig, inp: Inputs, dist: Dist) -> dict
             shard_write.write_manifest(directory, {**headers[h], "shards": [], "complete": False})
     dist.barrier()
 
+    t_data, cpu_data = time.perf_counter(), time.process_time()  # after the one-off start: checks, loading
     res_all = resample_indices(seed, a.split, total_rows, a.resample_rows)
     lo, hi = np.searchsorted(res_all, [c_lo * T, c_hi * T])
     entries: dict[str, list[dict[str, Any]]] = {h: [] for h in dirs}
@@ -266,8 +267,9 @@ def _run(cfg: DictConfig, a: ActivationsConfig, inp: Inputs, dist: Dist) -> dict
     for directory in dirs.values():
         shutil.rmtree(directory / f".work-rank{rank:03d}", ignore_errors=True)
     seconds = time.perf_counter() - t0
+    timing["rows_s"], timing["rows_cpu_s"] = time.perf_counter() - t_data, time.process_time() - cpu_data
     out = _summaries({h: (read_json(d / shard_check.MANIFEST), d) for h, d in dirs.items()}, seconds)
-    out.update({k: round(v, 2) for k, v in timing.items()})
+    out.update({k: round(v, 3) for k, v in timing.items()})
     log(f"activations {a.split}: wrote {out['rows']:,} rows x {'/'.join(map(str, widths.values()))} for "
         f"{len(dirs)} hook point(s) ({', '.join(dirs)}) in {out['shards']} shards ({out['gb']:.3g} GB) "
         f"+ resample.npy ({len(res_all):,} rows each) to {out_dir(cfg, a.split)} in {seconds:.1f}s")

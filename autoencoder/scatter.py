@@ -135,12 +135,12 @@ class Scatter:
             for k, parts in enumerate(self.buffers):
                 if not parts:
                     continue
-                block = np.concatenate(parts) if len(parts) > 1 else parts[0]
-                with open(self.bucket(k), "ab") as f:
-                    f.write(memoryview(np.ascontiguousarray(block)).cast("B"))
+                with open(self.bucket(k), "ab") as f:  # the parts in turn: no copy into one block
+                    for part in parts:
+                        f.write(memoryview(np.ascontiguousarray(part)).cast("B"))
                     f.flush()
                     os.fsync(f.fileno())
-                self.bucket_rows[k] += len(block)
+                self.bucket_rows[k] += sum(len(part) for part in parts)
                 self.buffers[k] = []
             if self.res is not None:
                 self.res.flush()
@@ -283,11 +283,10 @@ def forward(subject: Subject, idx: torch.Tensor, hooks: list[str]) -> dict[str, 
 
 def kept_rows(h: torch.Tensor, pos_t: torch.Tensor) -> np.ndarray:
     """The kept positions of [b, L, d] as fp16 rows [b * T, d]."""
-    rows = torch.gather(h, 1, pos_t[:, :, None].expand(-1, -1, h.shape[-1])).reshape(-1, h.shape[-1])
-    if rows.is_cuda:  # convert on the device: half the bytes over the bus
-        return rows.to(torch.float16).cpu().numpy()
-    if rows.dtype != torch.float32:
-        rows = rows.float()
-    # numpy's F16C conversion is faster than torch's on CPU; same rounding (IEEE RNE)
-    with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked by the writer
-        return rows.numpy().astype(np.float16)
+    b, L, d = h.shape
+    flat = (pos_t + torch.arange(0, b * L, L, device=pos_t.device)[:, None]).reshape(-1)
+    # whole rows (index_select copies rows; gather reads an index per element), then torch's cast:
+    # IEEE round-to-nearest-even like numpy's, several times faster on CPU, and on the device
+    # before the copy, half the bytes over the bus
+    rows = h.reshape(b * L, d).index_select(0, flat)
+    return rows.to(torch.float16).cpu().numpy()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +28,43 @@ def shard_name(index: int) -> str:
 
 
 class _HashingFile:
-    """File wrapper that hashes what is written, so a shard's sha256 costs no second read."""
+    """File wrapper that hashes what is written, so a shard's sha256 costs no second read. Chunks of
+    a MiB and more are hashed on a helper thread (hashlib releases the GIL) while the next is written
+    and gathered; `digest()` waits for the last."""
+
+    PARALLEL_BYTES = 1 << 20
 
     def __init__(self, f):
         self.f, self.h = f, hashlib.sha256()
+        self.pool: ThreadPoolExecutor | None = None
+        self.pending: list[Future] = []
 
     def write(self, data) -> int:
-        self.h.update(data)
+        if len(data) < self.PARALLEL_BYTES:
+            self._wait()
+            self.h.update(data)
+        else:
+            if self.pool is None:
+                self.pool = ThreadPoolExecutor(1, thread_name_prefix="shard-hash")
+            self._wait(keep=1)  # at most two chunks held: the one hashing and this one
+            self.pending.append(self.pool.submit(self.h.update, data))  # one worker: in order
         return self.f.write(data)
+
+    def _wait(self, keep: int = 0) -> None:
+        while len(self.pending) > keep:
+            self.pending.pop(0).result()
+
+    def hexdigest(self) -> str:
+        self.close()
+        return self.h.hexdigest()
+
+    def close(self) -> None:
+        try:
+            self._wait()
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True, cancel_futures=True)
+                self.pool = None
 
 
 def npy_header(shape: tuple[int, ...], dtype: str = DTYPE) -> bytes:
@@ -54,6 +84,7 @@ def write_shard(path: str | os.PathLike, rows: np.ndarray | Iterator[np.ndarray]
 
     `rows` is an array, or an iterator of row chunks (then `n_rows` and `d_in` are required) so a
     shard can be written in pieces, e.g. gathered through a permutation, without a second copy.
+    A chunk is hashed while later ones are written: it must not change once handed over.
     """
     path = Path(path)
     if isinstance(rows, np.ndarray):
@@ -68,18 +99,22 @@ def write_shard(path: str | os.PathLike, rows: np.ndarray | Iterator[np.ndarray]
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as raw:
             f = _HashingFile(raw)
-            f.write(npy_header((n_rows, d_in)))
-            for chunk in chunks:
-                chunk = np.ascontiguousarray(chunk, dtype=np.float16)
-                if chunk.ndim != 2 or chunk.shape[1] != d_in:
-                    raise ValueError(f"{path}: chunk of shape {chunk.shape}, expected [*, {d_in}]")
-                f.write(memoryview(chunk).cast("B"))
-                written += chunk.shape[0]
-            if written != n_rows:
-                raise ValueError(f"{path}: {written} rows written, {n_rows} announced")
-            raw.flush()
-            os.fsync(raw.fileno())
-    return {"file": path.name, "rows": int(n_rows), "sha256": f.h.hexdigest()}
+            try:
+                f.write(npy_header((n_rows, d_in)))
+                for chunk in chunks:
+                    chunk = np.ascontiguousarray(chunk, dtype=np.float16)
+                    if chunk.ndim != 2 or chunk.shape[1] != d_in:
+                        raise ValueError(f"{path}: chunk of shape {chunk.shape}, expected [*, {d_in}]")
+                    f.write(memoryview(chunk).cast("B"))
+                    written += chunk.shape[0]
+                if written != n_rows:
+                    raise ValueError(f"{path}: {written} rows written, {n_rows} announced")
+                raw.flush()
+                os.fsync(raw.fileno())
+                sha = f.hexdigest()
+            finally:
+                f.close()
+    return {"file": path.name, "rows": int(n_rows), "sha256": sha}
 
 
 def write_manifest(directory: str | os.PathLike, manifest: dict[str, Any]) -> None:
