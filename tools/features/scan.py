@@ -95,7 +95,8 @@ class ScanState:
         # each batch draws from its own stream (a function of the seed and the batch's first context),
         # so the draws do not depend on which process scans which batches
         self.gen.manual_seed(batch_seed(self.seed, ctx0))
-        draw = torch.rand(f.numel(), generator=self.gen, device=dev) * self.per_bin  # one per entry
+        # one uniform draw per entry, first (the sparse way draws one per firing entry, last)
+        draw = None if self._sparse else torch.rand(f.numel(), generator=self.gen, device=dev) * self.per_bin
         # each context's peak per unit and where it is (the first position at the peak)
         cmax, argpos = f.max(1)  # [B, F]
         if self.two_sided:
@@ -146,17 +147,23 @@ class ScanState:
             self._grow(self._pick(grow), torch.where(grow, above, s["scale"]))
         self._fold_entries(f, draw, ctx0)
 
-    def _fold_entries(self, f: torch.Tensor, draw: torch.Tensor, ctx0: int) -> None:
+    @property
+    def _sparse(self) -> bool:
+        """Firing entries found by `nonzero` (SAE features on the CPU), not read densely."""
+        return self.nonneg and not self.two_sided and not self.sync_free
+
+    def _fold_entries(self, f: torch.Tensor, draw: torch.Tensor | None, ctx0: int) -> None:
         """Every firing (token, unit) entry: counts, sums, histogram and per-bin samples."""
         s, G, m = self.tensors, HIST_BINS, self.per_bin
         B, T, F = f.shape
         U, dev = self.n_units, f.device
         flat = f.view(-1)
         fires = None  # every entry fires
-        if self.nonneg and not self.two_sided and not self.sync_free:
+        if self._sparse:
             # an SAE's f is >= 0 and mostly 0: its nonzeros are its firing entries
             entry = flat.nonzero().squeeze(1)
-            act, draw = flat.index_select(0, entry), draw.index_select(0, entry)
+            act = flat.index_select(0, entry)
+            draw = torch.rand(entry.numel(), generator=self.gen, device=dev) * m
             unit = (entry % F).int()
         else:  # dense (neurons fire almost everywhere): every entry, the silent ones masked
             entry = None
@@ -168,7 +175,7 @@ class ScanState:
                 unit = col.expand(B * T, F).reshape(-1)
                 act, fires = flat.clamp(min=0), flat > 0
         # (int32 indices halve the memory traffic of the passes over every entry)
-        two_sum(s["total"], s["total_lo"], torch.bincount(unit, weights=act, minlength=U).double())
+        two_sum(s["total"], s["total_lo"], torch.bincount(unit, weights=act.double(), minlength=U))
         inv = torch.where(s["scale"] > 0, G / s["scale"].clamp_min(1e-30), 0.0)  # exact: powers of two
         group = unit * G + (act * inv.index_select(0, unit)).int().clamp_(0, G - 1)
         counted = group if fires is None else torch.where(fires, group, U * G)  # silent: past the end

@@ -1,6 +1,8 @@
 """The scan's two ways of updating its state give the same state: the CPU way (only the units and
 entries that change, found with `nonzero`) and the sync-free way CUDA uses (every unit and entry every
-batch, no host sync); and a two-sided state is the two one-sided states of f and -f."""
+batch, no host sync); and a two-sided state is the two one-sided states of f and -f. (For SAE
+features the CPU way draws one random key per firing entry, the sync-free way one per entry, so
+their samples and non-firing contexts differ; everything else is equal.)"""
 
 import math
 
@@ -12,6 +14,8 @@ from tools.features import scan as fscan
 
 KEYS = ("total", "total_lo", "maxv", "scale", "hist", "top_v", "top_c", "top_p", "res_key", "res_act",
         "res_tok", "neg_key", "neg_c", "cand_ctx", "cand_max")
+DETERMINISTIC = ("total", "total_lo", "maxv", "scale", "hist", "top_v", "top_c", "top_p", "cand_ctx",
+                 "cand_max")
 
 
 def _scan(f: torch.Tensor, batch: int, units: int, **kw) -> fscan.ScanState:
@@ -38,7 +42,7 @@ def test_sync_free_equals_the_cpu_way(signed):
     kw = dict(two_sided=True) if signed else dict(nonneg=True)
     units = 2 * F if signed else F
     a, b = _scan(f, 5, units, **kw), _scan(f, 5, units, sync_free=True, **kw)
-    for key in KEYS:
+    for key in KEYS if signed else DETERMINISTIC:
         assert torch.equal(a.tensors[key], b.tensors[key]), key
     assert int(a.count.sum()) == int((f != 0).sum() if signed else (f > 0).sum())
 
