@@ -175,7 +175,7 @@ class ScanState:
                 unit = col.expand(B * T, F).reshape(-1)
                 act, fires = flat.clamp(min=0), flat > 0
         # (int32 indices halve the memory traffic of the passes over every entry)
-        two_sum(s["total"], s["total_lo"], torch.bincount(unit, weights=act.double(), minlength=U))
+        two_sum(s["total"], s["total_lo"], self._sums(f, unit, act))
         inv = torch.where(s["scale"] > 0, G / s["scale"].clamp_min(1e-30), 0.0)  # exact: powers of two
         group = unit * G + (act * inv.index_select(0, unit)).int().clamp_(0, G - 1)
         counted = group if fires is None else torch.where(fires, group, U * G)  # silent: past the end
@@ -188,6 +188,16 @@ class ScanState:
         if fires is not None:
             key.masked_fill_(~fires, math.inf)
         self._sample(group * m + slot, key, act, entry, (ctx0 * T, F))
+
+    def _sums(self, f: torch.Tensor, unit: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """This batch's sum of the firing activations per unit, in float64, the same wherever the batch
+        is scanned: a serial bincount on the CPU; on CUDA (where bincount waits for the device to size
+        its output, and atomic adds would make the sum's rounding vary) per-side column sums."""
+        if not self.sync_free:
+            return torch.bincount(unit, weights=act.double(), minlength=self.n_units)
+        x = f.reshape(-1, f.shape[-1]).double()
+        sides = [x.clamp(min=0).sum(0)] + ([x.clamp(max=0).sum(0).neg()] if self.two_sided else [])
+        return torch.cat(sides)
 
     def _sample(self, slot: torch.Tensor, key: torch.Tensor, act: torch.Tensor, entry: torch.Tensor | None,
                 where: tuple[int, int]) -> None:

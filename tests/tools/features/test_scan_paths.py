@@ -43,7 +43,10 @@ def test_sync_free_equals_the_cpu_way(signed):
     units = 2 * F if signed else F
     a, b = _scan(f, 5, units, **kw), _scan(f, 5, units, sync_free=True, **kw)
     for key in KEYS if signed else DETERMINISTIC:
+        if key.startswith("total"):  # summed in another order (column sums on CUDA)
+            continue
         assert torch.equal(a.tensors[key], b.tensors[key]), key
+    assert torch.allclose(a.total + a.total_lo, b.total + b.total_lo, rtol=1e-12)
     assert int(a.count.sum()) == int((f != 0).sum() if signed else (f > 0).sum())
 
 
