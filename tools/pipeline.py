@@ -20,7 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from autoencoder.generate import ActivationsStage
 from autoencoder.train import SAETrainStage
-from tools.core.config import section, stage_main
+from tools.core.config import resolve_device, section, stage_main
+from tools.core.distributed import Dist
 from tools.core.files import atomic_path, read_json, write_json
 from tools.core.layout import RunLayout, neurons_name
 from tools.core.stage import Stage
@@ -105,8 +106,23 @@ def _with(cfg: DictConfig, overrides: dict[str, Any]) -> DictConfig:
     return out
 
 
+# the stages that split their work over torchrun's ranks; the others run on rank 0 while the rest wait
+DISTRIBUTED = (TrainStage, ActivationsStage, SAETrainStage, FeaturesStage)
+WAIT_S = 7 * 24 * 3600  # how long the other ranks may wait for rank 0's stages (describe can take days)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run every step not yet complete; returns (and writes to pipeline.json) each step's figures."""
+    """Run every step not yet complete; returns (and writes to pipeline.json) each step's figures.
+    Under torchrun the training, generation and features steps run on every rank, the others on
+    rank 0 (the rest wait at a barrier); rank 0 decides what runs and writes the state."""
+    dist = Dist.start(resolve_device(cfg.get("device", "auto")), timeout_s=WAIT_S)
+    try:
+        return _run(cfg, dist)
+    finally:
+        dist.close()
+
+
+def _run(cfg: DictConfig, dist: Dist) -> dict[str, Any]:
     pcfg = section(cfg, "pipeline", PipelineConfig)
     run_dir = Path(cfg.run_dir)
     state_path = RunLayout(run_dir).pipeline_state
@@ -116,22 +132,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     results: dict[str, Any] = state.setdefault("stages", {})
     sae_names: dict[str, str] = {}
     steps = plan(cfg, pcfg)
+    say = print if dist.master else (lambda *a, **k: None)
     for n, step in enumerate(steps, 1):
         overrides = dict(step.overrides)
         if step.sae_slot and step.stage is not SAETrainStage:
             overrides["features.sae"] = sae_names[step.sae_slot]
         stage = step.stage(_with(cfg, overrides))
         head = f"[{n}/{len(steps)}] {step.key}"
-        if stage.done() and step.key in results:
-            print(f"{head}: complete, skipped", flush=True)
+        if not dist.gather(not (stage.done() and step.key in results))[0]:  # rank 0's view decides
+            say(f"{head}: complete, skipped", flush=True)
         else:
-            print(f"{head}: running {stage.name}", flush=True)
+            say(f"{head}: running {stage.name}", flush=True)
             t0 = time.perf_counter()
-            result = stage.run() or {}
-            results[step.key] = {**result, "seconds": round(time.perf_counter() - t0, 1)}
-            write_json(state_path, state)
+            result = (stage.run() or {}) if dist.master or step.stage in DISTRIBUTED else {}
+            dist.barrier()
+            results[step.key] = {**dist.gather(result)[0], "seconds": round(time.perf_counter() - t0, 1)}
+            if dist.master:
+                write_json(state_path, state)
         if step.stage is SAETrainStage:
             sae_names[step.key] = results[step.key]["name"]
+    if not dist.master:
+        return results
     if pcfg.sweep_l1_coeffs:
         saes = []
         for i, coeff in enumerate(pcfg.sweep_l1_coeffs):

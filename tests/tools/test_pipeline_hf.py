@@ -7,37 +7,14 @@ import json
 import math
 
 from autoencoder import shard_check
-from tests.helpers import ROOT
-from tests.helpers.subjects import tiny_llama_folder
+from tests.helpers.pipeline import hf_pipeline
 from tools import pipeline
 from tools.core.config import compose
 
-PLAYS = ROOT / "transformer" / "assets" / "shakespeare"
-
 
 def test_pipeline_on_a_tiny_hf_model(tmp_path, one_thread, capsys):
-    model = tiny_llama_folder(tmp_path / "tiny-llama")
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for p in sorted(PLAYS.glob("*.md"))[:6]:
-        (corpus / f"{p.stem}.txt").write_text(p.read_text(encoding="utf-8")[:12000], encoding="utf-8")
+    cfg = compose(hf_pipeline(tmp_path))
     run = tmp_path / "run"
-    cfg = compose([
-        f"run_dir={run}", f"data_dir={tmp_path / 'data'}", "device=cpu", "wandb.mode=disabled",
-        "subject=hf", f"subject.model={model}", "data=local", f"data.files={corpus}/*.txt",
-        "data.val_fraction=0.34", "data.num_proc=1",
-        "activations.contexts=64", "activations.val_contexts=16", "activations.tokens_per_context=8",
-        "activations.block_size=32", "activations.layers=[1,2]", "activations.rows_per_shard=256",
-        "activations.resample_rows=128", "activations.batch_contexts=16",
-        "sae.hook=blocks.1.mlp.hook_post", "sae.n_features=96", "sae.batch_size=64", "sae.steps=40",
-        "sae.resample_steps=[20]", "sae.dead_tokens=640", "sae.eval_every=20", "sae.checkpoint_every=20",
-        "sae.eval_contexts=4", "sae.eval_context_len=32", "sae.eval_rows=128", "sae.b_dec_init_rows=256",
-        "sae.log_every=10", "sae.lr_warmup_steps=5", "sae.kernel=dense",
-        "features.contexts=24", "features.context_len=32", "features.window=4", "features.top_k=4",
-        "features.per_bin=1", "features.n_random=3", "features.n_uniform=3",
-        "features.negative_candidates=16", "features.logit_k=3",
-        "pipeline.neuron_layers=[0,2]", "pipeline.llm_sample=0",
-    ])
     results = pipeline.run(cfg)
 
     assert "transformer" not in results  # a pretrained subject is not trained here

@@ -29,8 +29,9 @@ class Dist:
         return self.rank == 0
 
     @classmethod
-    def start(cls, device: str = "cpu", backend: str | None = None) -> Dist:
-        """Join torchrun's group (`backend`: nccl for a CUDA `device`, else gloo); one rank otherwise."""
+    def start(cls, device: str = "cpu", backend: str | None = None, timeout_s: float | None = None) -> Dist:
+        """Join torchrun's group (`backend`: nccl for a CUDA `device`, else gloo; `timeout_s`: how long a
+        collective may wait, torch's default when None); one rank otherwise."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1 or "RANK" not in os.environ:
             return cls()
@@ -38,7 +39,10 @@ class Dist:
 
         owned = not tdist.is_initialized()
         if owned:
-            tdist.init_process_group(backend=backend or ("nccl" if device.startswith("cuda") else "gloo"))
+            from datetime import timedelta
+
+            tdist.init_process_group(backend=backend or ("nccl" if device.startswith("cuda") else "gloo"),
+                                     **({"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}))
         rank = tdist.get_rank()
         local = int(os.environ.get("LOCAL_RANK", rank))
         return cls(rank, tdist.get_world_size(), local, True, owned)
