@@ -12,7 +12,9 @@ from tools.core.config import UserError
 from tools.features.config import HIST_BINS, FeaturesConfig
 
 GB = 1e9
-_WORK_BYTES = 56  # per (token, unit) of one batch: activations, their negation, the firing entries' indices
+# per (token, unit) of one batch: the entry pass's 4-byte arrays (draw, unit, bin, group, slot, key,
+# ...), its int64 indices, and on CUDA the float64 copies of the column sums
+_WORK_BYTES = 112
 
 
 def state_bytes(n_units: int, fc: FeaturesConfig, n_ctx: int, both: bool) -> int:
