@@ -1,6 +1,6 @@
 """Exemplars for every MLP neuron of a model: one pass over all layers against the alternatives.
 
-    python -m tools.bench.exemplars [--data-dir DIR] [--contexts 16] [--context-len 64] [--device auto]
+    python -m tools.bench.exemplars [--data-dir DIR] [--contexts 64] [--context-len 64] [--device auto]
     python -m tools.bench.exemplars --random-llama-8b --device cuda   # Llama-3.1-8B's shapes, bf16
 
 Same tokens, same batches, four timings over every layer's neurons (both polarities):
@@ -8,11 +8,13 @@ Same tokens, same batches, four timings over every layer's neurons (both polarit
 per batch, every layer's running state); (b) the same scan one layer per run, repeated for every
 layer (each run pays the forward up to its layer); (c) Transluce's exemplar loop (observatory's
 `compute_exemplars`), as their code does it: one layer per pass, and per batch each neuron's
-per-sequence max and min concatenated onto the running top-k buffer of full sequences (their
-activations kept) and `torch.topk` again; (d) a bare forward through all layers. Prints `key=value`
-lines: tokens/s of each, the ratios a/c and a/d, and whether (a) and (c) agree on every neuron's
-top-k contexts (same contexts, same order where values differ). `--project-tokens` projects (a)'s
-hours for a job of that many tokens (Transluce's: 1M sequences x 95 tokens) on 1 and 8 GPUs.
+per-sequence max and min concatenated onto the running top-k buffers of full sequences (their
+activations and token ids kept per neuron) and `torch.topk` again; (d) a bare forward through all
+layers, timed just before and just after (a). Prints `key=value` lines: tokens/s of each, the ratios
+a/c and a/d, whether (a)'s states equal (b)'s tensor for tensor, and whether (a) and (c) agree on
+every neuron's top-k contexts (same contexts, same order where values differ). `--project-tokens`
+projects (a)'s hours for a job of that many tokens (Transluce's: 1M sequences x 95 tokens) on 1
+and 8 GPUs.
 """
 
 from __future__ import annotations
@@ -158,8 +160,12 @@ def main(argv: list[str] | None = None) -> dict:
         out["d_bare_forward_tok_s"] = n_tok / d_secs
         out["a_one_pass_tok_s"] = n_tok / secs
         if "b" not in skip:
-            _, secs = timed(lambda: [scan_sets([inp], fc, 0, device, True) for inp in inps])
+            runs, secs = timed(lambda: [scan_sets([inp], fc, 0, device, True)[0][0] for inp in inps])
             out["b_layer_per_run_tok_s"] = n_tok / secs
+            # the one-pass states are the one-layer runs' states, tensor for tensor (so are their files)
+            out["a_b_identical"] = str(all(torch.equal(x.tensors[key], y.tensors[key])
+                                           for one, many in zip(runs, sides, strict=True)
+                                           for x, y in zip(one, many, strict=True) for key in x.tensors))
         if "c" not in skip:
             same = True
             t_c = 0.0
