@@ -1,9 +1,9 @@
-"""The streaming scan: per-unit running statistics over every scanned token, in one pass.
+"""A unit set's running statistics over every scanned token (tools/features/one_pass.py feeds it).
 
 `ScanState` keeps, per unit, state whose size does not grow with the tokens scanned (see
-tools/top_activations.py for what each part is). A signed unit's negative side is a second state
-fed the negated activations, so bottom-k by min, bins below 0 and their negatives are the same
-exact machinery as the positive side.
+tools/top_activations.py for what each part is). A signed unit's negative side is a second unit of
+the same state fed the negated activations, so bottom-k by min, bins below 0 and their negatives are
+the same exact machinery as the positive side, and each (token, unit) entry is read once for both.
 """
 
 from __future__ import annotations
