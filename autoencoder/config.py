@@ -141,10 +141,17 @@ class SAETrainConfig:
     # rows (tokens) without firing before a feature counts as dead, for AuxK (topk) and resampling:
     # 12,500 steps x 4,096 rows (Gao et al. 2024 use 10M tokens: sae=topk)
     dead_tokens: int = 51_200_000
+    # rows without firing before AuxK (topk, batchtopk, matryoshka) treats a latent as dead; null ->
+    # dead_tokens. Resampling keeps dead_tokens, so a preset can give AuxK a shorter window than l1's
+    aux_dead_tokens: int | None = None
     kernel: str = neutral("auto")  # dense | sparse | auto: autoencoder.kernels.l1_sae_forward when available
     batch_size: int = 4096  # rows per step, global (split evenly across DDP ranks)
     steps: int = 125000  # optimizer steps
     lr: float = 1e-4  # Adam
+    # multiplier of lr for W_dec: Adam moves each weight by about lr per step, so with unit-norm rows
+    # this is how fast decoder directions turn (a decoder of norm 1/m under lr turns like one of norm 1
+    # under m·lr; SAELens starts its decoder at norm 0.1)
+    decoder_lr_scale: float = 1.0
     lr_warmup_steps: int = 1000  # linear warmup from 0
     lr_schedule: str = "constant"  # constant | cosine | linear: after warmup, decay to lr * min_lr_ratio
     min_lr_ratio: float = 0.0
@@ -216,6 +223,10 @@ class SAETrainConfig:
             raise bad("b_dec_init", "geometric_median, mean or zeros")
         if self.dtype not in ("float32", "float64"):
             raise bad("dtype", "float32 or float64 (use sae.autocast for bf16 compute on CUDA)")
+        if self.aux_dead_tokens is not None and self.aux_dead_tokens < 1:
+            raise bad("aux_dead_tokens", "an integer >= 1 or null")
+        if not self.decoder_lr_scale > 0:
+            raise bad("decoder_lr_scale", "a number > 0")
         if self.lr <= 0 or self.l1_coeff < 0 or self.aux_coeff < 0:
             raise UserError("config `sae.lr` must be > 0 and `sae.l1_coeff`, `sae.aux_coeff` >= 0")
         if not 0 <= self.min_lr_ratio <= 1:

@@ -30,8 +30,11 @@ class FeatureAdam(torch.optim.Optimizer):
     """
 
     def __init__(self, params: list[tuple[str, torch.nn.Parameter]], lr: float,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 lr_scale: dict[str, float] | None = None):
         self.names = {id(p): n for n, p in params}
+        # per-parameter multiplier of the group's lr (by name; 1 for the rest)
+        self.lr_scale = {id(p): (lr_scale or {}).get(n, 1.0) for n, p in params}
         super().__init__([p for _, p in params], {"lr": lr, "betas": betas, "eps": eps})
 
     def _step_shape(self, p: torch.Tensor) -> tuple[int, ...]:
@@ -55,12 +58,13 @@ class FeatureAdam(torch.optim.Optimizer):
         assert closure is None, "FeatureAdam does not take a closure"
         for group in self.param_groups:
             b1, b2 = group["betas"]
-            lr, eps = group["lr"], group["eps"]
+            eps = group["eps"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
+                lr = group["lr"] * self.lr_scale.get(id(p), 1.0)
                 st = self.state_for(p)
-                if self._fused(p, st, group):
+                if self._fused(p, st, group, lr):
                     continue
                 st["step"] += 1
                 t = st["step"].to(p.dtype)
@@ -73,7 +77,7 @@ class FeatureAdam(torch.optim.Optimizer):
                 p.addcdiv_(m, denom, value=-1.0)
 
     @staticmethod
-    def _fused(p: torch.Tensor, st: dict[str, torch.Tensor], group: dict) -> bool:
+    def _fused(p: torch.Tensor, st: dict[str, torch.Tensor], group: dict, lr: float) -> bool:
         """On the CPU, while every feature of `p` has the same step count (no reset since the start or
         since all caught up), one fused Adam update (PyTorch's `fused=True` kernel: one pass instead
         of ~8 elementwise ones; equal up to float rounding). Returns whether it ran."""
@@ -86,7 +90,7 @@ class FeatureAdam(torch.optim.Optimizer):
         scalar = first.reshape(()).clone()
         b1, b2 = group["betas"]
         _adam([p], [p.grad], [st["exp_avg"]], [st["exp_avg_sq"]], [], [scalar], fused=True, amsgrad=False,
-              beta1=b1, beta2=b2, lr=group["lr"], weight_decay=0.0, eps=group["eps"], maximize=False)
+              beta1=b1, beta2=b2, lr=lr, weight_decay=0.0, eps=group["eps"], maximize=False)
         step += 1
         return True
 

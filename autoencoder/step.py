@@ -102,7 +102,7 @@ class TrainStep:
 def make_optimizer(sae: SAE, cfg: SAETrainConfig) -> FeatureAdam:
     """Adam with per-feature step counts (`autoencoder.optim`), so resampled features restart."""
     return FeatureAdam([(n, getattr(sae, n)) for n in sae.param_names()], lr=cfg.lr,
-                       betas=(cfg.beta1, cfg.beta2))
+                       betas=(cfg.beta1, cfg.beta2), lr_scale={"W_dec": cfg.decoder_lr_scale})
 
 
 def make_step(sae: SAE, optimizer: torch.optim.Optimizer, cfg: SAETrainConfig,
@@ -134,9 +134,11 @@ def l1_at(step: int, c: SAETrainConfig, field: str = "l1_coeff") -> float:
     return value
 
 
-def dead_steps(c: SAETrainConfig) -> int:
-    """`sae.dead_tokens` in steps: a feature silent this many steps counts as dead."""
-    return max(1, math.ceil(c.dead_tokens / c.batch_size))
+def dead_steps(c: SAETrainConfig, aux: bool = False) -> int:
+    """`sae.dead_tokens` in steps: a feature silent this many steps counts as dead (for resampling;
+    `aux`: for AuxK, `sae.aux_dead_tokens` when set)."""
+    tokens = c.aux_dead_tokens if aux and c.aux_dead_tokens is not None else c.dead_tokens
+    return max(1, math.ceil(tokens / c.batch_size))
 
 
 def recipe(c: SAETrainConfig) -> ResampleRecipe:

@@ -118,7 +118,7 @@ class Trainer:
             from autoencoder.paired import PairedReader
 
             self.reader = PairedReader(spec.train_dir, spec.target_dir, c.batch_size // spec.world, **kw)
-        self.dead_after = dead_steps(c)
+        self.dead_after, self.aux_dead_after = dead_steps(c), dead_steps(c, aux=True)
         self.watch = ResampleWatch(self.schedule, c.n_features, dev, after=c.resample_watch_steps)
         self.step_no, self.last_fired = 0, torch.zeros(c.n_features, dtype=torch.long, device=dev)
         self.history: dict[str, Any] = {"resampled": [], "wandb_id": None, "init": {}}
@@ -208,7 +208,7 @@ class Trainer:
         if x.shape[1] != self.spec.d_in:
             raise UserError(f"shard rows in {self.spec.train_dir} have width {x.shape[1]}, "
                             f"manifest says {self.spec.d_in}")
-        dead_mask = (step - self.last_fired) >= self.dead_after if self.sae.uses_dead_mask else None
+        dead_mask = (step - self.last_fired) >= self.aux_dead_after if self.sae.uses_dead_mask else None
         out = self.step_fn(x, l1_coeff=l1_at(step, c, self.step_fn.coeff_name), dead_mask=dead_mask,
                            target=y)
         loss, fired = out["loss"].reshape(1), out["fired"].float()

@@ -7,6 +7,9 @@ AuxK reconstructs the residual from the top `aux_k` dead latents (those silent f
 `sae.dead_tokens` rows) so they keep receiving gradient. Departures from openai/sparse_autoencoder:
 decoder rows are renormalised to unit norm after every step (the paper does the same; SAELens
 does not) and AuxK is scaled down when fewer than `aux_k` latents are dead (as SAELens does).
+The k-sparse groups (conf/sae/topk.yaml, batchtopk, matryoshka) step the decoder at 3x lr
+(`sae.decoder_lr_scale`): SAELens's decoder starts at norm 0.1 and turns that much faster under
+Adam, which is what its lead at low k came from (docs/sae-training.md).
 With the sparse kernel the main forward/backward runs on the k active pairs per row
 (`autoencoder.kernels.ksparse_sae_forward`: no dense f is built), as openai's and EleutherAI's
 sparsify's kernels do.

@@ -18,7 +18,7 @@ from autoencoder.saes import L1SAE, SAEModelConfig, TopKSAE
 from autoencoder.shard_write import write_shards
 from autoencoder.step import make_optimizer, make_step
 from autoencoder.synthetic import ground_truth, sparse_rows
-from tools.core.config import compose
+from tools.core.config import UserError, compose
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -69,6 +69,30 @@ def test_reset_features_step_like_a_fresh_adam():
     sae.loss(x, l1_coeff=0.1).overall.backward()
     opt2.step()
     assert (sae.b_enc.detach() - before).abs().max() <= 1e-2 * 1.0001
+
+
+def test_lr_scale_multiplies_one_parameters_steps():
+    """`sae.decoder_lr_scale`: W_dec steps as Adam at m·lr, the other parameters as Adam at lr."""
+    torch.manual_seed(0)
+    sae = L1SAE(SAEModelConfig("standard", 6, 10))
+    copies = {n: torch.nn.Parameter(p.detach().clone()) for n, p in named(sae)}
+    opt = FeatureAdam(named(sae), lr=1e-2, lr_scale={"W_dec": 3.0})
+    ref = torch.optim.Adam([{"params": [q], "lr": 3e-2 if n == "W_dec" else 1e-2} for n, q in copies.items()])
+    x = torch.randn(64, 6)
+    for _ in range(5):
+        opt.zero_grad()
+        sae.loss(x, l1_coeff=0.1).overall.backward()
+        for n, q in copies.items():
+            q.grad = getattr(sae, n).grad.clone()
+            q.data.copy_(getattr(sae, n).detach())
+        opt.step()
+        ref.step()
+        for n, q in copies.items():
+            assert torch.allclose(getattr(sae, n).detach(), q.detach(), atol=1e-6, rtol=1e-5), n
+    c = SAETrainConfig(architecture="topk", decoder_lr_scale=3.0, n_features=10)
+    assert make_optimizer(sae, c).lr_scale[id(sae.W_dec)] == 3.0
+    with pytest.raises(UserError, match="decoder_lr_scale"):
+        SAETrainConfig(decoder_lr_scale=0.0).check()
 
 
 def test_zeroed_moments_alone_overshoot_after_many_steps():
@@ -202,3 +226,6 @@ def test_dead_threshold_is_in_tokens():
 
     assert dead_steps(SAETrainConfig(dead_tokens=10_000_000, batch_size=4096)) == 2442
     assert dead_steps(SAETrainConfig(dead_tokens=128_000, batch_size=512)) == 250
+    c = SAETrainConfig(dead_tokens=128_000, aux_dead_tokens=16_384, batch_size=512)
+    assert (dead_steps(c), dead_steps(c, aux=True)) == (250, 32)  # resampling keeps its window
+    assert dead_steps(SAETrainConfig(dead_tokens=128_000, batch_size=512), aux=True) == 250
