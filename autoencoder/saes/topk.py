@@ -3,13 +3,13 @@
     f = ReLU(TopK_k(x̄ W_enc + b_enc)),  x̄ = x − b_dec;  x̂ = f W_dec + b_dec
     loss = mean over the batch of ‖x − x̂‖² / mse_scale + aux_coeff · AuxK
 
-AuxK reconstructs the residual from the top `aux_k` dead latents (those silent for
-`sae.dead_tokens` rows) so they keep receiving gradient. Departures from openai/sparse_autoencoder:
+AuxK reconstructs the residual from the top `aux_k` dead latents (those silent for `sae.aux_dead_tokens`,
+default `sae.dead_tokens`, rows) so they keep receiving gradient. Departures from openai/sparse_autoencoder:
 decoder rows are renormalised to unit norm after every step (the paper does the same; SAELens
 does not) and AuxK is scaled down when fewer than `aux_k` latents are dead (as SAELens does).
-The k-sparse groups (conf/sae/topk.yaml, batchtopk, matryoshka) step the decoder at 3x lr
-(`sae.decoder_lr_scale`): SAELens's decoder starts at norm 0.1 and turns that much faster under
-Adam, which is what its lead at low k came from (docs/sae-training.md).
+`sae.decoder_lr_scale` steps the decoder at a multiple of lr: SAELens's decoder starts at norm 0.1
+and turns that much faster under Adam, which is what its lead at low k came from (3x closes it at
+k 16; docs/sae-training.md). The default stays 1 until the other sparsities are measured with it.
 With the sparse kernel the main forward/backward runs on the k active pairs per row
 (`autoencoder.kernels.ksparse_sae_forward`: no dense f is built), as openai's and EleutherAI's
 sparsify's kernels do.
