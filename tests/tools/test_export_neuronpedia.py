@@ -241,7 +241,10 @@ def test_real_features_stage_output(tmp_path):
         assert f["n_prompts_total"] > 0 and f["n_tokens_in_prompt"] == 64
         assert sum(f["freq_hist_data_bar_heights"]) == sum(side["hist"]["counts"])
         bins = [a for a in f["activations"] if a["bin_min"] != -1]
-        assert all(a["bin_min"] <= max(a["values"][a["qualifying_token_index"]], 0) + 1e-6 for a in bins)
+        # window values are written to ~4 significant digits of the side's peak, so a token just above
+        # a bin's lower edge can be written up to half a unit of the last digit below it
+        tol = 0.5e-4 * (side["max_act"] if f in pos else -side["min_act"]) + 1e-9
+        assert all(a["bin_min"] <= max(a["values"][a["qualifying_token_index"]], 0) + tol for a in bins)
         shares = {(a["bin_min"], a["bin_contains"]) for a in bins}
         assert sum(c for _, c in shares) <= 1 + 1e-4
     for f in pos:  # token text and values exactly as the stage wrote them (the planted HTML included)
