@@ -139,7 +139,9 @@ def _run(cfg: DictConfig, dist: Dist) -> dict[str, Any]:
             overrides["features.sae"] = sae_names[step.sae_slot]
         stage = step.stage(_with(cfg, overrides))
         head = f"[{n}/{len(steps)}] {step.key}"
-        if not dist.gather(not (stage.done() and step.key in results))[0]:  # rank 0's view decides
+        # rank 0 decides (done() may hash the stage's files: once, not on every rank)
+        todo = not (stage.done() and step.key in results) if dist.master else None
+        if not dist.gather(todo)[0]:
             say(f"{head}: complete, skipped", flush=True)
         else:
             say(f"{head}: running {stage.name}", flush=True)

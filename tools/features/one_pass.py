@@ -43,13 +43,14 @@ def scan_sets(inps: list[Inputs], fc: FeaturesConfig, seed: int, device: str, ne
     inp0 = inps[0]
     n_ctx, T = inp0.n_ctx, inp0.T
     rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
+    cuda = device.startswith("cuda")
 
     def state(inp: Inputs) -> ScanState:
         units = inp.n_units * (2 if negative else 1)
         st = ScanState(units, min(fc.top_k, n_ctx), fc.per_bin, fc.n_random, device, seed,
                        nonneg=inp.sae is not None, n_ctx=n_ctx,
                        candidates=fc.negative_candidates if fc.n_random else 0, two_sided=negative,
-                       sync_free=device.startswith("cuda"))
+                       sync_free=cuda)
         st.T = T
         return st
 
@@ -62,8 +63,6 @@ def scan_sets(inps: list[Inputs], fc: FeaturesConfig, seed: int, device: str, ne
     units = sum(inp.n_units for inp in inps)
     bar = tqdm(starts, desc=f"scan ({units} units, {len(inps)} sets)", unit="batch", leave=False,
                disable=rank != 0)
-    cuda = device.startswith("cuda")
-
     def fold(got: dict[str, torch.Tensor], c0: int) -> None:
         for inp, a, st in zip(inps, acts, states, strict=True):
             st.update(a.encode(got[inp.hook]), c0)
@@ -77,9 +76,9 @@ def scan_sets(inps: list[Inputs], fc: FeaturesConfig, seed: int, device: str, ne
         for c0 in bar:
             c1 = min(c0 + B, n_ctx)
             idx = torch.from_numpy(np.asarray(inp0.tokens[c0 * T:c1 * T], dtype=np.int64)).view(c1 - c0, T)
-            if cuda:  # a copy that does not wait for the device
-                idx = idx.pin_memory().to(device, non_blocking=True)
-            got = capture_sets(inps, idx.to(device), fc.dtype)
+            # on CUDA a copy that does not wait for the device
+            idx = idx.pin_memory().to(device, non_blocking=True) if cuda else idx.to(device)
+            got = capture_sets(inps, idx, fc.dtype)
             if pending is not None:
                 pending.result()
             if pool is None:
@@ -99,7 +98,7 @@ def scan_sets(inps: list[Inputs], fc: FeaturesConfig, seed: int, device: str, ne
             pool.shutdown(wait=True, cancel_futures=True)
     for st in states:
         st.check()
-    if device.startswith("cuda"):
+    if cuda:
         torch.cuda.synchronize()
     rate = n_ctx * T / max(time.perf_counter() - t0, 1e-9)
     if world > 1:
