@@ -8,8 +8,9 @@ default `sae.dead_tokens`, rows) so they keep receiving gradient. Departures fro
 decoder rows are renormalised to unit norm after every step (the paper does the same; SAELens
 does not) and AuxK is scaled down when fewer than `aux_k` latents are dead (as SAELens does).
 `sae.decoder_lr_scale` steps the decoder at a multiple of lr: SAELens's decoder starts at norm 0.1
-and turns that much faster under Adam, which is what its lead at low k came from (3x closes it at
-k 16; docs/sae-training.md). The default stays 1 until the other sparsities are measured with it.
+and turns that much faster under Adam, which is what its lead at low k came from. The k-sparse
+config groups (conf/sae/topk.yaml, ...) set it to 3 and AuxK's weight to 1/8 (Gao et al.: 1/32);
+measured at k 16-64 on the demo shards (docs/sae-training.md, the architecture frontier).
 With the sparse kernel the main forward/backward runs on the k active pairs per row
 (`autoencoder.kernels.ksparse_sae_forward`: no dense f is built), as openai's and EleutherAI's
 sparsify's kernels do.
