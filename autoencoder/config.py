@@ -137,7 +137,8 @@ class SAETrainConfig:
     # a few % of the dictionary)
     matryoshka_widths: list[int] | None = None
     aux_k: int | None = None  # topk, batchtopk, matryoshka: dead latents in the AuxK loss; null -> d_in // 2
-    aux_coeff: float = 0.03125  # topk, batchtopk, matryoshka: AuxK weight α = 1/32 (Gao et al. 2024)
+    # topk, batchtopk, matryoshka: AuxK weight α = 1/32 (Gao et al. 2024); their config groups set 1/8
+    aux_coeff: float = 0.03125
     # rows (tokens) without firing before a feature counts as dead, for AuxK (topk) and resampling:
     # 12,500 steps x 4,096 rows (Gao et al. 2024 use 10M tokens: sae=topk)
     dead_tokens: int = 51_200_000
@@ -150,7 +151,8 @@ class SAETrainConfig:
     lr: float = 1e-4  # Adam
     # multiplier of lr for W_dec: Adam moves each weight by about lr per step, so with unit-norm rows
     # this is how fast decoder directions turn (a decoder of norm 1/m under lr turns like one of norm 1
-    # under m·lr; SAELens starts its decoder at norm 0.1)
+    # under m·lr; SAELens starts its decoder at norm 0.1). conf/sae/{topk,batchtopk,matryoshka,jumprelu}.yaml
+    # set 3 (docs/sae-training.md)
     decoder_lr_scale: float = 1.0
     lr_warmup_steps: int = 1000  # linear warmup from 0
     lr_schedule: str = "constant"  # constant | cosine | linear: after warmup, decay to lr * min_lr_ratio
