@@ -170,6 +170,14 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def print_results(results: list[dict[str, Any]]) -> None:
+    """One `key=value` line per SAE (Matryoshka's prefix FVU as `prefix_fvu_<width>`)."""
+    for r in results:
+        kv = {k: v for k, v in r.items() if k != "prefix_fvu"}
+        kv.update({f"prefix_fvu_{w}": v for w, v in (r.get("prefix_fvu") or {}).items()})
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in kv.items()),
+              flush=True)
+
 def main(argv: list[str] | None = None) -> None:
     from hydra.errors import HydraException
 
@@ -203,11 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     plot(results, out / "frontier.png", f"{c0.n_features} latents, {c0.steps} steps x {c0.batch_size} rows, "
                                         f"lr {c0.lr:g}; {a.eval_rows} held-out rows")
     page = render_frontier(Path(str(cfgs[0].run_dir)), results)
-    for r in results:
-        kv = {k: v for k, v in r.items() if k != "prefix_fvu"}
-        kv.update({f"prefix_fvu_{w}": v for w, v in (r.get("prefix_fvu") or {}).items()})
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in kv.items()),
-              flush=True)
+    print_results(results)
     print(f"table={out / 'frontier.md'} plot={out / 'frontier.png'} page={page}", flush=True)
 
 

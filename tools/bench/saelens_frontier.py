@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from tools.bench.frontier import DEMO_BUDGET, table
+from tools.bench.frontier import DEMO_BUDGET, print_results, table
 from tools.core.config import UserError
 
 CLASSES = {"topk": "TopKTrainingSAE", "batchtopk": "BatchTopKTrainingSAE",
@@ -261,11 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     write_json(out / "frontier-saelens.json", {
         "sae_lens_version": sl.__version__, "overrides": base, "budget": [] if a.no_budget else DEMO_BUDGET,
         "matryoshka_widths": c.widths(), "results": results})
-    for r in results:
-        kv = {k: v for k, v in r.items() if k != "prefix_fvu"}
-        kv.update({f"prefix_fvu_{w}": v for w, v in (r.get("prefix_fvu") or {}).items()})
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in kv.items()),
-              flush=True)
+    print_results(results)
     print(f"table={out / 'frontier-saelens.md'}", flush=True)
 
 
