@@ -95,6 +95,19 @@ def prefix_fvu(sae, rows: torch.Tensor) -> dict[int, float]:
                                                                   strict=True)}
 
 
+def split_preset(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """(the preset overrides, default `preset=demo`; the other overrides): the preset composes first."""
+    preset = [o for o in overrides if o.startswith("preset=")] or ["preset=demo"]
+    return preset, [o for o in overrides if not o.startswith("preset=")]
+
+
+def result_row(arch: str, setting: str, name: str, m: dict[str, float]) -> dict[str, Any]:
+    """A frontier table row from an `Evaluator`'s metrics."""
+    return {"arch": arch, "setting": setting, "name": name, "l0": m.get("metrics/l0", math.nan),
+            "fvu": 1.0 - m.get("metrics/explained_variance", math.nan),
+            "dead_fraction": m.get("sparsity/dead_fraction", math.nan),
+            "loss_recovered": m.get("metrics/loss_recovered", math.nan)}
+
 def evaluate(cfg, names: list[tuple[str, str, str]], a: argparse.Namespace, log) -> list[dict[str, Any]]:
     """One Evaluator for every SAE: same held-out rows, same val contexts."""
     from autoencoder.config import SAETrainConfig
@@ -117,11 +130,7 @@ def evaluate(cfg, names: list[tuple[str, str, str]], a: argparse.Namespace, log)
         if evaluator is None:
             evaluator = Evaluator(cfg, c, run_dir, sae.cfg.d_in, sae.cfg.hook_name, device, log)
         m, _ = evaluator(sae)
-        row = {"arch": arch, "setting": knob.split(".", 1)[1], "name": name,
-               "l0": m.get("metrics/l0", math.nan),
-               "fvu": 1.0 - m.get("metrics/explained_variance", math.nan),
-               "dead_fraction": m.get("sparsity/dead_fraction", math.nan),
-               "loss_recovered": m.get("metrics/loss_recovered", math.nan)}
+        row = result_row(arch, knob.split(".", 1)[1], name, m)
         if arch == "matryoshka" and evaluator.rows is not None:
             row["prefix_fvu"] = prefix_fvu(sae, evaluator.rows.to(device))
         results.append(row)
@@ -178,6 +187,7 @@ def print_results(results: list[dict[str, Any]]) -> None:
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in kv.items()),
               flush=True)
 
+
 def main(argv: list[str] | None = None) -> None:
     from hydra.errors import HydraException
 
@@ -189,8 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     a, overrides = parse_args(argv)
     names = runs(a)
     try:
-        preset = [o for o in overrides if o.startswith("preset=")] or ["preset=demo"]
-        base = preset + [o for o in overrides if not o.startswith("preset=")]
+        preset, rest = split_preset(overrides)
+        base = preset + rest
         cfgs = [run_cfg(base, *r, a) for r in names]
         if not a.eval_only:
             for cfg, (arch, knob, name) in zip(cfgs, names, strict=True):

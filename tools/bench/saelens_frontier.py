@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import math
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ from typing import Any
 
 import torch
 
-from tools.bench.frontier import DEMO_BUDGET, print_results, table
+from tools.bench.frontier import DEMO_BUDGET, print_results, result_row, split_preset, table
 from tools.core.config import UserError
 
 CLASSES = {"topk": "TopKTrainingSAE", "batchtopk": "BatchTopKTrainingSAE",
@@ -209,10 +208,7 @@ def evaluate(cfg: Any, c: Any, names: list[tuple[str, str, str]], root: Path, ho
         if evaluator is None:
             evaluator = Evaluator(cfg, c, Path(str(cfg.run_dir)), d_in, hook, device, log)
         m, _ = evaluator(Scored(d))
-        row = {"arch": arch, "setting": setting, "name": name, "l0": m.get("metrics/l0", math.nan),
-               "fvu": 1.0 - m.get("metrics/explained_variance", math.nan),
-               "dead_fraction": m.get("sparsity/dead_fraction", math.nan),
-               "loss_recovered": m.get("metrics/loss_recovered", math.nan)}
+        row = result_row(arch, setting, name, m)
         if (folder / TRAINING_FILE).is_file():
             row["train_s"] = read_json(folder / TRAINING_FILE).get("wall_s")
         if arch == "matryoshka" and evaluator.rows is not None:
@@ -232,9 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     a, overrides = parse_args(argv)
     names = runs(a)
     sl = sae_lens_module()
-    preset = [o for o in overrides if o.startswith("preset=")] or ["preset=demo"]
-    base = [*preset, *([] if a.no_budget else DEMO_BUDGET),
-            *(o for o in overrides if not o.startswith("preset="))]
+    preset, rest = split_preset(overrides)
+    base = [*preset, *([] if a.no_budget else DEMO_BUDGET), *rest]
     try:
         cfg = compose(base)
         c = section(cfg, "sae", SAETrainConfig)
