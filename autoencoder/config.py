@@ -152,7 +152,7 @@ class SAETrainConfig:
     # multiplier of lr for W_dec: Adam moves each weight by about lr per step, so with unit-norm rows
     # this is how fast decoder directions turn (a decoder of norm 1/m under lr turns like one of norm 1
     # under m·lr; SAELens starts its decoder at norm 0.1). conf/sae/{topk,batchtopk,matryoshka,jumprelu}.yaml
-    # set 3 (docs/sae-training.md)
+    # set 12 (docs/sae-training.md)
     decoder_lr_scale: float = 1.0
     lr_warmup_steps: int = 1000  # linear warmup from 0
     lr_schedule: str = "constant"  # constant | cosine | linear: after warmup, decay to lr * min_lr_ratio

@@ -75,12 +75,14 @@ def test_overrides_need_no_plus_and_unknown_keys_are_named():
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka", "jumprelu"])
 def test_sparse_groups_step_the_decoder_faster_and_demo_gives_auxk_its_window(arch):
-    """The measured recipe (docs/sae-training.md, the architecture frontier): the decoder at 3x lr,
-    AuxK at weight 1/8 for the k-sparse kinds; the demo preset's AuxK window is 8 steps while l1's
-    resampling keeps its own dead_tokens; the schema (and so l1) keeps Gao et al.'s values."""
+    """The measured recipe (docs/sae-training.md, the architecture frontier): the decoder at 12x lr,
+    AuxK at weight 1/8 for the k-sparse kinds; the demo preset's AuxK window is 16
+    steps while l1's resampling keeps its own dead_tokens; the schema (and so l1) keeps Gao et al.'s
+    values."""
     sae = compose(["preset=demo", f"sae={arch}"]).sae
-    assert sae.decoder_lr_scale == 3
+    assert sae.decoder_lr_scale == 12
     assert sae.aux_coeff == (0.03125 if arch == "jumprelu" else 0.125)
-    assert (sae.aux_dead_tokens, sae.dead_tokens) == (4096, 128000)
+    assert (sae.aux_dead_tokens, sae.dead_tokens) == (8192, 128000)
+    assert sae.aux_dead_tokens // sae.batch_size == 16
     l1 = compose(["preset=demo"]).sae
     assert (l1.architecture, l1.decoder_lr_scale, l1.aux_coeff) == ("l1", 1.0, 0.03125)
