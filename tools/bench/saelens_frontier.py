@@ -28,74 +28,36 @@ contexts, Matryoshka's prefix FVU. Writes `frontier-saelens.md` and `.json` to `
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from tools.bench.frontier import DEMO_BUDGET, print_results, result_row, split_preset, table
+from tools.bench import library_frontier as lf
 from tools.core.config import UserError
 
 CLASSES = {"topk": "TopKTrainingSAE", "batchtopk": "BatchTopKTrainingSAE",
            "matryoshka": "MatryoshkaBatchTopKTrainingSAE", "jumprelu": "JumpReLUTrainingSAE"}
 ARCHS = tuple(CLASSES)
-TRAINING_FILE = "training.json"  # ours, beside SAELens's files: trainer settings, wall time
+TRAINING_FILE = lf.TRAINING_FILE
 MISSING = "sae-lens is not installed: pip install -e .[compat] (sae-lens>=6.54,<7)"
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=None, help="output folder (default: <run_dir>/frontier)")
-    p.add_argument("--archs", default=",".join(ARCHS))
-    p.add_argument("--ks", default="16,32,64", help="k of topk, batchtopk, matryoshka")
+    p = lf.parser(__doc__, ARCHS, "saelens", "k of topk, batchtopk, matryoshka", "a SAELens config field")
     p.add_argument("--l0-coeffs", default="1.0", help="SAELens l0_coefficient values of jumprelu")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a SAELens config "
-                   "field for every SAE of this call (repeatable; in the setting and folder name)")
-    p.add_argument("--eval-rows", type=int, default=8192)
-    p.add_argument("--eval-contexts", type=int, default=32)
-    p.add_argument("--no-budget", action="store_true", help="do not apply the demo budget overrides")
-    p.add_argument("--eval-all", action="store_true",
-                   help="train none; evaluate every SAE this tool trained under <run_dir>/saelens/")
-    a, overrides = p.parse_known_args(argv)
-    a.archs = [s for s in a.archs.split(",") if s]
-    bad = [s for s in a.archs if s not in ARCHS]
-    if bad:
-        p.error(f"--archs takes {','.join(ARCHS)}, not {bad}")
-    a.ks = [int(s) for s in a.ks.split(",") if s]
+    a, overrides = lf.parse(p, ARCHS, argv)
     a.l0_coeffs = [s for s in a.l0_coeffs.split(",") if s]
     return a, overrides
 
 
 def runs(a: argparse.Namespace) -> list[tuple[str, str, str]]:
     """(architecture, setting, folder name) for every SAE."""
-    extra = "".join(f", {kv}" for kv in a.set)
-    suffix = "".join(f"-{kv.replace('=', '')}" for kv in a.set)
-    out = []
-    for arch in a.archs:
-        if arch == "jumprelu":
-            out += [(arch, f"l0_coefficient={v}{extra}", f"{arch}-l0c{v}{suffix}") for v in a.l0_coeffs]
-        else:
-            out += [(arch, f"k={k}{extra}", f"{arch}-k{k}{suffix}") for k in a.ks]
-    return out
-
-
-def trained(root: Path) -> list[tuple[str, str, str]]:
-    """(architecture, setting, folder name) of every SAE this tool saved under `root`, by architecture,
-    then family (the --set fields), then name."""
-    from tools.core.files import read_json
-
-    found = [(read_json(p), p.parent.name) for p in root.glob(f"*/{TRAINING_FILE}")]
-    return sorted(((t["arch"], t["setting"], n) for t, n in found),
-                  key=lambda r: (ARCHS.index(r[0]), r[1].partition(", ")[2], r[2]))
-
-
-def log(s: str) -> None:
-    print(s, file=sys.stderr, flush=True)
+    return lf.runs(a, lambda arch: ("l0_coefficient", "l0c", a.l0_coeffs) if arch == "jumprelu"
+                   else ("k", "k", a.ks))
 
 
 def sae_lens_module() -> Any:
@@ -115,12 +77,7 @@ def training_sae(arch: str, setting: str, d_in: int, c: Any, hook: str, device: 
     from sae_lens.saes.sae import SAEMetadata
 
     fields: dict[str, Any] = {"matryoshka_widths": c.widths()} if arch == "matryoshka" else {}
-    for kv in setting.split(", "):
-        key, value = kv.split("=", 1)
-        try:
-            fields[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            fields[key] = value
+    fields.update(lf.fields(setting))
     name = CLASSES[arch]
     try:
         cfg = getattr(sl, name + "Config")(d_in=d_in, d_sae=c.n_features, device=device,
@@ -159,105 +116,15 @@ def train_one(arch: str, setting: str, folder: Path, cfg: Any, c: Any, train_dir
     trainer = {k: v for k, v in dataclasses.asdict(tcfg).items() if k != "logger"}
     write_json(folder / TRAINING_FILE, {"arch": arch, "setting": setting, "sae_lens_version": sl.__version__,
                                         "wall_s": wall, "seed": int(cfg.seed), "trainer": trainer})
-    log(f"saelens {folder.name}: {c.steps} steps in {wall:.0f} s -> {folder}")
-
-
-class Scored(torch.nn.Module):
-    """A loaded `Dictionary` (no skip path) under the names our `Evaluator` reads of an SAE."""
-
-    def __init__(self, d: Any):
-        super().__init__()
-        self.d, self.cfg = d, SimpleNamespace(d_sae=d.d_sae)
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.d.encode(x)
-
-    def reconstruct(self, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-        return self.d.decode(f)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.d(x)
-
-
-@torch.no_grad()
-def prefix_fvu(d: Any, rows: torch.Tensor, widths: list[int]) -> dict[int, float]:
-    """Matryoshka: FVU of the reconstruction from each prefix of the latents alone."""
-    from autoencoder.metrics import explained_variance
-
-    f = d.encode(rows)
-    index = torch.arange(f.shape[1], device=f.device)
-    return {w: 1.0 - explained_variance(rows, d.decode(f * (index < w).to(f))) for w in widths}
-
-
-def evaluate(cfg: Any, c: Any, names: list[tuple[str, str, str]], root: Path, hook: str,
-             d_in: int) -> list[dict[str, Any]]:
-    """One Evaluator for every SAELens folder: the held-out rows and val contexts of ours."""
-    from autoencoder.dictionaries import load_dictionary
-    from autoencoder.evaluator import Evaluator
-    from tools.core.config import resolve_device
-    from tools.core.files import read_json
-
-    device = resolve_device(str(cfg.device))
-    evaluator, results = None, []
-    for arch, setting, name in names:
-        folder = root / name
-        if not (folder / "sae_weights.safetensors").is_file():
-            log(f"note: {folder} not trained: skipped")
-            continue
-        d = load_dictionary(folder, hook=hook, device=device)
-        if evaluator is None:
-            evaluator = Evaluator(cfg, c, Path(str(cfg.run_dir)), d_in, hook, device, log)
-        m, _ = evaluator(Scored(d))
-        row = result_row(arch, setting, name, m)
-        if (folder / TRAINING_FILE).is_file():
-            row["train_s"] = read_json(folder / TRAINING_FILE).get("wall_s")
-        if arch == "matryoshka" and evaluator.rows is not None:
-            row["prefix_fvu"] = prefix_fvu(d, evaluator.rows.to(device), c.widths())
-        results.append(row)
-    return results
+    lf.log(f"saelens {folder.name}: {c.steps} steps in {wall:.0f} s -> {folder}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    from hydra.errors import HydraException
-
-    from autoencoder.config import SAETrainConfig
-    from tools.core.config import compose, error_line, section
-    from tools.core.files import atomic_path, read_json, write_json
-    from tools.core.layout import RunLayout
-
     a, overrides = parse_args(argv)
-    names = runs(a)
     sl = sae_lens_module()
-    preset, rest = split_preset(overrides)
-    base = [*preset, *([] if a.no_budget else DEMO_BUDGET), *rest]
-    try:
-        cfg = compose(base)
-        c = section(cfg, "sae", SAETrainConfig)
-        c.eval_rows, c.eval_contexts = a.eval_rows, a.eval_contexts
-        run_dir = Path(str(cfg.run_dir))
-        train_dir = RunLayout(run_dir).activations("train", cfg.sae.get("hook"))
-        manifest = read_json(train_dir / "manifest.json", "shard manifest")
-        root = run_dir / "saelens"
-        names = trained(root) if a.eval_all else names
-        for arch, setting, name in ([] if a.eval_all else names):
-            if (root / name / "sae_weights.safetensors").is_file():
-                log(f"note: {root / name} exists: reused")
-                continue
-            log(f"# training SAELens {arch} ({setting})")
-            train_one(arch, setting, root / name, cfg, c, train_dir)
-        results = evaluate(cfg, c, names, root, str(manifest["hook_name"]), int(manifest["d_in"]))
-    except (UserError, HydraException) as e:
-        print(error_line(e), file=sys.stderr)
-        sys.exit(2)
-    out = Path(a.out) if a.out else run_dir / "frontier"
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "frontier-saelens.md") as tmp:
-        tmp.write_text(table(results), encoding="utf-8")
-    write_json(out / "frontier-saelens.json", {
-        "sae_lens_version": sl.__version__, "overrides": base, "budget": [] if a.no_budget else DEMO_BUDGET,
-        "matryoshka_widths": c.widths(), "results": results})
-    print_results(results)
-    print(f"table={out / 'frontier-saelens.md'}", flush=True)
+    lf.main(a, overrides, runs(a), lf.Library("SAELens", ARCHS, "saelens", "frontier-saelens",
+                                              "sae_weights.safetensors", train_one,
+                                              {"sae_lens_version": sl.__version__}))
 
 
 if __name__ == "__main__":
