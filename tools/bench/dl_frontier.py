@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import re
 import sys
 import time
 import types
@@ -122,11 +121,15 @@ def group_fractions(widths: list[int]) -> list[float]:
 def trainer_args(arch: str, setting: str, c: Any, manifest: dict[str, Any], seed: int,
                  device: str) -> dict[str, Any]:
     """The arguments of one trainer: our budget and metadata, the fields of `setting`, theirs otherwise."""
+    from transformer.subject import parse_hook
+
     hook = str(manifest["hook_name"])
     layer = manifest.get("layer")
-    if not isinstance(layer, int):
-        m = re.match(r"blocks\.(\d+)\.", hook)
-        layer = int(m.group(1)) if m else -1
+    if not isinstance(layer, int):  # manifests of autoencoder.shard_write alone may lack it
+        try:
+            layer = parse_hook(hook)[0]
+        except UserError:
+            layer = -1
     kw: dict[str, Any] = {
         "steps": c.steps, "activation_dim": int(manifest["d_in"]), "dict_size": c.n_features, "layer": layer,
         "lm_name": str((manifest.get("model") or {}).get("name") or "unknown"), "submodule_name": hook,
@@ -139,16 +142,17 @@ def trainer_args(arch: str, setting: str, c: Any, manifest: dict[str, Any], seed
     return kw
 
 
-def train_one(arch: str, setting: str, folder: Path, cfg: Any, c: Any, train_dir: Path) -> None:
-    """Train one dictionary with dictionary_learning's trainer on our train shards; save it as their
-    `trainSAE` does, and the trainer's settings and wall time in `training.json` beside it."""
+def train_one(arch: str, setting: str, folder: Path, cfg: Any, c: Any, train_dir: Path,
+              manifest: dict[str, Any]) -> None:
+    """Train one dictionary with dictionary_learning's trainer on our train shards (`manifest`: theirs);
+    save it as their `trainSAE` does, and the trainer's settings and wall time in `training.json`
+    beside it."""
     from autoencoder.shard_reader import ShardReader
     from tools.core.config import resolve_device
-    from tools.core.files import atomic_path, read_json, write_json
+    from tools.core.files import atomic_path, write_json
 
     cls = trainer_class(arch)
     device = resolve_device(str(cfg.device))
-    manifest = read_json(train_dir / "manifest.json", "shard manifest")
     seed = int(cfg.seed)
     torch.manual_seed(seed)  # JumpReluTrainer takes a seed but does not set it
     kw = trainer_args(arch, setting, c, manifest, seed, device)

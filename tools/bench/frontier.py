@@ -108,6 +108,7 @@ def result_row(arch: str, setting: str, name: str, m: dict[str, float]) -> dict[
             "dead_fraction": m.get("sparsity/dead_fraction", math.nan),
             "loss_recovered": m.get("metrics/loss_recovered", math.nan)}
 
+
 def evaluate(cfg, names: list[tuple[str, str, str]], a: argparse.Namespace, log) -> list[dict[str, Any]]:
     """One Evaluator for every SAE: same held-out rows, same val contexts."""
     from autoencoder.config import SAETrainConfig

@@ -35,7 +35,7 @@ class Library:
     subdir: str  # SAEs in <run_dir>/<subdir>/<folder name>/
     stem: str  # <out>/<stem>.md and .json
     weights_file: str  # present once an SAE is saved
-    train_one: Callable[..., None]  # (arch, setting, folder, cfg, c, train_dir)
+    train_one: Callable[..., None]  # (arch, setting, folder, cfg, c, train_dir, train_dir's manifest)
     info: dict[str, Any]  # first keys of the JSON (the library's version)
 
 
@@ -187,7 +187,7 @@ def main(a: argparse.Namespace, overrides: list[str], names: list[tuple[str, str
                 log(f"note: {root / name} exists: reused")
                 continue
             log(f"# training {lib.name} {arch} ({setting})")
-            lib.train_one(arch, setting, root / name, cfg, c, train_dir)
+            lib.train_one(arch, setting, root / name, cfg, c, train_dir, manifest)
         results = evaluate(cfg, c, names, root, str(manifest["hook_name"]), int(manifest["d_in"]),
                            lib.weights_file)
     except (UserError, HydraException) as e:

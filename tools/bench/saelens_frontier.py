@@ -87,18 +87,18 @@ def training_sae(arch: str, setting: str, d_in: int, c: Any, hook: str, device: 
     return getattr(sl, name)(cfg)
 
 
-def train_one(arch: str, setting: str, folder: Path, cfg: Any, c: Any, train_dir: Path) -> None:
-    """Train one SAE with SAELens's SAETrainer on our train shards; save it in SAELens's format, and
-    the trainer's settings and wall time in `training.json` beside it."""
+def train_one(arch: str, setting: str, folder: Path, cfg: Any, c: Any, train_dir: Path,
+              manifest: dict[str, Any]) -> None:
+    """Train one SAE with SAELens's SAETrainer on our train shards (`manifest`: theirs); save it in
+    SAELens's format, and the trainer's settings and wall time in `training.json` beside it."""
     from autoencoder.shard_reader import ShardReader
     from tools.core.config import resolve_device
-    from tools.core.files import read_json, write_json
+    from tools.core.files import write_json
 
     sl = sae_lens_module()
     from sae_lens.config import SAETrainerConfig
 
     device = resolve_device(str(cfg.device))
-    manifest = read_json(train_dir / "manifest.json", "shard manifest")
     torch.manual_seed(int(cfg.seed))
     sae = training_sae(arch, setting, int(manifest["d_in"]), c, str(manifest["hook_name"]), device)
     # lr_end: what SAELens's runner config sets (lr / 10); its constant schedule ignores it
