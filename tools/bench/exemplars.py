@@ -28,6 +28,7 @@ import torch
 
 from tools.core.config import compose, resolve_device
 from tools.features.config import FeaturesConfig
+from tools.features.entries import warm_up
 from tools.features.one_pass import scan_sets
 from tools.features.source import Inputs
 from transformer.subject import hook_point
@@ -149,6 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     with torch.no_grad():
         model.capture(batches[0], [hook_point("neurons", 0)])  # warm-up
+        if not device.startswith("cuda"):
+            warm_up()  # the scan's compiled loops (tools/features/entries.py), loaded once per process
 
         def bare() -> float:
             return timed(lambda: [model.capture(b, [hook_point("resid_post", L - 1)]) for b in batches])[1]

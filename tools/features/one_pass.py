@@ -5,7 +5,6 @@ torchrun, each rank's run of the batches merged exactly (tools.features.merge)."
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -48,9 +47,8 @@ def scan_sets(inps: list[Inputs], fc: FeaturesConfig, seed: int, device: str, ne
     def state(inp: Inputs) -> ScanState:
         units = inp.n_units * (2 if negative else 1)
         st = ScanState(units, min(fc.top_k, n_ctx), fc.per_bin, fc.n_random, device, seed,
-                       nonneg=inp.sae is not None, n_ctx=n_ctx,
-                       candidates=fc.negative_candidates if fc.n_random else 0, two_sided=negative,
-                       sync_free=cuda)
+                       n_ctx=n_ctx, candidates=fc.negative_candidates if fc.n_random else 0,
+                       two_sided=negative, sync_free=torch.device(device).type != "cpu")
         st.T = T
         return st
 
@@ -63,39 +61,22 @@ def scan_sets(inps: list[Inputs], fc: FeaturesConfig, seed: int, device: str, ne
     units = sum(inp.n_units for inp in inps)
     bar = tqdm(starts, desc=f"scan ({units} units, {len(inps)} sets)", unit="batch", leave=False,
                disable=rank != 0)
-    def fold(got: dict[str, torch.Tensor], c0: int) -> None:
+    # the states are updated after each forward, not beside the next one: on the CPU the updates' loops
+    # use every core themselves (tools/features/entries.py), and on CUDA the kernels queue without waiting
+    for c0 in bar:
+        c1 = min(c0 + B, n_ctx)
+        idx = torch.from_numpy(np.asarray(inp0.tokens[c0 * T:c1 * T], dtype=np.int64)).view(c1 - c0, T)
+        # on CUDA a copy that does not wait for the device
+        idx = idx.pin_memory().to(device, non_blocking=True) if cuda else idx.to(device)
+        got = capture_sets(inps, idx, fc.dtype)
         for inp, a, st in zip(inps, acts, states, strict=True):
             st.update(a.encode(got[inp.hook]), c0)
-
-    # on the CPU one batch's states are updated in a worker thread while the next batch's forward runs
-    # (torch releases the GIL; the updates keep batch order), so the cores the update's serial parts
-    # leave idle run the forward; on CUDA the kernels queue without waiting anyway
-    pool = None if cuda else ThreadPoolExecutor(1, thread_name_prefix="scan")
-    pending = None
-    try:
-        for c0 in bar:
-            c1 = min(c0 + B, n_ctx)
-            idx = torch.from_numpy(np.asarray(inp0.tokens[c0 * T:c1 * T], dtype=np.int64)).view(c1 - c0, T)
-            # on CUDA a copy that does not wait for the device
-            idx = idx.pin_memory().to(device, non_blocking=True) if cuda else idx.to(device)
-            got = capture_sets(inps, idx, fc.dtype)
-            if pending is not None:
-                pending.result()
-            if pool is None:
-                fold(got, c0)
-            else:
-                pending = pool.submit(fold, got, c0)
-            del got
-            if preempt.requested() and c1 < n_ctx:
-                raise preempt.Preempted("features", f"context {c1} of {n_ctx} (scan)",
-                                        "the scan keeps no resume state and nothing was written; run "
-                                        "the same command again (with any number of ranks) to scan from "
-                                        "the start")
-        if pending is not None:
-            pending.result()
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        del got
+        if preempt.requested() and c1 < n_ctx:
+            raise preempt.Preempted("features", f"context {c1} of {n_ctx} (scan)",
+                                    "the scan keeps no resume state and nothing was written; run "
+                                    "the same command again (with any number of ranks) to scan from "
+                                    "the start")
     for st in states:
         st.check()
     if cuda:

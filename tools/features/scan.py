@@ -16,6 +16,7 @@ import torch
 
 from tools.core.config import UserError
 from tools.features.config import HIST_BINS
+from tools.features.entries import entry_draws, fold_entries, peaks
 from tools.features.merge import two_sum
 
 
@@ -25,9 +26,10 @@ class ScanState:
 
     A two-sided state (`two_sided`) scans both polarities of `n_units // 2` signed units at once: units
     0 .. F-1 are the positive side (f), units F .. 2F-1 the negative side (-f), and every (token, unit)
-    entry is read once for both (`halves` splits them). `sync_free` (CUDA) updates every unit every batch
-    instead of selecting the few that change, so a batch never waits for the device (no `nonzero`, no
-    `.any()`); both ways give the same state."""
+    entry is read once for both (`halves` splits them). On the CPU the passes over the entries are
+    compiled loops (tools/features/entries.py) and only the units that change are merged; `sync_free`
+    (CUDA) does it all in torch ops over every unit every batch, so a batch never waits for the device
+    (no `nonzero`, no `.any()`). Both ways give the same state."""
 
     n_units: int
     top_k: int
@@ -35,7 +37,6 @@ class ScanState:
     n_random: int
     device: str
     seed: int
-    nonneg: bool = False  # activations are never negative (SAE features): firing entries found by nonzero
     n_ctx: int = 0  # contexts the scan will see (candidates are drawn from 0 .. n_ctx - 1)
     candidates: int = 0  # candidate negative contexts whose per-unit max is kept
     two_sided: bool = False  # units are both sides of n_units // 2 signed units (see above)
@@ -92,15 +93,21 @@ class ScanState:
         U, dev = self.n_units, f.device
         self.T = T
         f = f.float()
-        # each batch draws from its own stream (a function of the seed and the batch's first context),
-        # so the draws do not depend on which process scans which batches
-        self.gen.manual_seed(batch_seed(self.seed, ctx0))
-        # one uniform draw per entry, first (the sparse way draws one per firing entry, last)
-        draw = None if self._sparse else torch.rand(f.numel(), generator=self.gen, device=dev) * self.per_bin
+        # each batch draws from its own streams (functions of the seed and the batch's first context),
+        # so the draws do not depend on which process scans which batches: one draw per entry (a hash
+        # of its index, tools/features/entries.py) and the non-firing keys from `gen`
+        bseed = batch_seed(self.seed, ctx0)
+        self.gen.manual_seed(bseed)
         # each context's peak per unit and where it is (the first position at the peak)
-        cmax, argpos = f.max(1)  # [B, F]
+        if self.sync_free:
+            cmax, argpos = f.max(1)  # [B, F]
+            cmin, argmin = f.min(1) if self.two_sided else (None, None)
+        else:  # the CPU: both in one compiled loop
+            try:
+                cmax, argpos, cmin, argmin = peaks(f, self.two_sided)
+            except FloatingPointError:
+                raise _non_finite(ctx0, ctx0 + B) from None
         if self.two_sided:
-            cmin, argmin = f.min(1)
             cmax, argpos = torch.cat([cmax, -cmin], 1), torch.cat([argpos, argmin], 1)
         newmax = cmax.amax(0)
         bad = ~torch.isfinite(newmax).all()
@@ -145,90 +152,59 @@ class ScanState:
         if self.sync_free or grow.any():
             above = torch.exp2(torch.floor(torch.log2(newmax.clamp_min(1e-30))) + 1)  # next power of 2 > max
             self._grow(self._pick(grow), torch.where(grow, above, s["scale"]))
-        self._fold_entries(f, draw, ctx0)
+        self._fold_entries(f, bseed, ctx0)
 
-    @property
-    def _sparse(self) -> bool:
-        """Firing entries found by `nonzero` (SAE features on the CPU), not read densely."""
-        return self.nonneg and not self.two_sided and not self.sync_free
-
-    def _fold_entries(self, f: torch.Tensor, draw: torch.Tensor | None, ctx0: int) -> None:
+    def _fold_entries(self, f: torch.Tensor, bseed: int, ctx0: int) -> None:
         """Every firing (token, unit) entry: counts, sums, histogram and per-bin samples."""
         s, G, m = self.tensors, HIST_BINS, self.per_bin
         B, T, F = f.shape
-        U, dev = self.n_units, f.device
-        flat = f.view(-1)
-        fires = None  # every entry fires
-        if self._sparse:
-            # an SAE's f is >= 0 and mostly 0: its nonzeros are its firing entries
-            entry = flat.nonzero().squeeze(1)
-            act = flat.index_select(0, entry)
-            draw = torch.rand(entry.numel(), generator=self.gen, device=dev) * m
-            unit = (entry % F).int()
-        else:  # dense (neurons fire almost everywhere): every entry, the silent ones masked
-            entry = None
-            col = torch.arange(F, device=dev, dtype=torch.int32)
-            if self.two_sided:
-                unit = ((f < 0).view(-1, F).int() * F + col).view(-1)
-                act, fires = flat.abs(), flat != 0
-            else:
-                unit = col.expand(B * T, F).reshape(-1)
-                act, fires = flat.clamp(min=0), flat > 0
-        # (int32 indices halve the memory traffic of the passes over every entry)
-        two_sum(s["total"], s["total_lo"], self._sums(f, unit, act))
         inv = torch.where(s["scale"] > 0, G / s["scale"].clamp_min(1e-30), 0.0)  # exact: powers of two
+        if not self.sync_free:  # the CPU: one compiled loop over the entries
+            fold_entries(f, self.two_sided, inv, bseed, ctx0 * T, s, m)
+            return
+        # sync-free (CUDA): every entry, the silent ones masked, in ~20 torch ops without a host sync
+        U, dev, flat = self.n_units, f.device, f.view(-1)
+        col = torch.arange(F, device=dev, dtype=torch.int32)
+        if self.two_sided:
+            unit = ((f < 0).view(-1, F).int() * F + col).view(-1)
+            act, fires = flat.abs(), flat != 0
+        else:
+            unit = col.expand(B * T, F).reshape(-1)
+            act, fires = flat.clamp(min=0), flat > 0
+        # (int32 indices halve the memory traffic of the passes over every entry)
+        x = f.reshape(-1, F).double()  # per-side column sums (bincount would wait for the device)
+        sides = [x.clamp(min=0).sum(0)] + ([x.clamp(max=0).sum(0).neg()] if self.two_sided else [])
+        two_sum(s["total"], s["total_lo"], torch.cat(sides))
         group = unit * G + (act * inv.index_select(0, unit)).int().clamp_(0, G - 1)
-        counted = group if fires is None else torch.where(fires, group, U * G)  # silent: past the end
+        counted = torch.where(fires, group, U * G)  # silent: past the end
         ones = torch.ones((), dtype=torch.int32, device=dev).expand(counted.numel())
         batch_hist = torch.zeros(U * G + 1, dtype=torch.int32, device=dev).index_add_(0, counted, ones)
         s["hist"].view(-1).add_(batch_hist[:U * G])
         # one uniform draw gives both the slot (integer part of draw) and the key (fractional part)
+        draw = entry_draws(bseed, f.numel(), dev) * m
         slot = draw.int().clamp_(max=m - 1)
-        key = draw - slot
-        if fires is not None:
-            key.masked_fill_(~fires, math.inf)
-        self._sample(group * m + slot, key, act, entry, (ctx0 * T, F))
+        key = (draw - slot).masked_fill_(~fires, math.inf)
+        self._sample(group * m + slot, key, act, ctx0 * T, F)
 
-    def _sums(self, f: torch.Tensor, unit: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-        """This batch's sum of the firing activations per unit, in float64, the same wherever the batch
-        is scanned: a serial bincount on the CPU; on CUDA (where bincount waits for the device to size
-        its output, and atomic adds would make the sum's rounding vary) per-side column sums."""
-        if not self.sync_free:
-            return torch.bincount(unit, weights=act.double(), minlength=self.n_units)
-        x = f.reshape(-1, f.shape[-1]).double()
-        sides = [x.clamp(min=0).sum(0)] + ([x.clamp(max=0).sum(0).neg()] if self.two_sided else [])
-        return torch.cat(sides)
-
-    def _sample(self, slot: torch.Tensor, key: torch.Tensor, act: torch.Tensor, entry: torch.Tensor | None,
-                where: tuple[int, int]) -> None:
+    def _sample(self, slot: torch.Tensor, key: torch.Tensor, act: torch.Tensor, tok0: int, F: int) -> None:
         """Each (unit, histogram bin) has m slots; every firing entry goes to one slot at random and
-        a slot keeps the entry with the smallest random key sent to it. So each slot holds a
-        uniform draw from its bin's tokens, the m slots hold distinct tokens, and every token of a
-        bin is equally likely to be kept: a uniform sample, with scatter-min instead of a sort.
-        `entry`: each element's index in the batch's [B, T, F] entries (None: its own position);
-        `where`: (the batch's first token ctx0 * T, F), to turn an entry into its token."""
+        a slot keeps the entry with the smallest random key sent to it (the earliest on ties). So each
+        slot holds a uniform draw from its bin's tokens, the m slots hold distinct tokens, and every
+        token of a bin is equally likely to be kept: a uniform sample, with scatter-min instead of a
+        sort. (tools/features/entries.py does the same in one loop on the CPU.)"""
         s = self.tensors
-        if slot.numel() == 0:
-            return
-        tok0, F = where
-        beats = key < s["res_key"].index_select(0, slot)  # few, once the slots fill
-        if not self.sync_free:
-            # (one nonzero + index_select per filter: boolean-mask indexing would redo the nonzero per array)
-            keep = beats.nonzero().squeeze(1)
-            slot = slot.index_select(0, keep).long()
-            key, act = key.index_select(0, keep), act.index_select(0, keep)
-            entry = keep if entry is None else entry.index_select(0, keep)
-            s["res_key"].scatter_reduce_(0, slot, key, reduce="amin", include_self=True)
-            won = (key == s["res_key"].index_select(0, slot)).nonzero().squeeze(1)
-            slot = slot.index_select(0, won)
-            s["res_act"][slot] = act.index_select(0, won)
-            s["res_tok"][slot] = tok0 + entry.index_select(0, won) // F
-            return
         slot = slot.long()
+        beats = key < s["res_key"].index_select(0, slot)
         s["res_key"].scatter_reduce_(0, slot, key, reduce="amin", include_self=True)
         won = beats & (key == s["res_key"].index_select(0, slot))
-        entry = torch.arange(slot.numel(), device=slot.device) if entry is None else entry
-        dest = torch.where(won, slot, s["res_key"].numel())  # the losers write to a spare last slot
+        # the earliest winning entry of each slot (ties of keys): scatter-min of the entry index
+        entry = torch.arange(slot.numel(), device=slot.device)
+        n_slots = s["res_key"].numel()
+        first = torch.full((n_slots + 1,), slot.numel(), device=slot.device, dtype=torch.int64)
+        dest = torch.where(won, slot, n_slots)  # the losers write to a spare last slot
+        first.scatter_reduce_(0, dest, entry, reduce="amin", include_self=True)
+        won &= first.index_select(0, dest) == entry
+        dest = torch.where(won, slot, n_slots)
         for name, value in (("res_act", act), ("res_tok", tok0 + entry // F)):
             spare = torch.cat([s[name], s[name][:1]])
             s[name] = spare.scatter_(0, dest, value.to(spare.dtype))[:-1]
@@ -244,6 +220,8 @@ class ScanState:
         shift = torch.where(fresh, torch.zeros_like(old), torch.log2(target / old.clamp_min(1e-30)))
         shift = shift.round().long().clamp_(min=0, max=62)
         s["scale"][units] = torch.where(fresh, target, old * torch.exp2(shift.float()))
+        if not self.sync_free:  # a unit firing for the first time has nothing to merge (most, early on)
+            units, shift = units[~fresh], shift[~fresh]
         n, F, dev = units.numel(), self.n_units, units.device
         bins = torch.arange(G, device=dev)
         to = bins[None, :] >> shift.clamp(max=int(math.log2(G)))[:, None]  # [n, G]: old bin -> new bin
@@ -278,7 +256,7 @@ class ScanState:
                    else v[i * F * G * m:(i + 1) * F * G * m] if k.startswith("res_") else v[i * F:(i + 1) * F]
                    for k, v in self.tensors.items()}
             st = ScanState(F, self.top_k, self.per_bin, self.n_random, self.device, self.seed ^ (0x5A5A * i),
-                           self.nonneg, tensors=cut)
+                           tensors=cut)
             st.T = getattr(self, "T", 1)
             return st
 

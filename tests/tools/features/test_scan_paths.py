@@ -1,15 +1,16 @@
-"""The scan's two ways of updating its state give the same state: the CPU way (only the units and
-entries that change, found with `nonzero`) and the sync-free way CUDA uses (every unit and entry every
-batch, no host sync); and a two-sided state is the two one-sided states of f and -f. (For SAE
-features the CPU way draws one random key per firing entry, the sync-free way one per entry, so
-their samples and non-firing contexts differ; everything else is equal.)"""
+"""The scan's two ways of updating its state give the same state: the CPU way (compiled loops over the
+entries, only the units that change merged) and the sync-free way CUDA uses (torch ops over every unit
+and entry every batch, no host sync); and a two-sided state is the two one-sided states of f and -f."""
 
 import math
 
+import numba
+import numpy as np
 import pytest
 import torch
 
 from tools.core.config import UserError
+from tools.features import entries
 from tools.features import scan as fscan
 
 KEYS = ("total", "total_lo", "maxv", "scale", "hist", "top_v", "top_c", "top_p", "res_key", "res_act",
@@ -39,15 +40,33 @@ def _growing(seed: int, signed: bool) -> torch.Tensor:
 def test_sync_free_equals_the_cpu_way(signed):
     f = _growing(0, signed)
     F = f.shape[-1]
-    kw = dict(two_sided=True) if signed else dict(nonneg=True)
     units = 2 * F if signed else F
-    a, b = _scan(f, 5, units, **kw), _scan(f, 5, units, sync_free=True, **kw)
-    for key in KEYS if signed else DETERMINISTIC:
+    a, b = _scan(f, 5, units, two_sided=signed), _scan(f, 5, units, sync_free=True, two_sided=signed)
+    for key in KEYS:
         if key.startswith("total"):  # summed in another order (column sums on CUDA)
             continue
         assert torch.equal(a.tensors[key], b.tensors[key]), key
     assert torch.allclose(a.total + a.total_lo, b.total + b.total_lo, rtol=1e-12)
     assert int(a.count.sum()) == int((f != 0).sum() if signed else (f > 0).sum())
+
+
+def test_entry_draws_are_the_compiled_loops_draws():
+    """The torch draws (CUDA's way) are the compiled loop's, bit for bit, and look uniform."""
+    u = entries.entry_draws(2**62 + 12345, 200_000, "cpu")
+    x = np.arange(200_000)
+    assert torch.equal(u, torch.from_numpy(_numba_draws(np.uint64(2**62 + 12345), x)))
+    assert 0 <= float(u.min()) and float(u.max()) < 1
+    counts = torch.bincount((u * 10).long(), minlength=10).double()  # chi-square, 9 d.o.f.
+    assert float(((counts - 20_000) ** 2 / 20_000).sum()) < 30
+    assert not torch.equal(u, entries.entry_draws(12346, 200_000, "cpu"))
+
+
+@numba.njit
+def _numba_draws(seed, x):
+    out = np.empty(x.shape[0], dtype=np.float32)
+    for i in range(x.shape[0]):
+        out[i] = entries._draw(seed, x[i])
+    return out
 
 
 def test_two_sided_is_both_one_sided_states():
