@@ -24,7 +24,9 @@ import torch
 
 from tools.features.merge import two_sum
 
-TILE = 16  # units per tile: the tile's histograms and slots stay in cache while its entries are read
+# units per tile: the tile's histograms and slots stay in cache (L2) while its entries are read, and a
+# tile's row of entries is long enough (1 KB) for the prefetcher (16 was 2-3x slower on 16k SAE latents)
+TILE = 256
 _GAMMA, _M1, _M2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
 
@@ -95,7 +97,8 @@ def peaks(f: torch.Tensor, two_sided: bool) -> tuple[torch.Tensor, ...]:
 @numba.njit(nogil=True, cache=True, parallel=True)
 def _fold(f, two_sided, inv, seed, per_bin, tok0, sums, hist, res_key, res_act, res_tok):  # noqa: PLR0913
     # no branch on an entry's sign or on whether it fires (a coin flip each for neurons, and a
-    # mispredicted branch costs more than the rest of the entry): a silent entry adds 0 to a real bin
+    # mispredicted branch costs more than the rest of the entry): a silent entry adds 0 to a real bin.
+    # Only exact zeros are skipped: rare for neurons, nearly every entry of SAE features
     n_ctx, n_pos, n_cols = f.shape
     n_bins = hist.shape[0] // inv.shape[0]
     useed = np.uint64(seed)
@@ -108,6 +111,8 @@ def _fold(f, two_sided, inv, seed, per_bin, tok0, sums, hist, res_key, res_act, 
                 row = b * n_pos + t
                 for col in range(c0, c1):
                     v = f[b, t, col]
+                    if v == 0:
+                        continue
                     neg = v < 0
                     fires = (v > 0) | (two_sided & neg)
                     unit = col + n_cols * np.int64(neg & two_sided)

@@ -27,18 +27,19 @@ def _scan(f: torch.Tensor, batch: int, units: int, **kw) -> fscan.ScanState:
     return st
 
 
-def _growing(seed: int, signed: bool) -> torch.Tensor:
+def _growing(seed: int, signed: bool, F: int = 5) -> torch.Tensor:
     """Activations whose range keeps doubling (so the histograms re-bin), with silent contexts."""
     g = torch.Generator().manual_seed(seed)
-    n_ctx, T, F = 36, 12, 5
+    n_ctx, T = 36, 12
     f = torch.randn(n_ctx, T, F, generator=g) * torch.exp2(torch.arange(n_ctx) / 5.0)[:, None, None]
     f[::7] = -f[::7].abs()  # contexts where no unit fires
     return f if signed else torch.relu(f - 0.5)
 
 
 @pytest.mark.parametrize("signed", [True, False])
-def test_sync_free_equals_the_cpu_way(signed):
-    f = _growing(0, signed)
+@pytest.mark.parametrize("width", [5, 2 * entries.TILE + 7])  # one tile of units; three, the last short
+def test_sync_free_equals_the_cpu_way(signed, width):
+    f = _growing(0, signed, width)
     F = f.shape[-1]
     units = 2 * F if signed else F
     a, b = _scan(f, 5, units, two_sided=signed), _scan(f, 5, units, sync_free=True, two_sided=signed)
