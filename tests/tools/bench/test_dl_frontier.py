@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import sys
 
 import pytest
 import torch
 
+from tests.helpers.frontier import read_frontier, tiny_budget
 from tests.helpers.planted import planted_run
 from tools.bench import dl_frontier
 
@@ -57,22 +57,14 @@ def test_four_trainers_train_save_and_score(tmp_path, capsys, one_thread, dl_tra
 
     run_dir = tmp_path / "run"
     planted_run(run_dir, rows=3000)
-    common = ["--no-budget", "--eval-rows", "400", "--ks", "4", f"run_dir={run_dir}", "data_dir=/nonexistent",
-              "device=cpu", "wandb.mode=disabled", "sae.n_features=64", "sae.batch_size=64", "sae.steps=12",
-              "sae.lr=3e-3", "sae.lr_warmup_steps=4"]
+    common = ["--ks", "4", *tiny_budget(run_dir)]
     # the inference threshold of BatchTopK and Matryoshka starts after threshold_start_step (1,000 by default)
     dl_frontier.main(["--archs", "topk,batchtopk,matryoshka", "--set", "threshold_start_step=2", *common])
     dl_frontier.main(["--archs", "jumprelu", *common])
     dl_frontier.main(["--eval-all", *common])
-    got = json.loads((run_dir / "frontier" / "frontier-dictionary-learning.json").read_text())
-    rows = {r["arch"]: r for r in got["results"]}
-    assert list(rows) == list(dl_frontier.ARCHS) and len(got["results"]) == 4
-    for r in got["results"]:
-        assert all(math.isfinite(r[k]) for k in ("l0", "fvu", "dead_fraction")), r
-        assert r["l0"] > 0 and r["train_s"] > 0
+    _, rows, md = read_frontier(run_dir / "frontier", "frontier-dictionary-learning")
+    assert list(rows) == list(dl_frontier.ARCHS)
     assert rows["topk"]["l0"] == 4
-    assert list(rows["matryoshka"]["prefix_fvu"]) == ["4", "16", "64"]
-    md = (run_dir / "frontier" / "frontier-dictionary-learning.md").read_text()
     assert md.count("\n") == 6 and "| topk | k=4, threshold_start_step=2 |" in md
     assert "| jumprelu | target_l0=4 |" in md
     cfg = json.loads((run_dir / "dictionary_learning" / "matryoshka-k4-threshold_start_step2" /

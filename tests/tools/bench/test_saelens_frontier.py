@@ -4,12 +4,12 @@ folder loads in SAELens and in our loader alike, and the table has one finite ro
 from __future__ import annotations
 
 import json
-import math
 import sys
 
 import pytest
 import torch
 
+from tests.helpers.frontier import read_frontier, tiny_budget
 from tests.helpers.planted import planted_run
 from tools.bench import saelens_frontier
 
@@ -41,18 +41,10 @@ def test_four_kinds_train_save_and_score(tmp_path, capsys, one_thread):
 
     run_dir = tmp_path / "run"
     planted_run(run_dir, rows=3000)
-    common = ["--no-budget", "--eval-rows", "400", f"run_dir={run_dir}", "data_dir=/nonexistent",
-              "device=cpu", "wandb.mode=disabled", "sae.n_features=64", "sae.batch_size=64", "sae.steps=12",
-              "sae.lr=3e-3", "sae.lr_warmup_steps=4"]
+    common = tiny_budget(run_dir)
     saelens_frontier.main(["--ks", "4", "--l0-coeffs", "0.01", *common])
-    got = json.loads((run_dir / "frontier" / "frontier-saelens.json").read_text())
-    rows = {r["arch"]: r for r in got["results"]}
-    assert sorted(rows) == sorted(saelens_frontier.ARCHS) and len(got["results"]) == 4
-    for r in got["results"]:
-        assert all(math.isfinite(r[k]) for k in ("l0", "fvu", "dead_fraction")), r
-        assert r["l0"] > 0 and r["train_s"] > 0
-    assert list(rows["matryoshka"]["prefix_fvu"]) == ["4", "16", "64"]
-    md = (run_dir / "frontier" / "frontier-saelens.md").read_text()
+    got, rows, md = read_frontier(run_dir / "frontier", "frontier-saelens")
+    assert sorted(rows) == sorted(saelens_frontier.ARCHS)
     assert md.count("\n") == 6 and "| topk | k=4 |" in md
     assert capsys.readouterr().out.count("arch=") == 4
     # --eval-all finds the same SAEs from their folders and scores them alike
