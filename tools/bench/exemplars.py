@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     with torch.no_grad():
         model.capture(batches[0], [hook_point("neurons", 0)])  # warm-up
-        if not device.startswith("cuda"):
+        if torch.device(device).type == "cpu":  # as ScanState's choice of the compiled loops
             warm_up()  # the scan's compiled loops (tools/features/entries.py), loaded once per process
 
         def bare() -> float:

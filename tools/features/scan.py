@@ -92,7 +92,7 @@ class ScanState:
         B, T, F = f.shape
         U, dev = self.n_units, f.device
         self.T = T
-        f = f.float()
+        f = f.detach().float().contiguous()  # (once: both passes below read it flat)
         # each batch draws from its own streams (functions of the seed and the batch's first context),
         # so the draws do not depend on which process scans which batches: one draw per entry (a hash
         # of its index, tools/features/entries.py) and the non-firing keys from `gen`
