@@ -46,6 +46,11 @@ class ActivationsConfig:
     rows_per_shard: int = 1_048_576  # rows per .npy shard (1 GiB at d_in 512); pass-1 RAM is about one shard
     resample_rows: int = 819_200  # rows of resample.npy for neuron resampling (Anthropic 2023); 0 = none
     batch_contexts: int = 64  # contexts per forward pass (lower it when the forward runs out of memory)
+    # shuffle in RAM when a rank's shards (every hook point) take at most this many GB: each row goes
+    # straight to its place in memory-mapped shard files, no bucket files (autoencoder.in_ram; the same
+    # bytes as the two-pass shuffle). null = half the available RAM, shared by this machine's ranks;
+    # 0 = always two passes
+    in_ram_gb: float | None = neutral(None)
 
     def check(self) -> ActivationsConfig:
         if self.split not in SPLITS:
@@ -56,6 +61,9 @@ class ActivationsConfig:
         if self.resample_rows < 0:
             raise UserError(f"config `activations.resample_rows`={self.resample_rows}: "
                             "expected an integer >= 0")
+        if self.in_ram_gb is not None and not self.in_ram_gb >= 0:
+            raise UserError(f"config `activations.in_ram_gb`={self.in_ram_gb}: expected null or a number "
+                            ">= 0")
         if self.block_size is not None and self.block_size < 1:
             raise UserError(f"config `activations.block_size`={self.block_size}: expected null or >= 1")
         kinds = [self.hook] if isinstance(self.hook, str) else self.hook

@@ -11,13 +11,16 @@ docs/formats.md.
 
 Rows must come out shuffled across contexts (a batch of one context's tokens is a correlated,
 poor gradient), yet the full run is terabytes, so shuffling happens in two passes with RAM bounded
-by about one shard:
+by about one shard (autoencoder.scatter):
   1. scatter: each row goes to a uniformly random shard's bucket file (appended in large writes);
   2. permute: each bucket is loaded alone, permuted, and written as a `.npy` shard with its sha256.
 Everything is a function of the seed (contexts, positions, scatter, permutations), so a killed run
 resumes: pass 1 from its last checkpoint (buckets truncated to the checkpointed sizes), pass 2 at
-the first shard not yet written. `resample.npy`, a uniform sample of rows for neuron resampling,
-is collected during pass 1 so the trainer never rereads the shards for it.
+the first shard not yet written. When a rank's shards fit in `activations.in_ram_gb` (default: half
+the available RAM), the same places are known up front and each row goes straight to its place in
+memory-mapped shard files instead (autoencoder.in_ram): no bucket files, the same bytes.
+`resample.npy`, a uniform sample of rows for neuron resampling, is collected during pass 1 so the
+trainer never rereads the shards for it.
 
 Under `torchrun` every rank takes a contiguous range of the contexts and writes its own shards
 (and part of the resampling subset); rank 0 writes the one manifest. The output folder must be on
@@ -27,6 +30,7 @@ a file system every rank sees.
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -38,12 +42,14 @@ from omegaconf import DictConfig
 
 from autoencoder import shard_check, shard_write
 from autoencoder.config import ActivationsConfig
-from autoencoder.scatter import SPLITS, ContextPlan, Scatter, pass1, pass2, resample_indices
+from autoencoder.in_ram import InRamScatter
+from autoencoder.scatter import SPLITS, ContextPlan, Scatter, pass1, resample_indices
 from tools.core import guard
 from tools.core.config import UserError, output_fields, resolve_device, stage_main
 from tools.core.distributed import Dist
 from tools.core.files import config_hash, read_json, write_json
 from tools.core.layout import RunLayout
+from tools.core.memory import available_ram
 from tools.core.stage import Stage
 from transformer.data import open_tokens, token_dir
 from transformer.subject import SubjectSpec, hook_kind, hook_point
@@ -237,11 +243,20 @@ def _run(cfg: DictConfig, a: ActivationsConfig, inp: Inputs, dist: Dist) -> dict
     lo, hi = np.searchsorted(res_all, [c_lo * T, c_hi * T])
     entries: dict[str, list[dict[str, Any]]] = {h: [] for h in dirs}
     timing: dict[str, float] = {}
+    in_ram = (c_hi - c_lo) * T * sum(widths.values()) * 2 <= in_ram_budget(a)
+    shuffle = "in_ram" if in_ram else "two_pass"
     if S > 0:
-        scs = {h: Scatter(d / f".work-rank{rank:03d}",
-                          config_hash({"key": headers[h]["config_hash"], "rank": rank, "world": world}),
-                          S, widths[h], a.rows_per_shard * widths[h] * 2, res_all[lo:hi], seed, a.split, rank)
-               for h, d in dirs.items()}
+        batch_rows = [(min(c_lo + i + a.batch_contexts, c_hi) - (c_lo + i)) * T
+                      for i in range(0, c_hi - c_lo, a.batch_contexts)]
+
+        def scatter(h: str, directory: Path) -> Scatter:
+            key = config_hash({"key": headers[h]["config_hash"], "rank": rank, "world": world,
+                               "in_ram": in_ram})
+            args = (directory / f".work-rank{rank:03d}", key, S, widths[h], a.rows_per_shard * widths[h] * 2,
+                    res_all[lo:hi], seed, a.split, rank)
+            return InRamScatter(*args, batch_rows=batch_rows) if in_ram else Scatter(*args)
+
+        scs = {h: scatter(h, d) for h, d in dirs.items()}
         todo = {h: sc for h, sc in scs.items() if sc.state["pass"] == 1}
         if todo:
             t1 = time.perf_counter()
@@ -255,7 +270,7 @@ def _run(cfg: DictConfig, a: ActivationsConfig, inp: Inputs, dist: Dist) -> dict
         del subject
         t2 = time.perf_counter()
         for h, sc in scs.items():
-            entries[h] = pass2(sc, first_shard, dirs[h], seed, a.split, rank, tqdm)
+            entries[h] = sc.pass2(first_shard, dirs[h], tqdm)
         timing["pass2_s"] = time.perf_counter() - t2
 
     gathered = dist.gather(entries)
@@ -270,10 +285,20 @@ def _run(cfg: DictConfig, a: ActivationsConfig, inp: Inputs, dist: Dist) -> dict
     timing["rows_s"], timing["rows_cpu_s"] = time.perf_counter() - t_data, time.process_time() - cpu_data
     out = _summaries({h: (read_json(d / shard_check.MANIFEST), d) for h, d in dirs.items()}, seconds)
     out.update({k: round(v, 3) for k, v in timing.items()})
+    out["shuffle"] = shuffle
     log(f"activations {a.split}: wrote {out['rows']:,} rows x {'/'.join(map(str, widths.values()))} for "
-        f"{len(dirs)} hook point(s) ({', '.join(dirs)}) in {out['shards']} shards ({out['gb']:.3g} GB) "
+        f"{len(dirs)} hook point(s) ({', '.join(dirs)}) in {out['shards']} shards ({out['gb']:.3g} GB, "
+        f"shuffled {'in RAM' if in_ram else 'in two passes'}) "
         f"+ resample.npy ({len(res_all):,} rows each) to {out_dir(cfg, a.split)} in {seconds:.1f}s")
     return out
+
+
+def in_ram_budget(a: ActivationsConfig) -> float:
+    """Bytes of shards a rank may shuffle in RAM: `in_ram_gb`, or half the available RAM shared by the
+    ranks on this machine."""
+    if a.in_ram_gb is not None:
+        return a.in_ram_gb * 1e9
+    return 0.5 * available_ram(default=0.0) / int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
 def _finish(directory: Path, header: dict[str, Any], *, all_entries: list[dict[str, Any]],

@@ -13,6 +13,7 @@ import os
 import queue
 import shutil
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,40 @@ def resample_indices(seed: int, split: str, total_rows: int, n: int) -> np.ndarr
     return np.sort(rng.choice(total_rows, size=min(n, total_rows), replace=False)).astype(np.int64)
 
 
+def scatter_dest(seed: int, split_id: int, rank: int, batch_index: int, n_rows: int,
+                 n_shards: int) -> np.ndarray:
+    """The shard of each row of one batch: uniform, from the batch's own RNG stream."""
+    return np.random.default_rng([seed, split_id, 3, rank, batch_index]).integers(0, n_shards, size=n_rows)
+
+
+def shard_perm(seed: int, split_id: int, rank: int, shard: int, n_rows: int) -> np.ndarray:
+    """A shard's order: its row j is row `perm[j]` of its rows taken in global order."""
+    return np.random.default_rng([seed, split_id, 5, rank, shard]).permutation(n_rows)
+
+
 # ------------------------------------------------------------------------------------ pass 1
+
+
+class NonFinite(ValueError):
+    """A row holds an inf or a NaN (fp16 overflow); pass 1 names the hook point and contexts."""
+
+
+@dataclass
+class Rows:
+    """One batch's rows of one hook point, fp16: `data[take]` in order, or `data` when take is None."""
+
+    data: np.ndarray
+    take: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.data if self.take is None else self.take)
+
+    def at(self, idx: np.ndarray) -> np.ndarray:
+        """The batch's rows `idx`, copied; NonFinite if one holds an inf or a NaN."""
+        x = self.data[idx if self.take is None else self.take[idx]]
+        if ((x.view(np.uint16) & 0x7C00) == 0x7C00).any():  # inf/nan: 8x faster than isfinite
+            raise NonFinite
+        return x
 
 
 class Scatter:
@@ -94,40 +128,51 @@ class Scatter:
         self.state = state
         self.bucket_rows = list(state["bucket_rows"])
         if state["pass"] == 1:
-            for k, rows in enumerate(self.bucket_rows):  # drop anything written after the checkpoint
-                p = self.bucket(k)
-                want = rows * d_in * 2
-                if want == 0:
-                    p.unlink(missing_ok=True)
-                    continue
-                if not p.is_file() or p.stat().st_size < want:
-                    raise UserError(f"{p}: shorter than its checkpoint ({want} bytes); "
-                                    f"delete {work} to restart")
-                os.truncate(p, want)
+            self.resume()
         res_path = work / "resample.npy"
         if len(res_ids) and not res_path.is_file():
             shape = (len(res_ids), d_in)
             np.lib.format.open_memmap(res_path, mode="w+", dtype=np.float16, shape=shape).flush()
         self.res = np.load(res_path, mmap_mode="r+") if len(res_ids) else None
 
+    def resume(self) -> None:
+        """Pass 1 goes on from the checkpoint: anything written after it is dropped from the buckets."""
+        for k, rows in enumerate(self.bucket_rows):
+            p = self.bucket(k)
+            want = rows * self.d * 2
+            if want == 0:
+                p.unlink(missing_ok=True)
+                continue
+            if not p.is_file() or p.stat().st_size < want:
+                raise UserError(f"{p}: shorter than its checkpoint ({want} bytes); "
+                                f"delete {self.work} to restart")
+            os.truncate(p, want)
+
+    def due(self) -> bool:
+        """Time for a checkpoint: a bucket budget's worth of rows is buffered."""
+        return self.buffered >= self.budget
+
     def bucket(self, k: int) -> Path:
         return self.work / f"bucket_{k:05d}.f16"
 
-    def add(self, batch_index: int, first_row: int, x: np.ndarray) -> None:
-        """Scatter one batch (rows `first_row ...` in global order) and keep its resample rows."""
+    def keep_resample(self, first_row: int, rows: Rows) -> None:
+        """Copy the rows of this batch (rows `first_row ...` in global order) that resample.npy holds."""
         if self.res is not None:
-            lo, hi = np.searchsorted(self.res_ids, [first_row, first_row + len(x)])
+            lo, hi = np.searchsorted(self.res_ids, [first_row, first_row + len(rows)])
             if hi > lo:
-                self.res[lo:hi] = x[self.res_ids[lo:hi] - first_row]
-        rng = np.random.default_rng([self.seed, self.split_id, 3, self.rank, batch_index])
-        dest = rng.integers(0, self.S, size=len(x))
+                self.res[lo:hi] = rows.at(self.res_ids[lo:hi] - first_row)
+
+    def add(self, batch_index: int, first_row: int, rows: Rows) -> None:
+        """Scatter one batch (rows `first_row ...` in global order) and keep its resample rows."""
+        self.keep_resample(first_row, rows)
+        dest = scatter_dest(self.seed, self.split_id, self.rank, batch_index, len(rows), self.S)
         order = np.argsort(dest, kind="stable")
         counts = np.bincount(dest, minlength=self.S)
-        xs = x[order]
+        xs = rows.at(order)
         ends = np.cumsum(counts)
         for k in np.flatnonzero(counts):
             self.buffers[k].append(xs[ends[k] - counts[k]:ends[k]])
-        self.buffered += x.nbytes
+        self.buffered += xs.nbytes
 
     def flush(self, batches_done: int) -> None:
         """Append every buffer to its bucket, make it durable, then checkpoint."""
@@ -150,6 +195,10 @@ class Scatter:
         self.buffered = 0
         self.state.update(batches=batches_done, bucket_rows=self.bucket_rows)
         write_json(self.progress_path, self.state)
+
+    def pass2(self, first_shard: int, directory: Path, tqdm: Any) -> list[dict[str, Any]]:
+        """The shards, written to `directory` as `shard_<first_shard + k>.npy`; their manifest entries."""
+        return pass2(self, first_shard, directory, self.seed, SPLITS[self.split_id], self.rank, tqdm)
 
 
 def pass2(sc: Scatter, first_shard: int, directory: Path, seed: int, split: str, rank: int,
@@ -178,7 +227,7 @@ def pass2(sc: Scatter, first_shard: int, directory: Path, seed: int, split: str,
             raise UserError(f"{bucket}: missing or not {rows} rows, and {path} is not complete; "
                             f"delete {sc.work} and rerun to regenerate")
         x = np.fromfile(bucket, dtype=np.float16).reshape(rows, sc.d)
-        perm = np.random.default_rng([seed, SPLITS.index(split), 5, rank, k]).permutation(rows)
+        perm = shard_perm(seed, SPLITS.index(split), rank, k, rows)
         step = max(1, (1 << 24) // (sc.d * 2))
         try:
             chunks = (x[perm[i:i + step]] for i in range(0, rows, step))
@@ -218,15 +267,17 @@ def pass1(subject: Subject, scs: dict[str, Scatter], plan: ContextPlan, tokens_p
     def writer() -> None:
         try:
             while (item := q.get()) is not None:
-                i, first_row, xs = item
-                for h, x in xs.items():
-                    if ((x.view(np.uint16) & 0x7C00) == 0x7C00).any():  # inf/nan: 8x faster than isfinite
+                i, first_row, batch = item
+                for h, rows in batch.items():
+                    if i < done_batches[h]:
+                        continue
+                    try:
+                        scs[h].add(i, first_row, rows)
+                    except NonFinite:
                         c0 = first_row // T
                         raise UserError(f"non-finite activations (fp16 overflow?) at {h} in contexts "
-                                        f"{c0}..{c0 + len(x) // T} of {tokens_path}")
-                    if i >= done_batches[h]:
-                        scs[h].add(i, first_row, x)
-                if any(sc.buffered >= sc.budget for sc in scs.values()):
+                                        f"{c0}..{c0 + len(rows) // T} of {tokens_path}") from None
+                if any(sc.due() for sc in scs.values()):
                     for sc in scs.values():  # together, so every hook checkpoints at the same batch
                         sc.flush(i + 1)
         except BaseException as e:
@@ -254,7 +305,7 @@ def pass1(subject: Subject, scs: dict[str, Scatter], plan: ContextPlan, tokens_p
                                 f"vocab_size {vocab}")
             got = forward(subject, idx, hooks)
             pos_t = torch.from_numpy(pos).to(subject.device)
-            q.put((i, lo * T, {h: kept_rows(got[h], pos_t) for h in hooks}))
+            q.put((i, lo * T, {h: kept_rows(got[h], pos_t) for h in hooks}))  # gathered by the writer
             bar.update((hi - lo) * T)
     finally:
         q.put(None)
@@ -281,12 +332,14 @@ def forward(subject: Subject, idx: torch.Tensor, hooks: list[str]) -> dict[str, 
                         f"{idx.shape[0]}) or activations.block_size") from e
 
 
-def kept_rows(h: torch.Tensor, pos_t: torch.Tensor) -> np.ndarray:
-    """The kept positions of [b, L, d] as fp16 rows [b * T, d]."""
+def kept_rows(h: torch.Tensor, pos_t: torch.Tensor) -> Rows:
+    """The kept positions of [b, L, d] as fp16 rows [b * T, d]. On the CPU every position is cast and
+    the writer thread gathers the kept ones (with the scatter's own gather: one copy fewer on the
+    forward's thread); elsewhere they are gathered on the device, fewer bytes over the bus."""
     b, L, d = h.shape
     flat = (pos_t + torch.arange(0, b * L, L, device=pos_t.device)[:, None]).reshape(-1)
-    # whole rows (index_select copies rows; gather reads an index per element), then torch's cast:
-    # IEEE round-to-nearest-even like numpy's, several times faster on CPU, and on the device
-    # before the copy, half the bytes over the bus
-    rows = h.reshape(b * L, d).index_select(0, flat)
-    return rows.to(torch.float16).cpu().numpy()
+    h = h.reshape(b * L, d)
+    # torch's cast: IEEE round-to-nearest-even like numpy's, several times faster on the CPU
+    if h.device.type == "cpu":
+        return Rows(h.to(torch.float16).numpy(), flat.numpy())
+    return Rows(h.index_select(0, flat).to(torch.float16).cpu().numpy())  # whole rows, not an index each

@@ -80,6 +80,7 @@ def generated(world):
 
 def test_manifest_and_verify(generated):
     cfg, summary = generated
+    assert summary["shuffle"] == "in_ram"  # 0.25 MB: well within half the available RAM
     directory = Path(cfg.run_dir) / "activations" / "train"
     m = shard_check.read_manifest(directory, d_in=128, dtype="float16")
     assert m["complete"] and m["total_rows"] == C * T == summary["rows"]
@@ -160,7 +161,7 @@ def test_val_split_and_block_cap(world):
 
 def test_resume_after_kill_in_scatter(world, generated, monkeypatch):
     ref = read_json(Path(generated[0].run_dir) / "activations" / "train" / "manifest.json")
-    cfg = make_cfg(world, "run_kill1")
+    cfg = make_cfg(world, "run_kill1", "activations.in_ram_gb=0")  # the two-pass shuffle
     real_flush, calls = scatter.Scatter.flush, []
 
     def dying_flush(self, batches_done):
@@ -184,7 +185,7 @@ def test_resume_after_kill_in_scatter(world, generated, monkeypatch):
 
 def test_resume_after_kill_mid_shard_and_disk_full(world, generated, monkeypatch):
     ref = read_json(Path(generated[0].run_dir) / "activations" / "train" / "manifest.json")
-    cfg = make_cfg(world, "run_kill2")
+    cfg = make_cfg(world, "run_kill2", "activations.in_ram_gb=0")
     directory = Path(cfg.run_dir) / "activations" / "train"
     real_write, n = shard_write.write_shard, []
 
@@ -257,6 +258,7 @@ def test_missing_data(world):
     ("activations.block_size=8", "tokens_per_context`=16 exceeds the context length 8"),
     ("activations.split=test", "split`='test': expected train or val"),
     ("activations.rows_per_shard=0", "rows_per_shard`=0"),
+    ("activations.in_ram_gb=-1", "in_ram_gb`=-1.*null or a number >= 0"),
     ("+activations.contxts=5", "contxts"),
 ])
 def test_bad_config(world, override, match):

@@ -1,9 +1,11 @@
 """Benchmark activation generation: `python -m tools.bench.generate [--subject smollm2] [--device cuda]`.
 
-Compares the rows/s of `autoencoder.generate` (sampling, forward, scatter, shuffle, sha256, disk)
-with a bare forward over the same batches of contexts, the ceiling it can reach (goal: >= 0.8 of
-it), and reports the MB/s written. `--subject gpt`: a random GPT of the given shape, and the bare
-forward is `model.mlp_acts`. `--subject smollm2`: the embedded SmolLM2-135M-Instruct (converted
+Compares the rows/s of `autoencoder.generate` (sampling, forward, shuffle, sha256, disk) with a
+bare forward over the same batches of contexts, the ceiling it can reach (goal: >= 0.8 of it), and
+reports the MB/s written. `shuffle` says which path the stage took (in RAM for outputs that fit,
+autoencoder.in_ram); `two_pass_vs_bare` times the bucket-file shuffle in the same repeats.
+`--subject gpt`: a random GPT of the given shape, and the bare forward is `model.mlp_acts`.
+`--subject smollm2`: the embedded SmolLM2-135M-Instruct (converted
 once into `--data-dir`/models), hook points `--hook` x `--layers`, and the bare forward is the
 Subject's capture of those hook points alone (the forward that stops after the last hooked layer,
 inputs already on the device). Random tokens stand in for a corpus (timing does not depend on
@@ -46,6 +48,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-contexts", type=int, default=None, help="default: 64 (gpt), 16 (smollm2)")
     p.add_argument("--rows-per-shard", type=int, default=65536)
     p.add_argument("--repeat", type=int, default=1, help="bare forward and stage alternately, N times")
+    p.add_argument("--two-pass", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the two-pass shuffle (activations.in_ram_gb=0) in each repeat")
     p.add_argument("--dir", default=None, help="scratch folder (default: a temporary one, removed after)")
     args = p.parse_args(argv)
     small = args.subject == "smollm2"
@@ -85,20 +89,23 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = _args(argv)
     from autoencoder import generate, scatter
     from tools.core.config import compose, resolve_device
+    from transformer.data import token_dir
 
     device = resolve_device(args.device)
     root = Path(args.dir or tempfile.mkdtemp(prefix="bench-generate-"))
     try:
         over, vocab, bare_forward = _setup(args, root, device)
+        cfg_args = [f"run_dir={root / 'run'}", f"data_dir={root / 'data'}", "data.name=bench",
+                    f"device={device}", f"activations.contexts={args.contexts}",
+                    f"activations.block_size={args.block_size}",
+                    f"activations.tokens_per_context={args.tokens_per_context}",
+                    f"activations.batch_contexts={args.batch_contexts}",
+                    f"activations.rows_per_shard={args.rows_per_shard}", "activations.resample_rows=8192",
+                    *over]
+        cfg = compose(cfg_args)
         tokens = np.random.default_rng(0).integers(0, vocab, 2_000_000, dtype=np.uint16)
-        tokens.tofile(root / "data" / "bench" / "train.bin")
-        cfg = compose([f"run_dir={root / 'run'}", f"data_dir={root / 'data'}", "data.name=bench",
-                       f"device={device}", f"activations.contexts={args.contexts}",
-                       f"activations.block_size={args.block_size}",
-                       f"activations.tokens_per_context={args.tokens_per_context}",
-                       f"activations.batch_contexts={args.batch_contexts}",
-                       f"activations.rows_per_shard={args.rows_per_shard}", "activations.resample_rows=8192",
-                       *over])
+        token_dir(cfg).mkdir(parents=True, exist_ok=True)  # a Hugging Face subject's: data/bench--<model>
+        tokens.tofile(token_dir(cfg) / "train.bin")
         rows = args.contexts * args.tokens_per_context
 
         # the ceiling: the same batches through the bare forward alone, inputs already on the device
@@ -125,12 +132,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
         time_bare()  # warm-up
         run_dir = RunLayout(root / "run")
-        bares, fulls, rows_s, bare_cpu, rows_cpu, summary = [], [], [], [], [], {}
+        two_pass = compose([*cfg_args, "activations.in_ram_gb=0"])
+        bares, fulls, rows_s, bare_cpu, rows_cpu, two_s, summary = [], [], [], [], [], [], {}
         for _ in range(max(1, args.repeat)):
             wall, cpu = time_bare()
             bares.append(wall)
             bare_cpu.append(cpu)
             shutil.rmtree(run_dir.activations_split("train"), ignore_errors=True)
+            if args.two_pass:  # the bucket-file shuffle, for comparison (the same bytes)
+                two_s.append(float(generate.run(two_pass)["rows_s"]))
+                shutil.rmtree(run_dir.activations_split("train"), ignore_errors=True)
             t0 = time.perf_counter()
             summary = generate.run(cfg)
             fulls.append(time.perf_counter() - t0)
@@ -140,6 +151,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                                 for v in (bares, fulls, rows_s, bare_cpu, rows_cpu))
         out_dir = run_dir.activations_split("train")
         written = sum(f.stat().st_size for f in out_dir.rglob("shard_*.npy"))
+        writes = 1 if summary["shuffle"] == "in_ram" else 2  # two passes: each row to a bucket, then a shard
         figures = {
             "subject": args.subject, "device": device, "rows": rows, "block_size": args.block_size,
             "hook_points": len(summary.get("hooks", [None])), "repeats": len(bares),
@@ -147,6 +159,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             "generate_rows_per_s": rows / work,
             "generate_vs_bare": bare / work,
             "goal_generate_vs_bare": 0.8,
+            "shuffle": summary["shuffle"],
+            "two_pass_vs_bare": bare / float(np.median(two_s)) if two_s else float("nan"),
+            "each_two_pass_vs_bare": " ".join(f"{b / w:.3f}" for b, w in zip(bares, two_s, strict=False)),
             "generate_end_to_end_vs_bare": bare / full,
             "each_generate_vs_bare": " ".join(f"{b / w:.3f}" for b, w in zip(bares, rows_s, strict=True)),
             # CPU seconds of every thread: what the stage costs, less sensitive to other jobs than wall
@@ -154,12 +169,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             "each_generate_vs_bare_cpu": " ".join(f"{b / w:.3f}"
                                                   for b, w in zip(bare_cpu, rows_cpu, strict=True)),
             "output_mb": written / 1e6,
-            # pass 1 writes every row once to a bucket, pass 2 once to its shard
-            "disk_write_mb_per_s": 2 * written / 1e6 / work,
+            "disk_write_mb_per_s": writes * written / 1e6 / work,
             "output_mb_per_s": written / 1e6 / work,
             "shards": summary["shards"],
             "pass1_scatter_s": summary.get("pass1_s", float("nan")),
-            "pass2_shuffle_s": summary.get("pass2_s", float("nan")),
+            "pass2_s": summary.get("pass2_s", float("nan")),
             "bare_forward_s": bare, "generate_rows_s": work, "generate_end_to_end_s": full,
             "bare_forward_cpu_s": cpu_bare, "generate_rows_cpu_s": cpu_work,
         }

@@ -9,6 +9,7 @@ the per-batch work (the units' activations and their firing entries) for one set
 from __future__ import annotations
 
 from tools.core.config import UserError
+from tools.core.memory import available_ram
 from tools.features.config import HIST_BINS, FeaturesConfig
 
 GB = 1e9
@@ -38,14 +39,7 @@ def default_budget(device: str) -> float:
         import torch
 
         return 0.9 * torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return 0.8 * int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 * GB
+    return 0.8 * available_ram(default=10 * GB)
 
 
 def plan_passes(names: list[str], sizes: list[tuple[int, int]], budget: float) -> list[list[int]]:
