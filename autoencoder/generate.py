@@ -43,7 +43,7 @@ from omegaconf import DictConfig
 from autoencoder import shard_check, shard_write
 from autoencoder.config import ActivationsConfig
 from autoencoder.in_ram import InRamScatter
-from autoencoder.scatter import SPLITS, ContextPlan, Scatter, pass1, resample_indices
+from autoencoder.scatter import SPLITS, ContextPlan, Scatter, batch_bounds, pass1, resample_indices
 from tools.core import guard
 from tools.core.config import UserError, output_fields, resolve_device, stage_main
 from tools.core.distributed import Dist
@@ -246,8 +246,7 @@ def _run(cfg: DictConfig, a: ActivationsConfig, inp: Inputs, dist: Dist) -> dict
     in_ram = (c_hi - c_lo) * T * sum(widths.values()) * 2 <= in_ram_budget(a)
     shuffle = "in_ram" if in_ram else "two_pass"
     if S > 0:
-        batch_rows = [(min(c_lo + i + a.batch_contexts, c_hi) - (c_lo + i)) * T
-                      for i in range(0, c_hi - c_lo, a.batch_contexts)]
+        batch_rows = [(hi - lo) * T for lo, hi in batch_bounds(c_lo, c_hi, a.batch_contexts)]
 
         def scatter(h: str, directory: Path) -> Scatter:
             key = config_hash({"key": headers[h]["config_hash"], "rank": rank, "world": world,

@@ -33,10 +33,6 @@ CHECKPOINT_S = 120.0  # seconds of pass 1 between checkpoints (a SIGTERM checkpo
 _POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23 if sys.platform == "linux" else None)
 
 
-def _threads(jobs: int) -> int:
-    return max(1, min(jobs, os.cpu_count() or 1))
-
-
 class _Part:
     """One shard being filled: its `.npy` file in the work folder, mapped, and its rows as an array."""
 
@@ -163,16 +159,16 @@ class InRamScatter(Scatter):
                     continue
                 except UserError:
                     pass
-            name = shard_write.shard_name(first_shard + k)
-            if k not in self.parts and not self.part(k).is_file():
-                if (directory / name).is_file():  # moved, then killed before the checkpoint: hash it again
-                    entries[k] = {"file": name, "rows": int(self.counts[k]),
-                                  "sha256": sha256_file(directory / name)}
+            if k not in self.parts:  # resumed in pass 2
+                final = directory / shard_write.shard_name(first_shard + k)
+                if not self.part(k).is_file() and final.is_file():  # moved, then killed before the checkpoint
+                    entries[k] = {"file": final.name, "rows": int(self.counts[k]),
+                                  "sha256": sha256_file(final)}
                     shard_check.check_shard(directory, entries[k], self.d)
                     continue
-                raise UserError(f"{self.part(k)}: missing, and shard {first_shard + k} is not complete; "
-                                f"delete {self.work} and rerun to regenerate")
-            if k not in self.parts:  # resumed in pass 2: map the finished part again
+                if not self.part(k).is_file():
+                    raise UserError(f"{self.part(k)}: missing, and shard {first_shard + k} is not complete; "
+                                    f"delete {self.work} and rerun to regenerate")
                 self.parts[k] = _Part(self.part(k), int(self.counts[k]), self.d, resumed=True, writing=False)
             todo.append(k)
 
@@ -185,7 +181,7 @@ class InRamScatter(Scatter):
             finally:
                 part.close()
 
-        with ThreadPoolExecutor(_threads(len(todo))) as pool:
+        with ThreadPoolExecutor(max(1, min(len(todo), os.cpu_count() or 1))) as pool:
             shas = pool.map(seal, todo)
             for k, sha in tqdm(zip(todo, shas, strict=True), total=len(todo), desc="seal shards",
                                unit="shard", disable=self.rank != 0):

@@ -71,6 +71,12 @@ def resample_indices(seed: int, split: str, total_rows: int, n: int) -> np.ndarr
     return np.sort(rng.choice(total_rows, size=min(n, total_rows), replace=False)).astype(np.int64)
 
 
+def batch_bounds(c_lo: int, c_hi: int, batch_contexts: int) -> list[tuple[int, int]]:
+    """The context ranges of a rank's forward batches, in order (pass 1 runs them; the in-RAM shuffle
+    plans each one's rows before the first)."""
+    return [(lo, min(lo + batch_contexts, c_hi)) for lo in range(c_lo, c_hi, batch_contexts)]
+
+
 def scatter_dest(seed: int, split_id: int, rank: int, batch_index: int, n_rows: int,
                  n_shards: int) -> np.ndarray:
     """The shard of each row of one batch: uniform, from the batch's own RNG stream."""
@@ -197,50 +203,45 @@ class Scatter:
         write_json(self.progress_path, self.state)
 
     def pass2(self, first_shard: int, directory: Path, tqdm: Any) -> list[dict[str, Any]]:
-        """The shards, written to `directory` as `shard_<first_shard + k>.npy`; their manifest entries."""
-        return pass2(self, first_shard, directory, self.seed, SPLITS[self.split_id], self.rank, tqdm)
-
-
-def pass2(sc: Scatter, first_shard: int, directory: Path, seed: int, split: str, rank: int,
-           tqdm) -> list[dict[str, Any]]:
-    """Each bucket alone in RAM: permute, write as a shard (atomically), checkpoint, drop the bucket."""
-    entries = []
-    for k in tqdm(range(sc.S), desc="shuffle shards", unit="shard", disable=rank != 0):
-        if k and preempt.requested():  # every shard before k is written and checkpointed
-            raise preempt.Preempted(f"activations {split}", f"shard {k} of {sc.S} (pass 2)",
-                                    preempt.saved_hint(sc.work))
-        name = shard_write.shard_name(first_shard + k)
-        entry = sc.state["shards"].get(str(k))
-        path = directory / name
-        if entry is not None and path.is_file():
-            try:
-                shard_check.check_shard(directory, entry, sc.d)
-                entries.append(entry)
+        """Each bucket alone in RAM: permuted, written as `shard_<first_shard + k>.npy` in `directory`
+        (atomically), checkpointed, dropped; returns the shards' manifest entries."""
+        entries = []
+        for k in tqdm(range(self.S), desc="shuffle shards", unit="shard", disable=self.rank != 0):
+            if k and preempt.requested():  # every shard before k is written and checkpointed
+                raise preempt.Preempted(f"activations {SPLITS[self.split_id]}",
+                                        f"shard {k} of {self.S} (pass 2)", preempt.saved_hint(self.work))
+            name = shard_write.shard_name(first_shard + k)
+            entry = self.state["shards"].get(str(k))
+            path = directory / name
+            if entry is not None and path.is_file():
+                try:
+                    shard_check.check_shard(directory, entry, self.d)
+                    entries.append(entry)
+                    continue
+                except UserError:
+                    pass  # rewritten below if its bucket is still there
+            rows = self.bucket_rows[k]
+            if rows == 0:
                 continue
-            except UserError:
-                pass  # rewritten below if its bucket is still there
-        rows = sc.bucket_rows[k]
-        if rows == 0:
-            continue
-        bucket = sc.bucket(k)
-        if not bucket.is_file() or bucket.stat().st_size != rows * sc.d * 2:
-            raise UserError(f"{bucket}: missing or not {rows} rows, and {path} is not complete; "
-                            f"delete {sc.work} and rerun to regenerate")
-        x = np.fromfile(bucket, dtype=np.float16).reshape(rows, sc.d)
-        perm = shard_perm(seed, SPLITS.index(split), rank, k, rows)
-        step = max(1, (1 << 24) // (sc.d * 2))
-        try:
-            chunks = (x[perm[i:i + step]] for i in range(0, rows, step))
-            entry = shard_write.write_shard(path, chunks, rows, sc.d)
-        except OSError as e:
-            raise UserError(f"writing {path} failed ({e}); completed shards are kept: free space and "
-                            "rerun to resume at this shard") from e
-        del x
-        sc.state["shards"][str(k)] = entry
-        write_json(sc.progress_path, sc.state)
-        bucket.unlink()
-        entries.append(entry)
-    return entries
+            bucket = self.bucket(k)
+            if not bucket.is_file() or bucket.stat().st_size != rows * self.d * 2:
+                raise UserError(f"{bucket}: missing or not {rows} rows, and {path} is not complete; "
+                                f"delete {self.work} and rerun to regenerate")
+            x = np.fromfile(bucket, dtype=np.float16).reshape(rows, self.d)
+            perm = shard_perm(self.seed, self.split_id, self.rank, k, rows)
+            step = max(1, (1 << 24) // (self.d * 2))
+            try:
+                chunks = (x[perm[i:i + step]] for i in range(0, rows, step))
+                entry = shard_write.write_shard(path, chunks, rows, self.d)
+            except OSError as e:
+                raise UserError(f"writing {path} failed ({e}); completed shards are kept: free space and "
+                                "rerun to resume at this shard") from e
+            del x
+            self.state["shards"][str(k)] = entry
+            write_json(self.progress_path, self.state)
+            bucket.unlink()
+            entries.append(entry)
+        return entries
 
 
 # ------------------------------------------------------------------------ pass 1: the forward passes
@@ -256,7 +257,8 @@ def pass1(subject: Subject, scs: dict[str, Scatter], plan: ContextPlan, tokens_p
     T, B, split = plan.T, batch_contexts, SPLITS[plan.split_id]
     tokens = open_tokens(tokens_path.parent, tokens_path.stem)
     vocab = subject.spec.vocab_size
-    n_batches = -(-(c_hi - c_lo) // B)
+    bounds = batch_bounds(c_lo, c_hi, B)
+    n_batches = len(bounds)
     done_batches = {h: int(sc.state["batches"]) for h, sc in scs.items()}
     start = min(done_batches.values())
     arange = np.arange(plan.L, dtype=np.int64)
@@ -297,7 +299,7 @@ def pass1(subject: Subject, scs: dict[str, Scatter], plan: ContextPlan, tokens_p
             if i > start and preempt.requested():
                 stopped_at = i
                 break
-            lo, hi = c_lo + i * B, min(c_lo + (i + 1) * B, c_hi)
+            lo, hi = bounds[i]
             starts, pos = plan.get(lo, hi)
             idx = torch.from_numpy(tokens[starts[:, None] + arange].astype(np.int64))
             if int(idx.max()) >= vocab:
